@@ -1,0 +1,46 @@
+# One command sets up and runs the demo, one sets up and passes the tests (see README).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of torch: an unpinned torch pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+REDIS_PORT ?= 6379
+
+.PHONY: install test demo redis lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[ml,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Start a local Redis for the queue tests when one is installed and not answering.
+redis:
+	@if command -v redis-cli >/dev/null 2>&1 && redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1; then \
+		echo "redis: answering on $(REDIS_PORT)"; \
+	elif command -v redis-server >/dev/null 2>&1; then \
+		mkdir -p /tmp/convo-redis; \
+		redis-server --daemonize yes --bind 127.0.0.1 --port $(REDIS_PORT) --save "" --appendonly no \
+			--dir /tmp/convo-redis --logfile /tmp/convo-redis/redis.log && \
+		for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -p $(REDIS_PORT) ping >/dev/null 2>&1 && break; sleep 0.5; done; \
+		echo "redis: started on $(REDIS_PORT)"; \
+	else \
+		echo "redis: no redis-server installed; queue tests will skip unless CONVO_REQUIRE_REDIS=1"; \
+	fi
+
+test: install redis
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+demo: install
+	$(BIN)/python bench/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,97 @@
+"""The `convo` command: a thin typer shell over library functions.
+
+Each area registers its commands from its own module in `convo/commands/`. Errors a user can fix
+(ConvoError) print one line and exit 2; `--debug` shows the traceback. Anything else is a bug and keeps its
+traceback. Heavy libraries are imported inside the commands that need them, so `convo --help` is instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer._click.exceptions import ClickException  # typer >= 0.20 vendors click
+from rich.console import Console
+
+from config.settings import Settings, load_settings
+from convo.errors import ConvoError
+
+err_console = Console(stderr=True, highlight=False)
+
+app = typer.Typer(
+    name="convo",
+    help="Learn how a person texts from a chat export and continue conversations as them.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@dataclass
+class State:
+    """What the global options give every command."""
+
+    settings: Settings
+    debug: bool = False
+
+
+@app.callback()
+def _global(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML config file (default: $CONVO_CONFIG). Env vars CONVO_* override it."),
+    ] = None,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+) -> None:
+    """Learn how a person texts from a chat export and continue conversations as them."""
+    ctx.obj = State(settings=load_settings(config), debug=debug)
+
+
+def state(ctx: typer.Context) -> State:
+    """The State built by the global callback (settings and --debug)."""
+    return ctx.find_root().obj
+
+
+def _register_all() -> None:
+    from convo.commands import dataset, evaluate, ingest, train
+
+    for module in (ingest, dataset, train, evaluate):
+        module.register(app)
+
+
+_register_all()
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI with `argv` and return the exit code (what `main` exits with; tests call this)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        result = app(args=argv, prog_name="convo", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except ConvoError as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, soft_wrap=True)
+        return 2
+    except ClickException as e:  # usage errors, bad parameters
+        e.show()
+        return 2
+    except typer.Exit as e:
+        return e.exit_code
+    except typer.Abort:
+        err_console.print("aborted")
+        return 130
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        return 130
+
+
+def main() -> None:
+    """Console entry point."""
+    sys.exit(run())

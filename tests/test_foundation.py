@@ -1,0 +1,57 @@
+"""Config, CLI shell and import hygiene."""
+
+import subprocess
+import sys
+
+import pytest
+
+from config.settings import load_settings
+from convo.cli import run
+from convo.errors import ConfigError
+
+
+def test_env_overrides_toml_and_defaults(tmp_path, monkeypatch):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[dataset]\nsession_gap_min = 30\ncontext_messages = 4\n[train]\nlora_r = 4\n')
+    monkeypatch.setenv("CONVO_TRAIN__LORA_R", "8")
+    s = load_settings(toml)
+    assert s.dataset.session_gap_min == 30
+    assert s.dataset.context_messages == 4
+    assert s.train.lora_r == 8  # env beats file
+    assert s.train.lora_alpha == 32  # default
+
+
+def test_config_env_var_names_file(tmp_path, monkeypatch):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[generate]\nn = 7\n')
+    monkeypatch.setenv("CONVO_CONFIG", str(toml))
+    assert load_settings().generate.n == 7
+
+
+def test_bad_config_is_one_clear_error(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[train]\nlora_r = "many"\n')
+    with pytest.raises(ConfigError, match="train.lora_r"):
+        load_settings(toml)
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "missing.toml")
+
+
+def test_cli_bad_config_exits_2(tmp_path, capsys):
+    code = run(["--config", str(tmp_path / "nope.toml"), "stats", "x"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "nope.toml" in err and "Traceback" not in err
+
+
+def test_help_lists_commands(capsys):
+    assert run(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("ingest", "stats", "dataset", "train", "simulate", "eval"):
+        assert cmd in out
+
+
+@pytest.mark.parametrize("module", ["bot", "config", "convo.cli", "inference.prompt_format", "inference"])
+def test_light_modules_do_not_import_torch(module):
+    code = f"import {module}, sys; bad = [m for m in ('torch','transformers','peft','trl') if m in sys.modules]; assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)

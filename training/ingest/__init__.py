@@ -1,0 +1,1 @@
+"""Chat export parsers (Telegram, WhatsApp, Discord, JSONL) and the `convo ingest` pipeline."""
