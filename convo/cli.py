@@ -58,9 +58,9 @@ def state(ctx: typer.Context) -> State:
 
 
 def _register_all() -> None:
-    from convo.commands import dataset, evaluate, ingest, train
+    from convo.commands import dataset, evaluate, ingest, stats, train
 
-    for module in (ingest, dataset, train, evaluate):
+    for module in (ingest, stats, dataset, train, evaluate):
         module.register(app)
 
 

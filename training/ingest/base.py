@@ -1,0 +1,43 @@
+"""The contract every export parser follows, so the pipeline can detect, stream and count uniformly.
+
+A parser module (telegram.py, whatsapp.py, discord_export.py, jsonl.py) exposes a module-level object
+`PARSER` with:
+
+* `name`: the source name written into each Message ("telegram", ...);
+* `sniff(path, head) -> bool`: cheap format detection from the path and the first bytes (`head`, up to 64 KiB);
+* `parse(path, ctx) -> Iterator[Message]`: stream the messages of one file, in file order, adding every
+  skipped message to `ctx.skipped[reason]` (reasons from records.SKIP_REASONS). Bad input raises IngestError
+  naming the file and the line or byte offset. Nothing else may escape (property tests check it).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import tzinfo
+from pathlib import Path
+from typing import Protocol
+
+from training.ingest.records import Message
+
+HEAD_BYTES = 64 * 1024
+
+
+@dataclass
+class ParseContext:
+    """What a parser needs beyond the file, and what it reports back besides messages."""
+
+    tz: tzinfo  # zone for timestamps without one (WhatsApp), from --tz
+    skipped: Counter = field(default_factory=Counter)
+    me_hints: set[str] = field(default_factory=set)  # ids/names of the exporting user found in the file
+
+
+class Parser(Protocol):
+    """See the module docstring."""
+
+    name: str
+
+    def sniff(self, path: Path, head: bytes) -> bool: ...
+
+    def parse(self, path: Path, ctx: ParseContext) -> Iterator[Message]: ...
