@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 REDIS_PORT ?= 6379
 
-.PHONY: install test demo redis lint clean
+.PHONY: install test demo redis browser lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,7 +33,15 @@ redis:
 		echo "redis: no redis-server installed; queue tests will skip unless CONVO_REQUIRE_REDIS=1"; \
 	fi
 
-test: install redis
+# Headless Chromium renders the HTML eval report in one test; installed from Debian's packages when we are root.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then echo "browser: chromium present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+		&& echo "browser: installed chromium" || echo "browser: could not install chromium; the report test will skip"; \
+	else echo "browser: no chromium (apt-get install chromium); the report test will skip"; fi
+
+test: install redis browser
 	$(BIN)/python -m pytest -q
 
 lint: install

@@ -28,6 +28,7 @@ class IngestSettings(BaseModel):
 
     tz: str = "UTC"  # zone for exports whose timestamps have none (WhatsApp)
     me: str | None = None  # name or id of the exporting user; detected when unset
+    out: str = "messages.jsonl"  # the canonical log written by `convo ingest`
 
 
 class DatasetSettings(BaseModel):
@@ -36,6 +37,7 @@ class DatasetSettings(BaseModel):
     session_gap_min: float = 60.0  # context never crosses a silence longer than this
     context_messages: int = 16  # max messages of history per sample
     max_tokens: int | None = None  # with a tokenizer: drop oldest messages to fit
+    tokenizer: str | None = None  # model name or local dir counting tokens (--max-tokens, tokenizer-report)
     mode: Literal["friend", "self", "both"] = "both"
     val_fraction: float = 0.1
     role_tags: bool = False  # use [ME]/[FRIEND] instead of name tags

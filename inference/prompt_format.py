@@ -72,15 +72,18 @@ class Turn:
 def make_tag(display_name: str, reserved: Iterable[str] = ()) -> str:
     """Default tag for a display name: upper-cased, ASCII-folded, spaces to `_` ("Zoë Li" -> "ZOE_LI").
 
-    Names with no ASCII letters or digits get a stable hash tag ("U1A2B3C"); `END` is reserved.
+    Names with no ASCII letters or digits get a stable hash tag ("U1A2B3C"). `END` and the `reserved` tags
+    (those already given to other speakers) are avoided by appending `_` until the tag is free.
     """
-    folded = unicodedata.normalize("NFKD", display_name).encode("ascii", "ignore").decode("ascii")
+    # Upper-case before folding so that "ß" becomes "SS" rather than vanishing.
+    folded = unicodedata.normalize("NFKD", display_name.upper()).encode("ascii", "ignore").decode("ascii")
     tag = re.sub(r"\s+", "_", folded.strip().upper())
     tag = re.sub(r"[^A-Z0-9_]", "", tag).strip("_")
     tag = re.sub(r"_+", "_", tag)
     if not tag:
         tag = "U" + hashlib.sha1(display_name.encode("utf-8")).hexdigest()[:6].upper()
-    if tag == END_TAG or tag in set(reserved):
+    taken = set(reserved) | {END_TAG}
+    while tag in taken:
         tag = tag + "_"
     return tag
 

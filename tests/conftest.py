@@ -38,3 +38,33 @@ def cli(monkeypatch, tmp_path):
 
 
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+# Lines for the tiny base's corpus: short chat messages incl. emoji and an escaped newline, so the tokenizer is a
+# real byte-level BPE whose decode does not always round-trip piecewise.
+_TINY_LINES = (
+    "hey are we still going tonight?", "yeah! want to meet at 7?", "sounds perfect", "ok see you there",
+    "lol that's so funny 😂", "what are you doing", "nothing much, you?", "omw", "running late sorry",
+    "did you see the game?", "no I missed it", "haha same", "can you call me later", "sure, after 6",
+    "love that 🙌", "brb", "multi\nline message", "i'm so tired today", "coffee tomorrow?", "yes please ☕",
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny Llama base model dir (byte-level BPE tokenizer, 2 layers, hidden 32), built once in a few seconds."""
+    import random
+
+    from training.tiny_base import build_tiny_base, render_conversation
+
+    rng = random.Random(0)
+    texts = [
+        render_conversation([(str(i % 2), rng.choice(_TINY_LINES)) for i in range(rng.randint(2, 8))], rng)
+        for _ in range(300)
+    ]
+    out = tmp_path_factory.mktemp("tiny_base") / "model"
+    build_tiny_base(
+        out, texts, vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, max_steps=40, max_minutes=1.0,
+        seed=0, seq_len=64, batch_size=8,
+    )
+    return out

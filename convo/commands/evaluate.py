@@ -1,9 +1,106 @@
-"""CLI commands of this area (registered on the main app by convo.cli)."""
+"""`convo eval`: compare the adapter with prompting baselines on the validation split (see training/evaluate)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
 
+def eval_command(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="Dataset dir written by `convo dataset` (train/val.jsonl, meta.json).")],
+    adapter: Annotated[
+        Path | None, typer.Option("--adapter", help="Adapter dir written by `convo train`; its base model is used.")
+    ] = None,
+    base: Annotated[
+        str | None, typer.Option("--base", help="Base model dir or hub id (default: the adapter's recorded base).")
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated: base, incontext, retrieval, adapter, adapter+retrieval, api "
+            "(default: eval.methods).",
+        ),
+    ] = None,
+    context_budget: Annotated[
+        int | None,
+        typer.Option("--context-budget", help="Tokens of context every context-adding method fills "
+                     "(default: eval.context_budget_tokens)."),
+    ] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Sampled replies per prompt (default: eval.samples_per_prompt).")] = None,
+    max_prompts: Annotated[
+        int | None, typer.Option("--max-prompts", help="Validation prompts used at most (default: eval.max_prompts).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for prompts, sessions and sampling (default: eval.seed).")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (default: generate.temperature).")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling (default: generate.top_p).")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option("--max-new-tokens", help="Longest reply in tokens (default: generate.max_new_tokens).")
+    ] = None,
+    api_base: Annotated[
+        str | None, typer.Option("--api-base", help="OpenAI-compatible endpoint up to /v1, for method api (default: eval.api_base).")
+    ] = None,
+    api_model: Annotated[str | None, typer.Option("--api-model", help="Model name at --api-base (default: eval.api_model).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for metrics.json and generations.jsonl (default: ADAPTER/eval, else eval).")
+    ] = None,
+    report: Annotated[Path | None, typer.Option("--report", help="HTML report path (default: OUT/report.html).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout instead of the table.")] = False,
+) -> None:
+    """Measure how well each method imitates the persona: likelihood, style, distinguishability, degeneration.
+
+    All methods use the same base model, validation prompts, sampling seeds and context token budget. Writes metrics.json, generations.jsonl and a self-contained HTML report. The api key is read from the env var named by eval.api_key_env (default OPENAI_API_KEY).
+    """
+    import json
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from convo.cli import state
+    from training.evaluate.run import EvalConfig, check_config, metrics_table, parse_methods, run_eval
+
+    s = state(ctx).settings
+    cfg = EvalConfig(
+        data_dir=data,
+        out_dir=out or (adapter / "eval" if adapter else Path("eval")),
+        adapter_dir=adapter,
+        base=base,
+        methods=parse_methods(methods or s.eval.methods),
+        context_budget_tokens=s.eval.context_budget_tokens if context_budget is None else context_budget,
+        samples_per_prompt=n or s.eval.samples_per_prompt,
+        max_prompts=max_prompts or s.eval.max_prompts,
+        seed=s.eval.seed if seed is None else seed,
+        temperature=s.generate.temperature if temperature is None else temperature,
+        top_p=s.generate.top_p if top_p is None else top_p,
+        max_new_tokens=max_new_tokens or s.generate.max_new_tokens,
+        api_base=api_base or s.eval.api_base,
+        api_model=api_model or s.eval.api_model,
+        api_key_env=s.eval.api_key_env,
+        report_path=report,
+    )
+    check_config(cfg)
+    console = Console(stderr=json_out)
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=console, transient=True,
+    ) as progress:
+        result = run_eval(cfg, progress=progress)
+    if json_out:
+        typer.echo(json.dumps(result.metrics, indent=2, ensure_ascii=False))
+        return
+    console.print(metrics_table(result.metrics))
+    console.print(
+        "[dim]ctx: context tokens · style: style distance (0 = same) · AUC: real vs generated (0.5 = "
+        "indistinguishable) · empty/rep: share of replies · copy: share of 4+ word messages copied from training[/]"
+    )
+    console.print("[bold]written[/]")
+    for k, p in result.paths.items():
+        console.print(f"  {k:12} {p}", soft_wrap=True, highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("eval", help=eval_command.__doc__)(eval_command)

@@ -1,9 +1,262 @@
-"""CLI commands of this area (registered on the main app by convo.cli)."""
+"""`convo train`, `convo simulate` and `convo base tiny`: thin shells over training.train, inference.engine and
+training.tiny_base. Heavy imports happen inside the commands so `convo --help` stays instant."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.panel import Panel
+from rich.table import Table
+
+from convo.errors import ConfigError
+
+console = Console(highlight=False)
+
+
+def _state(ctx: typer.Context):
+    from convo.cli import state
+
+    return state(ctx)
+
+
+# ---------------------------------------------------------------- convo train
+
+
+def train_cmd(
+    ctx: typer.Context,
+    data: Annotated[Path, typer.Option("--data", help="Dataset dir written by `convo dataset` (train.jsonl, val.jsonl, meta.json).")],
+    base: Annotated[str, typer.Option("--base", help="Base model: a local HF model dir (e.g. from `convo base tiny`) or a hub id.")],
+    out: Annotated[Path, typer.Option("--out", help="Output dir for the adapter, logs and checkpoints (e.g. adapters/alice); must be fresh unless --resume/--force.")],
+    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank. [default: train.lora_r = 16]")] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha. [default: train.lora_alpha = 32]")] = None,
+    lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout. [default: 0.05]")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. [default: train.learning_rate = 2e-4]")] = None,
+    lr_scheduler: Annotated[str | None, typer.Option("--lr-scheduler", help="LR schedule after warmup (cosine, linear, constant...). [default: cosine]")] = None,
+    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Share of the steps spent warming up. [default: 0.05]")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the training set. [default: 3]")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs; -1: off).")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per device per step. [default: 8]")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Gradient accumulation steps; batch-size x grad-accum must be <= 32. [default: 4]")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Max tokens per sample; the oldest context is dropped first. [default: 512]")] = None,
+    eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Validate (and sample, and checkpoint) every N steps. [default: 50]")] = None,
+    patience: Annotated[int | None, typer.Option("--patience", help="Early stopping: evaluations without a better validation loss. [default: 3]")] = None,
+    sample_prompts: Annotated[int | None, typer.Option("--sample-prompts", help="Validation prompts generated at every evaluation. [default: 4]")] = None,
+    sample_seed: Annotated[int | None, typer.Option("--sample-seed", help="Seed choosing those prompts (a private RNG). [default: 0]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Training seed (LoRA init, shuffling). [default: 42]")] = None,
+    group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding). [default: on]")] = None,
+    qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 QLoRA (CUDA + bitsandbytes only).")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out; logs are appended.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Train a LoRA adapter for one persona on a dataset dir (TRL SFT, loss on completions only)."""
+    from training.train import TrainOptions, train
+
+    opts = TrainOptions.from_settings(
+        _state(ctx).settings,
+        data_dir=data, base=base, out_dir=out, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        learning_rate=lr, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs,
+        max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
+        eval_steps=eval_steps, early_stopping_patience=patience, sample_prompts=sample_prompts,
+        sample_seed=sample_seed, seed=seed, group_by_length=group_by_length, qlora=qlora, resume=resume,
+        force=force,
+    )
+    result = train(opts, console=Console(stderr=True) if as_json else console)
+    summary = {
+        "out": str(result.out_dir),
+        "interrupted": result.interrupted,
+        "steps": result.global_step,
+        "best_eval_loss": result.best_eval_loss,
+        "final_eval_loss": result.final_eval_loss,
+        "first_train_loss": result.first_train_loss,
+        "last_train_loss": result.last_train_loss,
+        "train_seconds": round(result.train_seconds, 1),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "paths": {k: str(v) for k, v in result.paths.items()},
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+    else:
+        table = Table.grid(padding=(0, 2))
+        for key in ("steps", "best_eval_loss", "final_eval_loss", "first_train_loss", "last_train_loss",
+                    "train_seconds", "tokens_per_s"):
+            value = summary[key]
+            table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value))
+        for name, path in summary["paths"].items():
+            table.add_row(name, escape(path))
+        title = "training interrupted: checkpoint saved" if result.interrupted else "adapter trained"
+        console.print(Panel(table, title=title, expand=False))
+    if result.interrupted:
+        console.print(f"continue with: convo train --data {data} --base {base} --out {out} --resume")
+        raise typer.Exit(130)
+
+
+# ---------------------------------------------------------------- convo simulate
+
+
+def simulate_cmd(
+    ctx: typer.Context,
+    conversation: Annotated[str | None, typer.Argument(help="Conversation so far, one '[TAG] text' line per message (lines without a tag are yours).")] = None,
+    adapter: Annotated[Path | None, typer.Option("--adapter", help="Adapter dir written by `convo train`.")] = None,
+    base: Annotated[str | None, typer.Option("--base", help="Base model (default: the one recorded in the adapter).")] = None,
+    as_tag: Annotated[str | None, typer.Option("--as", help="Whose turn to write, by tag (default: the adapter's persona).")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat in the terminal: type messages, get candidates.")] = False,
+    n: Annotated[int | None, typer.Option("--n", help="Candidates to sample. [default: generate.n = 3]")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (0: greedy). [default: 0.8]")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass. [default: 0.95]")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Max tokens per candidate. [default: 64]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
+    qlora: Annotated[bool, typer.Option("--qlora", help="Load the base in 4-bit (CUDA only).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print candidates as JSON.")] = False,
+) -> None:
+    """Continue a conversation as a persona: sample N candidate bursts from base + adapter."""
+    from inference.engine import SimulateOptions, parse_conversation, resolve_target, simulate
+
+    g = _state(ctx).settings.generate
+    gen = SimulateOptions(
+        n=n if n is not None else g.n,
+        temperature=temperature if temperature is not None else g.temperature,
+        top_p=top_p if top_p is not None else g.top_p,
+        max_new_tokens=max_new_tokens if max_new_tokens is not None else g.max_new_tokens,
+        seed=seed,
+    )
+    if adapter is None and base is None:
+        raise ConfigError("simulate needs --adapter DIR (or --base MODEL to try the bare base model)")
+    if not interactive and not conversation:
+        raise ConfigError('give the conversation, e.g. convo simulate --adapter DIR "[RIYA] you coming?", or use --interactive')
+    from inference.engine import Engine
+
+    with console.status("loading model"):
+        engine = Engine.load(base=base, adapter=adapter, qlora=qlora)
+    target, me_tag = resolve_target(engine.meta, as_tag)
+    if not interactive:
+        turns = parse_conversation(conversation, me_tag)
+        candidates = simulate(engine, turns, target, gen)
+        _print_candidates(target, candidates, as_json)
+        return
+    _interactive(engine, target, me_tag, gen)
+
+
+def _print_candidates(target: str, candidates: list[list[str]], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"target": target, "candidates": candidates}, ensure_ascii=False, indent=2))
+        return
+    for i, messages in enumerate(candidates, 1):
+        console.print(f"[bold]{i}.[/]")
+        if not messages:
+            console.print(f"   [dim]\\[{target}] (nothing: the model ended the turn at once)[/]")
+        for m in messages:
+            console.print(f"   [cyan]\\[{target}][/] {escape(m)}")
+
+
+def _interactive(engine, target: str, me_tag: str, gen) -> None:
+    from inference.engine import parse_conversation, simulate
+    from inference.prompt_format import Turn
+
+    console.print(
+        f"Chatting with [bold]{target}[/]. Type a message (or '[TAG] text' lines), empty line: sample again, "
+        "a number: keep that candidate, /quit: leave."
+    )
+    history: list = []
+    candidates: list[list[str]] = []
+    while True:
+        try:
+            line = console.input(f"[bold]{me_tag}>[/] ")
+        except (EOFError, KeyboardInterrupt):
+            break
+        line = line.strip()
+        if line in ("/quit", "/q", "/exit"):
+            break
+        if line.isdigit() and candidates:
+            k = int(line) - 1
+            if 0 <= k < len(candidates):
+                history += [Turn(target, m) for m in candidates[k]]
+                candidates = []
+            continue
+        if line:
+            if candidates:  # an answer without picking: the first candidate was "sent"
+                history += [Turn(target, m) for m in candidates[0]]
+            history += parse_conversation(line, me_tag)
+        candidates = simulate(engine, history, target, gen)
+        _print_candidates(target, candidates, False)
+
+
+# ---------------------------------------------------------------- convo base tiny
+
+base_app = typer.Typer(help="Offline base models (model hubs unreachable: build one locally).", no_args_is_help=True)
+
+
+@base_app.command("tiny")
+def base_tiny_cmd(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Option("--out", help="Output model dir (HF format), e.g. models/tiny.")],
+    corpus: Annotated[str | None, typer.Option("--corpus", help="'chitchat' (the chitchat-dataset package) or a messages.jsonl from `convo ingest`. [default: base.corpus]")] = None,
+    minutes: Annotated[float | None, typer.Option("--minutes", help="Training time budget in minutes. [default: base.minutes = 3]")] = None,
+    exclude_speakers: Annotated[list[str] | None, typer.Option("--exclude-speakers", help="Leave out every conversation with this speaker (id or name; repeat or comma-separate).")] = None,
+    vocab_size: Annotated[int | None, typer.Option("--vocab-size", help="BPE vocabulary size. [default: base.vocab_size = 4096]")] = None,
+    hidden_size: Annotated[int, typer.Option("--hidden-size", help="Model width.")] = 128,
+    layers: Annotated[int, typer.Option("--layers", help="Transformer layers.")] = 4,
+    heads: Annotated[int, typer.Option("--heads", help="Attention heads (must divide --hidden-size).")] = 4,
+    max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many steps even within the time budget.")] = 1_000_000,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training block.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for tags, order and init.")] = 0,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
+) -> None:
+    """Train a byte-level BPE tokenizer and a small Llama from scratch on chat text (offline demo base)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from training.tiny_base import BaseModelError, build_tiny_base, corpus_texts, sample_text
+
+    s = _state(ctx).settings.base
+    corpus = corpus or s.corpus
+    minutes = minutes if minutes is not None else s.minutes
+    excluded = [x.strip() for item in exclude_speakers or [] for x in item.split(",") if x.strip()]
+    if out.exists() and any(out.iterdir()) and not force:
+        raise BaseModelError(f"{out}: already exists; pick a fresh --out or pass --force to overwrite")
+    if hidden_size % heads:
+        raise ConfigError(f"--hidden-size {hidden_size} is not divisible by --heads {heads}")
+    with console.status(f"reading corpus {corpus}"):
+        texts, meta = corpus_texts(corpus, excluded, seed=seed)
+    meta["speakers_excluded"] = excluded
+    console.print(f"corpus: {len(texts)} conversations ({escape(corpus)})")
+    budget_s = minutes * 60
+    with Progress(
+        TextColumn("[bold]base"), BarColumn(), TextColumn("step {task.fields[step]}"),
+        TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console,
+    ) as progress:
+        task = progress.add_task("base", total=budget_s, step=0, loss="-")
+
+        def on_step(step: int, loss: float, elapsed_s: float) -> None:
+            if step % 5 == 0 or elapsed_s >= budget_s:
+                progress.update(task, completed=min(elapsed_s, budget_s), step=step, loss=f"{loss:.3f}")
+
+        started = time.monotonic()
+        result = build_tiny_base(
+            out, texts, vocab_size=vocab_size or s.vocab_size, hidden_size=hidden_size, num_layers=layers,
+            num_heads=heads, max_steps=max_steps, max_minutes=minutes, seed=seed, seq_len=seq_len,
+            meta=meta, on_step=on_step,
+        )
+        progress.update(task, completed=budget_s)
+    sample = sample_text(out, "[ALICE] hey what are you up to?\n[BOB]", seed=seed)
+    table = Table.grid(padding=(0, 2))
+    table.add_row("model", escape(str(result.out_dir)))
+    table.add_row("parameters", f"{result.n_params:,}")
+    table.add_row("steps", str(result.steps))
+    table.add_row("final loss", f"{result.final_loss:.3f}" if result.final_loss == result.final_loss else "-")
+    table.add_row("time", f"{time.monotonic() - started:.0f} s")
+    table.add_row("tokens/s", f"{result.tokens_seen / max(result.seconds, 1e-9):,.0f}")
+    table.add_row("sample", escape("[ALICE] hey what are you up to?\n[BOB]" + sample.split("\n[END]")[0]))
+    console.print(Panel(table, title="base model built", expand=False))
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add `train`, `simulate` and the `base` sub-app to the app."""
+    app.command("train")(train_cmd)
+    app.command("simulate")(simulate_cmd)
+    app.add_typer(base_app, name="base")

@@ -1,0 +1,330 @@
+"""The generation engine: a base model with (optionally) one persona adapter, used by simulate, eval and the worker.
+
+Heavy module (imports torch). Prompts come from inference.prompt_format; completions are cut from generated token
+ids at the prompt's token length (inference.completion.cut_completion), and sampling stops as soon as the model
+starts a line tagged by anyone but the target (prompt_format.completion_finished).
+
+Tokenization is shared with training (`tokenize_pair`): the prompt is encoded alone and together with its
+completion, and the completion starts where the two id lists diverge, as TRL does for prompt/completion data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from convo.errors import ConfigError, ConvoError, TrainError
+from inference.completion import cut_completion
+from inference.prompt_format import (
+    Turn,
+    check_tag,
+    completion_finished,
+    line_speaker,
+    parse_line,
+    render_prompt,
+    split_completion,
+)
+from training.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of `text` as training and serving both see them (the tokenizer's own special tokens, e.g. BOS)."""
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two id lists."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def tokenize_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    """(input_ids, completion_mask) of prompt+completion; mask is 1 on completion tokens only.
+
+    The completion starts where the encodings of the prompt alone and of prompt+completion diverge (normally the
+    prompt's length: prompts end with `]` and completions start with a space, a token boundary for BPE).
+    """
+    prompt_ids = encode(tokenizer, prompt)
+    ids = encode(tokenizer, prompt + completion)
+    start = common_prefix_length(prompt_ids, ids)
+    return ids, [0] * start + [1] * (len(ids) - start)
+
+
+def trim_completion(text: str, target: str) -> str:
+    """Generated text up to (not including) the line that ended the target's burst."""
+    lines = text.split("\n")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if line_speaker(line) != target:
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
+class _StopAtOtherSpeaker(StoppingCriteria):
+    """Per-row stop once the text generated after the prompt starts a line not tagged by the target."""
+
+    def __init__(self, tokenizer, prompt_len: int, target: str):
+        self.tokenizer, self.prompt_len, self.target = tokenizer, prompt_len, target
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        done = [
+            completion_finished(cut_completion(self.tokenizer, row, self.prompt_len), self.target)
+            for row in input_ids
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class Engine:
+    """A loaded base model (+ adapter) and its tokenizer; `meta` is the adapter's AdapterMeta (None for a bare base)."""
+
+    def __init__(self, model, tokenizer, meta: AdapterMeta | None = None, device: str | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.device = device or str(next(model.parameters()).device)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+
+    @classmethod
+    def load(
+        cls,
+        base: str | Path | None = None,
+        adapter: str | Path | None = None,
+        *,
+        qlora: bool = False,
+        device: str | None = None,
+    ) -> Engine:
+        """Load `base` (default: the adapter's recorded base) and `adapter`, after checking they fit together.
+
+        On CUDA with `qlora`, the base is loaded in 4-bit NF4 (double quantization, bf16 compute); elsewhere in
+        float32 on CPU, bf16 on CUDA.
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        meta = None
+        if adapter is not None:
+            meta = read_adapter_meta(adapter)
+            check_compatible(meta, base)
+            base = base if base is not None else meta.base_model.id
+            if meta.base_model.local_path_sha256 is not None and not Path(base).is_dir():
+                raise ConvoError(
+                    f"base model {base} recorded by {adapter} is not there any more: pass --base DIR with the same model"
+                )
+        if base is None:
+            raise ConvoError("no model to load: give a base model (--base) or an adapter (--adapter)")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        kwargs: dict = {}
+        if qlora:
+            kwargs["quantization_config"] = qlora_config(device)
+            kwargs["device_map"] = {"": 0}
+        else:
+            kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        revision = meta.base_model.revision if meta is not None and not Path(base).is_dir() else None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(base, revision=revision, **kwargs)
+        except OSError as e:
+            raise ConvoError(
+                f"cannot load base model {base}: {str(e).splitlines()[0]} (a local dir, or a hub id when online)"
+            ) from e
+        if not qlora:
+            model.to(device)
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        model.eval()
+        return cls(model, tokenizer, meta, device)
+
+    @contextlib.contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Run the bare base model inside this block (no-op without an adapter)."""
+        if hasattr(self.model, "disable_adapter"):
+            with self.model.disable_adapter():
+                yield
+        else:
+            yield
+
+    def generate_raw(
+        self,
+        prompt: str,
+        target_tag: str,
+        *,
+        n: int = 3,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+    ) -> list[str]:
+        """`n` sampled completions of `prompt` (which ends with `[TARGET]`), each trimmed before the line that ends the burst.
+
+        A completion reads like the training targets without their final tag: " msg1\\n[TARGET] msg2".
+        """
+        check_tag(target_tag)
+        prompt_ids = encode(self.tokenizer, prompt)
+        prompt_len = len(prompt_ids)
+        input_ids = torch.tensor([prompt_ids] * n, device=self.device)  # (n, prompt_len)
+        stop = StoppingCriteriaList([_StopAtOtherSpeaker(self.tokenizer, prompt_len, target_tag)])
+        sampling = temperature > 0
+        gen_kwargs = dict(
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            stopping_criteria=stop,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        if sampling:
+            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        was_training = self.model.training
+        self.model.eval()
+        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
+        try:
+            # A private RNG stream: sampling with a seed neither depends on nor disturbs the global torch state.
+            with torch.random.fork_rng(devices=devices), torch.no_grad():
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = self.model.generate(input_ids=input_ids, **gen_kwargs)  # (n, prompt_len + new)
+        finally:
+            if was_training:
+                self.model.train()
+        return [trim_completion(cut_completion(self.tokenizer, row, prompt_len), target_tag) for row in out]
+
+    def generate(
+        self,
+        prompt: str,
+        target_tag: str,
+        *,
+        n: int = 3,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """`n` candidates for the target's next burst, each as its list of messages."""
+        raw = self.generate_raw(
+            prompt, target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        )
+        return [split_completion(text, target_tag) for text in raw]
+
+    def completion_nll(
+        self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int | None = None
+    ) -> list[tuple[float, int]]:
+        """For each (prompt, completion): (sum of NLL in nats over completion tokens, number of completion tokens).
+
+        Tokenized exactly as training does (`tokenize_pair`); prompt tokens never carry loss. With `max_length`,
+        the oldest tokens are dropped first (training's keep_end truncation).
+        """
+        results: list[tuple[float, int]] = []
+        pad = self.tokenizer.pad_token_id
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for i in range(0, len(pairs), batch_size):
+                encoded = [tokenize_pair(self.tokenizer, p, c) for p, c in pairs[i : i + batch_size]]
+                if max_length is not None:
+                    encoded = [(ids[-max_length:], mask[-max_length:]) for ids, mask in encoded]
+                width = max(len(ids) for ids, _ in encoded)
+                ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+                attn = torch.zeros((len(encoded), width), dtype=torch.long)
+                loss_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+                for row, (seq, mask) in enumerate(encoded):
+                    ids[row, : len(seq)] = torch.tensor(seq)
+                    attn[row, : len(seq)] = 1
+                    loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
+                ids, attn, loss_mask = ids.to(self.device), attn.to(self.device), loss_mask.to(self.device)
+                with torch.no_grad():
+                    logits = self.model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
+                # Token t is predicted from position t-1.
+                logp = torch.log_softmax(logits[:, :-1], dim=-1)
+                target_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+                m = loss_mask[:, 1:]
+                nll = -(target_logp * m).sum(dim=1)
+                counts = m.sum(dim=1)
+                results += [(float(a), int(b)) for a, b in zip(nll.tolist(), counts.tolist(), strict=True)]
+        finally:
+            if was_training:
+                self.model.train()
+        return results
+
+
+def qlora_config(device: str | None = None):
+    """BitsAndBytes 4-bit NF4 with double quantization and bf16 compute; TrainError without CUDA or bitsandbytes."""
+    if not torch.cuda.is_available() or (device is not None and not device.startswith("cuda")):
+        raise TrainError("--qlora needs a CUDA GPU (4-bit bitsandbytes); on this machine drop --qlora to train plain LoRA")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as e:
+        raise TrainError("--qlora needs bitsandbytes: pip install -e '.[gpu]'") from e
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+
+
+# ---------------------------------------------------------------- simulate (the `convo simulate` library side)
+
+
+@dataclass(frozen=True, slots=True)
+class SimulateOptions:
+    """Sampling settings for simulate (defaults come from config.settings.GenerateSettings)."""
+
+    n: int = 3
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    seed: int | None = None
+
+
+def parse_conversation(text: str, default_tag: str) -> list[Turn]:
+    """User input to turns: '[TAG] text' lines keep their speaker; other lines are `default_tag`'s messages."""
+    turns = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        if not line.strip():
+            continue
+        tag = line_speaker(line)
+        if tag is not None:
+            try:
+                turns.append(parse_line(line))
+            except ConvoError:  # "[RIYA]hi": a tag without the space
+                turns.append(Turn(tag, line[len(tag) + 2 :].strip()))
+        else:
+            turns.append(Turn(default_tag, line.strip()))
+    return turns
+
+
+def resolve_target(meta: AdapterMeta | None, as_tag: str | None) -> tuple[str, str]:
+    """(tag to write as, tag of the other side) from the adapter's tags and --as; ConfigError on an unknown tag."""
+    if meta is None:
+        target = check_tag(as_tag) if as_tag else "FRIEND"
+        return target, "ME" if target != "ME" else "FRIEND"
+    known = dict.fromkeys([meta.persona.tag, *([meta.me.tag] if meta.me else []), *meta.tags.values()])
+    target = as_tag or meta.persona.tag
+    if target not in known:
+        raise ConfigError(f"--as {target}: not a speaker of this adapter; known tags: {', '.join(known)}")
+    others = [t for t in known if t != target]
+    if meta.me is not None and meta.me.tag != target:
+        return target, meta.me.tag
+    return target, others[0] if others else "ME"
+
+
+def simulate(engine: Engine, turns: Sequence[Turn], target: str, opts: SimulateOptions) -> list[list[str]]:
+    """Candidates for `target`'s next burst after `turns` (each a list of messages)."""
+    prompt = render_prompt(turns, target)
+    return engine.generate(
+        prompt, target, n=opts.n, temperature=opts.temperature, top_p=opts.top_p,
+        max_new_tokens=opts.max_new_tokens, seed=opts.seed,
+    )

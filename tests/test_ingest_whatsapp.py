@@ -1,0 +1,215 @@
+"""WhatsApp .txt exports: every locale quirk in a hand-written fixture, plus chitchat-dataset chats."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from convo.errors import IngestError
+from tests.conftest import FIXTURES
+from training.ingest.base import HEAD_BYTES, ParseContext
+from training.ingest.whatsapp import PARSER, chat_name
+
+WA = FIXTURES / "ingest" / "whatsapp"
+
+
+def parse(path: Path, tz=UTC) -> tuple[list[tuple], ParseContext]:
+    ctx = ParseContext(tz=tz)
+    rows = [(m.speaker, m.text, m.ts.isoformat()) for m in PARSER.parse(path, ctx)]
+    return rows, ctx
+
+
+def test_android_us_12h_multiline_placeholders_and_system_lines():
+    path = WA / "WhatsApp Chat with Alice.txt"
+    rows, ctx = parse(path)
+    assert rows == [
+        ("Alice", "hey are you coming tonight?", "2021-01-05T21:05:00+00:00"),
+        ("Riya", "yes!", "2021-01-05T21:06:00+00:00"),
+        ("Riya", "what time", "2021-01-05T21:06:00+00:00"),
+        ("Alice", "8 works?\nsecond line of the same message\n\nand a third after a blank line",
+         "2021-01-05T21:07:00+00:00"),
+        ("Alice", "sounds good", "2021-01-06T00:30:00+00:00"),  # "<This message was edited>" stripped
+        ("Riya", "morning: coffee first", "2021-01-13T08:00:00+00:00"),
+    ]
+    # encryption notice + missed call; <Media omitted>; two deletions; "null"
+    assert ctx.skipped == {"system": 2, "media_only": 1, "deleted": 2, "placeholder": 1}
+    assert ctx.me_hints == {"Riya"}  # only the exporting user sees "You deleted this message"
+    msgs = list(PARSER.parse(path, ParseContext(tz=UTC)))
+    assert {m.chat for m in msgs} == {"Alice"}
+    assert all(m.speaker_id == m.speaker and m.reply_to is None and m.source == "whatsapp" for m in msgs)
+
+
+def test_android_eu_group_events_crlf_captions_and_phone_names():
+    rows, ctx = parse(WA / "android_eu_group.txt")
+    assert rows == [
+        ("Tom", "who's in?", "2021-02-03T18:02:00+00:00"),
+        ("Riya", "me", "2021-02-03T18:03:00+00:00"),
+        ("Riya", "obviously", "2021-02-03T18:03:00+00:00"),
+        ("Sam", "hi all: finally here", "2021-02-15T09:11:00+00:00"),
+        ("Riya", "look at this view", "2021-02-16T10:05:00+00:00"),  # caption kept, file line dropped
+        ("+351 912 345 678", "quem é?", "2021-02-16T10:07:00+00:00"),  # unsaved contact
+    ]
+    # encryption, created group "Trip: Lisbon", added, subject "...: ...", joined via link, security code, left
+    assert ctx.skipped == {"system": 7, "media_only": 1}
+
+
+def test_ios_bracketed_dotted_with_marks_from_unzipped_folder():
+    path = WA / "WhatsApp Chat - Lisa" / "_chat.txt"
+    rows, ctx = parse(path)
+    assert rows == [
+        ("Lisa", "Frohe Weihnachten!", "2021-12-24T18:30:05+00:00"),
+        ("Riya", "danke, dir auch 🎄", "2021-12-24T18:31:10+00:00"),
+        ("Riya", "Guten Morgen\nwie war's?", "2021-12-25T09:00:00+00:00"),
+        ("Lisa", "gut", "2021-12-25T09:02:00+00:00"),
+    ]
+    assert ctx.skipped == {"system": 1, "media_only": 2, "deleted": 1}
+    assert {m.chat for m in PARSER.parse(path, ParseContext(tz=UTC))} == {"Lisa"}
+
+
+def test_ios_us_12h_narrow_space_midnight_and_noon():
+    rows, ctx = parse(WA / "ios_us_12h.txt")
+    # 1/2 and 1/3 fit both orders and time runs forward either way: the 12h clock says month-first
+    assert rows == [
+        ("Sam", "did you see that", "2022-01-02T21:05:40+00:00"),
+        ("Riya", "yes lol", "2022-01-02T21:06:01+00:00"),
+        ("Sam", "midnight", "2022-01-03T00:00:00+00:00"),
+        ("Riya", "noon-ish", "2022-01-03T12:30:00+00:00"),
+    ]
+    assert ctx.skipped == {"system": 1, "media_only": 1}
+
+
+def test_ambiguous_dates_resolved_by_chronology_despite_12h_clock():
+    # every date fits both orders; only day-first keeps time running forward (5/1 < 12/1 < 2/2)
+    rows, _ = parse(WA / "android_es_ampm.txt")
+    assert rows == [
+        ("Ana", "hola", "2022-01-05T09:05:00+00:00"),
+        ("Riya", "hola!", "2022-01-05T09:06:00+00:00"),
+        ("Ana", "qué tal", "2022-01-12T22:00:00+00:00"),  # "p. m." with no-break spaces
+        ("Riya", "bien", "2022-02-02T08:00:00+00:00"),
+    ]
+
+
+def test_ambiguous_dates_resolved_by_the_last_line_of_the_file():
+    # 24h clock would default to day-first, but 02/13 on the last line only fits month-first
+    rows, _ = parse(WA / "ambiguous_late.txt")
+    assert [ts[:10] for _, _, ts in rows] == ["2021-02-03"] * 3 + ["2021-02-13"]
+    assert [t for _, t, _ in rows] == ["one", "two", "three", "settled by this line"]
+
+
+def test_year_first_dates():
+    rows, _ = parse(WA / "year_first_24h.txt")
+    assert rows == [
+        ("Kai", "almost", "2021-12-31T23:59:00+00:00"),
+        ("Kai", "happy new year", "2022-01-01T00:00:00+00:00"),
+        ("Riya", "🎉🎉", "2022-01-01T00:01:00+00:00"),
+    ]
+
+
+def test_timestamps_are_local_time_of_the_given_zone():
+    msgs = list(PARSER.parse(WA / "year_first_24h.txt", ParseContext(tz=ZoneInfo("Europe/Berlin"))))
+    assert msgs[0].ts.isoformat() == "2021-12-31T23:59:00+01:00"
+    assert msgs[0].ts.astimezone(UTC) == datetime(2021, 12, 31, 22, 59, tzinfo=UTC)
+    msgs = list(PARSER.parse(WA / "year_first_24h.txt", ParseContext(tz=timezone(timedelta(hours=-5)))))
+    assert msgs[1].ts.isoformat() == "2022-01-01T00:00:00-05:00"
+
+
+@pytest.mark.parametrize("name", ["chitchat_android_eu", "chitchat_ios_us"])
+def test_chitchat_conversations_round_trip(name):
+    expected = [json.loads(line) for line in (WA / f"{name}.expected.jsonl").read_text("utf-8").splitlines()]
+    got = [json.loads(m.to_json()) for m in PARSER.parse(WA / f"{name}.txt", ParseContext(tz=UTC))]
+    for rec in got:  # pydantic writes UTC as "Z"
+        rec["ts"] = datetime.fromisoformat(rec["ts"]).isoformat()
+    assert len(expected) > 200
+    assert got == expected
+
+
+def test_chat_names():
+    assert chat_name(Path("WhatsApp Chat with Alice Smith.txt")) == "Alice Smith"
+    assert chat_name(Path("exports/WhatsApp Chat - Trip 2021/_chat.txt")) == "Trip 2021"
+    assert chat_name(Path("family.txt")) == "family"
+
+
+def test_sniff():
+    for path in WA.rglob("*.txt"):
+        assert PARSER.sniff(path, path.read_bytes()[:HEAD_BYTES]) == (path.name != "not_whatsapp.txt"), path
+    assert not PARSER.sniff(Path("x.json"), b'{"name": "Alice", "messages": []}')
+    assert not PARSER.sniff(Path("x.txt"), b"")
+
+
+def test_file_without_any_message_line_names_file_and_line_1():
+    with pytest.raises(IngestError, match=r"not_whatsapp\.txt:1: expected a WhatsApp line"):
+        list(PARSER.parse(WA / "not_whatsapp.txt", ParseContext(tz=UTC)))
+
+
+def test_empty_and_blank_files(tmp_path):
+    for content in (b"", b"\n\n  \n"):
+        path = tmp_path / "empty.txt"
+        path.write_bytes(content)
+        with pytest.raises(IngestError, match=r"empty\.txt:1: expected a WhatsApp line"):
+            list(PARSER.parse(path, ParseContext(tz=UTC)))
+
+
+def test_non_utf8_names_byte_offset(tmp_path):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("01/02/2021, 10:00 - Zoë: hi\n".encode() + "01/02/2021, 10:01 - Zoë: olé\n".encode("latin-1"))
+    first_line = len("01/02/2021, 10:00 - Zoë: hi\n".encode())
+    offset = first_line + len("01/02/2021, 10:01 - Zo")
+    with pytest.raises(IngestError, match=rf"latin1\.txt: byte offset {offset} \(line 2\): not UTF-8"):
+        list(PARSER.parse(path, ParseContext(tz=UTC)))
+
+
+def test_dates_that_fit_no_order_are_an_error(tmp_path):
+    path = tmp_path / "mixed.txt"
+    path.write_text("13/01/2021, 10:00 - A: day-first\n01/13/2021, 10:00 - A: month-first\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"mixed\.txt:1: dates fit neither day-first"):
+        list(PARSER.parse(path, ParseContext(tz=UTC)))
+
+
+_LINES = [
+    line
+    for p in sorted(WA.rglob("*.txt"))
+    if not p.name.startswith("chitchat")
+    for line in p.read_text("utf-8").splitlines()
+]
+_line = st.one_of(
+    st.sampled_from(_LINES),
+    st.sampled_from(_LINES).map(lambda s: s[: len(s) // 2]),
+    st.text(max_size=40),
+    st.builds(
+        lambda a, b, c, h, m, rest: f"{a}/{b}/{c}, {h}:{m:02d} - {rest}",
+        st.integers(0, 40), st.integers(0, 40), st.integers(0, 3000), st.integers(0, 30), st.integers(0, 99),
+        st.text(max_size=20),
+    ),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(lines=st.lists(_line, max_size=12), junk=st.binary(max_size=8), where=st.integers(0, 400))
+def test_random_and_mutated_input_raises_only_ingest_error(lines, junk, where):
+    data = "\n".join(lines).encode("utf-8")
+    data = data[:where] + junk + data[where:]
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "chat.txt"
+        path.write_bytes(data)
+        PARSER.sniff(path, data[:HEAD_BYTES])
+        try:
+            msgs = list(PARSER.parse(path, ParseContext(tz=ZoneInfo("America/New_York"))))
+        except IngestError as e:
+            assert str(path) in str(e)
+            return
+        for m in msgs:
+            assert m.text.strip() and m.speaker and "\u200e" not in m.text
+
+
+def test_bom_and_leading_blank_lines(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes(b"\xef\xbb\xbf\n" + "31/12/2021, 21:05 - Zoë: hallo\r\n".encode())
+    assert PARSER.sniff(path, path.read_bytes())
+    assert parse(path)[0] == [("Zoë", "hallo", "2021-12-31T21:05:00+00:00")]

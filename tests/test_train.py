@@ -1,0 +1,234 @@
+"""LoRA training end to end on a tiny in-process base model (CPU, seconds per run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+
+import pytest
+
+from convo.cli import run
+from convo.errors import AdapterMismatch, ConfigError, TrainError
+from tests.fixtures.train.make_dataset import write_dataset
+from training.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
+from training.train import TRAIN_LOG, TrainOptions, choose_sample_indices, train
+
+pytestmark = pytest.mark.slow
+
+
+def _opts(data: Path, base: Path, out: Path, **kw) -> TrainOptions:
+    values = dict(
+        data_dir=data, base=str(base), out_dir=out, max_steps=12, batch_size=8, grad_accum=1, eval_steps=6,
+        learning_rate=1e-2, lora_r=8, lora_alpha=16, sample_prompts=2, sample_max_new_tokens=8, logging_steps=2,
+        warmup_ratio=0.0, early_stopping_patience=10,
+    )
+    values.update(kw)
+    return TrainOptions(**values)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_dataset(tmp_path_factory.mktemp("data") / "alice", n_train=48, n_val=12)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data, tiny_base):
+    """One 30-step run shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("adapters") / "alice"
+    return train(_opts(data, tiny_base, out, max_steps=30, eval_steps=10))
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+
+
+def test_loss_goes_down_and_outputs_are_written(trained):
+    out = trained.out_dir
+    evals = [r["eval_loss"] for r in _log(out) if "eval_loss" in r]
+    losses = [r["loss"] for r in _log(out) if "loss" in r]
+    assert len(evals) >= 3 and evals[-1] < evals[0] - 0.3, evals
+    assert losses[-1] < losses[0] - 0.3, losses
+    for name in ("adapter_model.safetensors", "adapter_config.json", ADAPTER_META_FILE, "loss.png", "samples.jsonl"):
+        assert (out / name).is_file(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = read_adapter_meta(out)
+    assert meta.persona.tag == "ALICE" and meta.mode == "friend"
+    assert meta.base_model.local_path_sha256 and meta.dataset_sha256
+    assert meta.training_args["lora_r"] == 8
+    assert meta.final_metrics["best_eval_loss"] == pytest.approx(min(evals))
+    assert not list(out.glob(".*"))  # no temp files left behind
+
+
+def test_only_completion_tokens_carry_loss(trained, data):
+    trainer = trained.trainer
+    tok = trainer.processing_class
+    rows = [json.loads(line) for line in (data / "train.jsonl").read_text().splitlines()]
+    by_ids = {tuple(tok(r["prompt"] + r["completion"], add_special_tokens=True)["input_ids"]): r for r in rows}
+    examples = [trainer.train_dataset[i] for i in range(4)]
+    batch = trainer.data_collator(examples)  # what the model is trained on: padded ids and labels
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"], strict=True):
+        n = int(mask.sum())
+        row = by_ids[tuple(ids[:n].tolist())]
+        prompt_len = len(tok(row["prompt"])["input_ids"])
+        assert (labels[:prompt_len] == -100).all()  # prompt: no loss
+        assert (labels[n:] == -100).all()  # padding: no loss
+        assert labels[prompt_len:n].tolist() == ids[prompt_len:n].tolist()  # completion: every token
+        assert tok.decode(ids[prompt_len:n]) == row["completion"]
+
+
+def test_adapter_reloads_to_identical_outputs_and_base_is_untouched(trained, tiny_base):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from inference.engine import Engine
+
+    pairs = [("[RIYA] you coming?\n[ALICE]", " omg yes 🙌\n[RIYA]"), ("[RIYA] lol\n[ALICE]", " nah sorry\n[END]")]
+    live = Engine(trained.trainer.model, trained.trainer.processing_class)
+    loaded = Engine.load(adapter=trained.out_dir)
+    assert loaded.meta is not None and loaded.meta.persona.tag == "ALICE"
+    a, b = live.completion_nll(pairs), loaded.completion_nll(pairs)
+    for (x, nx), (y, ny) in zip(a, b, strict=True):
+        assert nx == ny and x == pytest.approx(y, rel=1e-5)
+    assert loaded.generate_raw(pairs[0][0], "ALICE", n=2, seed=3) == loaded.generate_raw(pairs[0][0], "ALICE", n=2, seed=3)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_base).state_dict()
+    state = loaded.model.state_dict()
+    lora_b = [v for k, v in state.items() if "lora_B" in k]
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b)  # LoRA B starts at zero: it learned
+    base_keys = [k for k in state if "lora_" not in k]
+    assert base_keys
+    for k in base_keys:
+        name = k.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(state[k], base[name]), k  # the shared base stays exactly as it was
+    with loaded.adapter_disabled():
+        base_nll = loaded.completion_nll(pairs)
+    assert base_nll[0][0] > b[0][0]  # the adapter made ALICE's typical reply more likely
+
+
+def test_sample_prompts_follow_the_private_seed(tmp_path, data, tiny_base):
+    random.seed(1)
+    first = choose_sample_indices(12, 3, seed=5)
+    random.seed(2)  # what the Trainer's set_seed does to the global RNG
+    assert choose_sample_indices(12, 3, seed=5) == first
+    assert choose_sample_indices(12, 3, seed=6) != first
+
+    def prompts(out: Path, sample_seed: int, global_seed: int) -> set[str]:
+        random.seed(global_seed)
+        train(_opts(data, tiny_base, out, max_steps=2, eval_steps=2, sample_seed=sample_seed, sample_prompts=3))
+        return {json.loads(line)["prompt"] for line in (out / "samples.jsonl").read_text().splitlines()}
+
+    a = prompts(tmp_path / "a", 5, 1)
+    b = prompts(tmp_path / "b", 5, 2)
+    c = prompts(tmp_path / "c", 6, 1)
+    assert len(a) == 3 and a == b and a != c
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint_and_resume_appends_logs(tmp_path, data, tiny_base):
+    from transformers import TrainerCallback
+
+    class CtrlCAtStep3(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "run"
+    first = train(_opts(data, tiny_base, out, max_steps=10, eval_steps=5), extra_callbacks=[CtrlCAtStep3()])
+    assert first.interrupted and first.global_step == 4
+    assert (out / "checkpoints" / "checkpoint-4").is_dir()
+    assert not (out / ADAPTER_META_FILE).exists()
+    before = _log(out)
+    tb_before = sorted(p.name for p in (out / "tensorboard").glob("events.*"))
+
+    second = train(_opts(data, tiny_base, out, max_steps=10, eval_steps=5, resume=True))
+    assert not second.interrupted and second.global_step == 10
+    after = _log(out)
+    assert after[: len(before)] == before  # appended, not rewritten
+    assert max(r["step"] for r in after) == 10 and min(r["step"] for r in after[len(before):]) > 4
+    assert len(list((out / "tensorboard").glob("events.*"))) > len(tb_before)
+    assert read_adapter_meta(out).final_metrics["global_step"] == 10
+
+
+def test_existing_out_needs_resume_or_force(tmp_path, data, tiny_base):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "something").write_text("x")
+    with pytest.raises(TrainError, match="already exists"):
+        train(_opts(data, tiny_base, out))
+    with pytest.raises(TrainError, match="no checkpoint to resume"):
+        train(_opts(data, tiny_base, out, resume=True))
+    result = train(_opts(data, tiny_base, out, max_steps=2, eval_steps=2, force=True, sample_prompts=0))
+    assert not (out / "something").exists() and (out / ADAPTER_META_FILE).is_file()
+    assert result.global_step == 2
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, data, tiny_base, capsys):
+    out = tmp_path / "x"
+    out.mkdir()
+    (out / "f").write_text("x")
+    assert run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "Traceback" not in err
+    code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "y"),
+                "--batch-size", "16", "--grad-accum", "4"])
+    assert code == 2 and "effective batch 64" in capsys.readouterr().err
+    assert run(["train", "--data", str(tmp_path / "nodata"), "--base", str(tiny_base), "--out", str(tmp_path / "z")]) == 2
+    assert "meta.json" in capsys.readouterr().err
+
+
+def test_effective_batch_over_32_is_refused(tmp_path, data, tiny_base):
+    with pytest.raises(ConfigError, match="lower --batch-size or --grad-accum"):
+        train(_opts(data, tiny_base, tmp_path / "o", batch_size=16, grad_accum=4))
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
+def test_qlora_without_cuda_is_a_clear_error(tmp_path, data, tiny_base, capsys):
+    with pytest.raises(TrainError, match="needs a CUDA GPU"):
+        train(_opts(data, tiny_base, tmp_path / "q", qlora=True))
+    assert not (tmp_path / "q").exists()  # refused before touching --out
+    code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "q"), "--qlora"])
+    assert code == 2 and "--qlora needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_cli_train_then_simulate(tmp_path, data, tiny_base, capsys):
+    out = tmp_path / "cli"
+    code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(out), "--max-steps", "4",
+                "--eval-steps", "2", "--batch-size", "8", "--grad-accum", "1", "--sample-prompts", "1", "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["steps"] == 4 and Path(summary["paths"]["meta"]).is_file()
+    code = run(["simulate", "--adapter", str(out), "[RIYA] you coming?", "--n", "2", "--seed", "1",
+                "--max-new-tokens", "8", "--json"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["target"] == "ALICE" and len(result["candidates"]) == 2
+    assert all(isinstance(m, str) for c in result["candidates"] for m in c)
+    code = run(["simulate", "--adapter", str(out), "--as", "BOB", "hi"])
+    assert code == 2 and "known tags: ALICE, RIYA" in capsys.readouterr().err
+
+
+def test_mismatched_adapter_is_refused(tmp_path, trained, capsys):
+    import shutil
+
+    from inference.engine import Engine
+
+    adapter = tmp_path / "old_format"
+    shutil.copytree(trained.out_dir, adapter, ignore=shutil.ignore_patterns("checkpoints", "tensorboard"))
+    meta = json.loads((adapter / ADAPTER_META_FILE).read_text())
+    meta["format_version"] = 0
+    (adapter / ADAPTER_META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(AdapterMismatch, match="prompt format v0"):
+        Engine.load(adapter=adapter)
+    assert run(["simulate", "--adapter", str(adapter), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "retrain" in err and "Traceback" not in err
+
+    other_base = tmp_path / "other_base"
+    shutil.copytree(meta["base_model"]["id"], other_base)
+    (other_base / "model.safetensors").write_bytes((other_base / "model.safetensors").read_bytes()[:-1] + b"\0")
+    with pytest.raises(AdapterMismatch, match="different base"):
+        Engine.load(base=other_base, adapter=trained.out_dir)
+    assert run(["simulate", "--adapter", str(trained.out_dir), "--base", str(other_base), "hi"]) == 2
+    assert "different base" in capsys.readouterr().err

@@ -1,0 +1,202 @@
+"""Metrics comparing a method's replies with the person's real replies.
+
+A *reply* is one turn: the list of messages (a burst) the person, or a method, sent after a prompt.
+
+**Style distance** (0 = same style, 1 = as different as the measure allows) is the mean of six components,
+each in [0, 1]:
+
+* `length`: Kolmogorov-Smirnov statistic between the message lengths in words;
+* `burst`: Kolmogorov-Smirnov statistic between messages per reply;
+* `lowercase`: absolute difference of the share of messages written all in lowercase (those with letters);
+* `punctuation`: relative difference |a-b|/max(a,b) of punctuation characters per character;
+* `emoji`: relative difference of emoji per message;
+* `vocabulary`: 1 - weighted Jaccard overlap of the word frequency distributions (sum of min / sum of max).
+
+**Distinguishability**: ROC AUC of a char n-gram (1-4, TF-IDF) logistic regression telling real replies from
+generated ones, cross-validated with folds grouped by prompt (a prompt's real and generated replies are always
+in the same fold, so identical sets score exactly 0.5 instead of the classifier learning duplicates backwards).
+
+**Degeneration**: share of replies that are empty, that repeat themselves (a message twice in one reply, or
+one word 3-gram looping 3+ times), and of messages of 4+ words that copy a training message verbatim.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from bisect import bisect_right
+from collections import Counter
+from collections.abc import Sequence
+
+Reply = Sequence[str]
+
+STYLE_COMPONENTS = ("length", "burst", "lowercase", "punctuation", "emoji", "vocabulary")
+COPY_MIN_WORDS = 4
+_WORD_RE = re.compile(r"\w+", re.UNICODE)
+
+
+def is_emoji(ch: str) -> bool:
+    """Pictographic characters (emoji, symbols), not letters or punctuation."""
+    cp = ord(ch)
+    return (
+        0x1F000 <= cp <= 0x1FAFF
+        or 0x2600 <= cp <= 0x27BF
+        or 0x2B00 <= cp <= 0x2BFF
+        or 0x1F1E6 <= cp <= 0x1F1FF
+        or (unicodedata.category(ch) == "So" and cp > 0x2000)
+    )
+
+
+def _is_punct(ch: str) -> bool:
+    return unicodedata.category(ch).startswith("P")
+
+
+def words(text: str) -> list[str]:
+    """Words of a message, lower-cased."""
+    return _WORD_RE.findall(text.lower())
+
+
+def ks_statistic(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: largest gap between the empirical CDFs (0 when identical)."""
+    if not a or not b:
+        return 0.0 if not a and not b else 1.0
+    sa, sb = sorted(a), sorted(b)
+    gap = 0.0
+    for x in set(sa) | set(sb):
+        gap = max(gap, abs(bisect_right(sa, x) / len(sa) - bisect_right(sb, x) / len(sb)))
+    return gap
+
+
+def _rel_diff(a: float, b: float) -> float:
+    top = max(abs(a), abs(b))
+    return 0.0 if top == 0 else abs(a - b) / top
+
+
+def style_features(replies: Sequence[Reply]) -> dict:
+    """Raw style figures of a set of replies (what the distance compares; also shown in the report)."""
+    msgs = [m for r in replies for m in r]
+    lengths = [len(words(m)) for m in msgs]
+    lettered = [m for m in msgs if any(c.isalpha() for c in m)]
+    chars = sum(len(m) for m in msgs)
+    vocab = Counter(w for m in msgs for w in words(m))
+    return {
+        "replies": len(replies),
+        "messages": len(msgs),
+        "lengths": lengths,
+        "bursts": [len(r) for r in replies],
+        "mean_words": sum(lengths) / len(lengths) if lengths else 0.0,
+        "mean_messages_per_reply": sum(len(r) for r in replies) / len(replies) if replies else 0.0,
+        "lowercase_share": sum(m == m.lower() for m in lettered) / len(lettered) if lettered else 0.0,
+        "punctuation_per_char": sum(_is_punct(c) for m in msgs for c in m) / chars if chars else 0.0,
+        "emoji_per_message": sum(is_emoji(c) for m in msgs for c in m) / len(msgs) if msgs else 0.0,
+        "vocab": vocab,
+    }
+
+
+def style_distance(real: Sequence[Reply], generated: Sequence[Reply]) -> dict:
+    """Per-component distances and their mean `combined` (see the module docstring)."""
+    fr, fg = style_features(real), style_features(generated)
+    keys = set(fr["vocab"]) | set(fg["vocab"])
+    tr, tg = sum(fr["vocab"].values()) or 1, sum(fg["vocab"].values()) or 1
+    lo = sum(min(fr["vocab"][k] / tr, fg["vocab"][k] / tg) for k in keys)
+    hi = sum(max(fr["vocab"][k] / tr, fg["vocab"][k] / tg) for k in keys)
+    parts = {
+        "length": ks_statistic(fr["lengths"], fg["lengths"]),
+        "burst": ks_statistic(fr["bursts"], fg["bursts"]),
+        "lowercase": abs(fr["lowercase_share"] - fg["lowercase_share"]),
+        "punctuation": _rel_diff(fr["punctuation_per_char"], fg["punctuation_per_char"]),
+        "emoji": _rel_diff(fr["emoji_per_message"], fg["emoji_per_message"]),
+        "vocabulary": 1.0 - (lo / hi if hi else 1.0),
+    }
+    parts["combined"] = sum(parts[k] for k in STYLE_COMPONENTS) / len(STYLE_COMPONENTS)
+    return parts
+
+
+def summary(replies: Sequence[Reply]) -> dict:
+    """Style figures without the raw lists (for metrics.json)."""
+    f = style_features(replies)
+    return {k: v for k, v in f.items() if k not in ("lengths", "bursts", "vocab")}
+
+
+def _reply_text(reply: Reply) -> str:
+    return "\n".join(reply)
+
+
+def distinguishability_auc(
+    real: Sequence[Reply], generated: Sequence[Reply], real_groups: Sequence[int], gen_groups: Sequence[int],
+    seed: int = 0,
+) -> float | None:
+    """Cross-validated ROC AUC of a char n-gram classifier, real (1) vs generated (0); None with too little data.
+
+    `*_groups` give each reply's prompt index: folds never split a prompt.
+    """
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import GroupKFold
+    from sklearn.pipeline import make_pipeline
+
+    texts = [_reply_text(r) for r in real] + [_reply_text(r) for r in generated]
+    labels = [1] * len(real) + [0] * len(generated)
+    groups = list(real_groups) + list(gen_groups)
+    n_splits = min(5, len(set(groups)))
+    if len(real) < 2 or len(generated) < 2 or n_splits < 2:
+        return None
+    scores = [0.0] * len(texts)
+    for train_idx, test_idx in GroupKFold(n_splits=n_splits).split(texts, labels, groups):
+        y = [labels[i] for i in train_idx]
+        if len(set(y)) < 2:
+            return None
+        model = make_pipeline(
+            TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), lowercase=False, min_df=1),
+            LogisticRegression(max_iter=1000, C=1.0, random_state=seed),
+        )
+        model.fit([texts[i] for i in train_idx], y)
+        for i, p in zip(test_idx, model.predict_proba([texts[i] for i in test_idx])[:, 1], strict=True):
+            scores[i] = float(p)
+    return float(roc_auc_score(labels, scores))
+
+
+def _normalise(message: str) -> str:
+    return " ".join(message.casefold().split())
+
+
+def _loops(message: str) -> bool:
+    w = words(message)
+    grams = Counter(tuple(w[i : i + 3]) for i in range(len(w) - 2))
+    return any(n >= 3 for n in grams.values())
+
+
+def degeneration(replies: Sequence[Reply], training_messages: set[str]) -> dict:
+    """Shares of empty, self-repeating and training-copying replies (see the module docstring).
+
+    `training_messages` must hold messages normalised with `normalise_messages`.
+    """
+    n = len(replies)
+    empty = sum(1 for r in replies if not any(m.strip() for m in r))
+    repeated = sum(
+        1 for r in replies if len({_normalise(m) for m in r}) < len(r) or any(_loops(m) for m in r)
+    )
+    long_msgs = [_normalise(m) for r in replies for m in r if len(words(m)) >= COPY_MIN_WORDS]
+    copies = sum(1 for m in long_msgs if m in training_messages)
+    return {
+        "empty": empty / n if n else 0.0,
+        "repeated": repeated / n if n else 0.0,
+        "copied": copies / len(long_msgs) if long_msgs else 0.0,
+    }
+
+
+def normalise_messages(messages: Sequence[str]) -> set[str]:
+    """The set `degeneration` compares against: casefolded, whitespace-collapsed, 4+ words only."""
+    return {_normalise(m) for m in messages if len(words(m)) >= COPY_MIN_WORDS}
+
+
+def nll_summary(pairs: Sequence[tuple[float, int]]) -> dict:
+    """Mean NLL per completion token over all samples (token-weighted) and its perplexity."""
+    total = sum(p[0] for p in pairs)
+    tokens = sum(p[1] for p in pairs)
+    if not tokens:
+        return {"nll_per_token": None, "perplexity": None, "tokens": 0}
+    nll = total / tokens
+    return {"nll_per_token": nll, "perplexity": math.exp(min(nll, 700.0)), "tokens": tokens}

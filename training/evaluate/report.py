@@ -1,0 +1,208 @@
+"""The self-contained HTML report: metrics table, inline SVG plots, side-by-side replies filterable by method.
+
+No external resources: styles, plots (matplotlib SVG, text kept as text) and the filter script are inline, so
+the file renders offline.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+from pathlib import Path
+
+from training.evaluate import metrics as M
+
+_CSS = """
+body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}
+th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}
+.plots{display:flex;flex-wrap:wrap;gap:1em}.plot{flex:1 1 330px}.plot svg{width:100%;height:auto}
+.cmp{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;margin:1em 0}
+.cmp pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em;margin:.3em 0;font-size:12px}
+.reply{margin:.3em 0}.reply b{display:inline-block;min-width:11em}.real b{color:#0a6}
+.hidden{display:none}#filters label{margin-right:1em}.note{color:#666;font-size:12px}
+"""
+
+_JS = """
+(function(){
+  var methods = JSON.parse(document.getElementById('methods-data').textContent);
+  var box = document.getElementById('filters');
+  function apply(){
+    var on = {};
+    box.querySelectorAll('input').forEach(function(i){ on[i.value] = i.checked; });
+    document.querySelectorAll('.reply[data-method]').forEach(function(el){
+      el.classList.toggle('hidden', !on[el.getAttribute('data-method')]);
+    });
+    var shown = methods.filter(function(m){ return on[m]; }).length;
+    document.getElementById('filter-status').textContent =
+      document.querySelectorAll('.cmp').length + ' comparisons, ' + shown + ' of ' + methods.length + ' methods shown';
+  }
+  methods.forEach(function(m){
+    var label = document.createElement('label');
+    var input = document.createElement('input');
+    input.type = 'checkbox'; input.checked = true; input.value = m; input.className = 'method-filter';
+    input.addEventListener('change', apply);
+    label.appendChild(input); label.appendChild(document.createTextNode(' ' + m));
+    box.appendChild(label);
+  });
+  apply();
+  document.body.setAttribute('data-ready', '1');
+})();
+"""
+
+
+def _svg(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight", metadata={"Date": None})
+    plt.close(fig)
+    text = buf.getvalue()
+    return text[text.index("<svg") :]
+
+
+def _plots(metrics: dict, comparisons: list[dict], train_log: Path | None) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"svg.fonttype": "none", "svg.hashsalt": "convo", "font.size": 9})
+    out = []
+    methods = list(metrics["methods"])
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    series = {"real": [len(M.words(m)) for c in comparisons for m in c["real"]]}
+    for name in methods:
+        series[name] = [len(M.words(m)) for c in comparisons for r in c["replies"][name] for m in r]
+    top = max([max(v) for v in series.values() if v] + [1])
+    bins = list(range(0, min(top, 40) + 2))
+    for name, vals in series.items():
+        if vals:
+            ax.hist([min(v, bins[-1] - 1) for v in vals], bins=bins, histtype="step", density=True,
+                    label=name, linewidth=2.2 if name == "real" else 1.2)
+    ax.set_xlabel("words per message (last bin: more)")
+    ax.set_ylabel("share of messages")
+    ax.legend(fontsize=7)
+    out.append(("Message length distributions", _svg(fig)))
+
+    nll = [(n, r["nll_per_token"]) for n, r in metrics["methods"].items() if r["nll_per_token"] is not None]
+    if nll:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.bar([n for n, _ in nll], [v for _, v in nll], color="#4c78a8")
+        ax.set_ylabel("NLL per completion token")
+        ax.tick_params(axis="x", labelrotation=20)
+        out.append(("Likelihood of the real replies (lower is better)", _svg(fig)))
+
+    curve = read_train_log(train_log) if train_log else {}
+    if curve:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for name, pts in curve.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
+                    markersize=3, label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend(fontsize=7)
+        out.append(("Adapter training loss", _svg(fig)))
+    return out
+
+
+def read_train_log(path: Path) -> dict[str, list[tuple[float, float]]]:
+    """Loss series from an adapter's train_log.jsonl: {"train": [(step, loss)], "validation": [...]}."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return {}
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int | float):
+            continue
+        for key, name in (("loss", "train"), ("eval_loss", "validation"), ("val_loss", "validation")):
+            v = rec.get(key)
+            if isinstance(v, int | float):
+                series.setdefault(name, []).append((rec["step"], float(v)))
+                break
+    return series
+
+
+def _fmt(x, digits=3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _table(metrics: dict) -> str:
+    cols = ["method", "context tokens", "NLL/token", "perplexity", "style distance", *M.STYLE_COMPONENTS,
+            "AUC", "empty", "repeated", "copied", "seconds"]
+    rows = []
+    for name, r in metrics["methods"].items():
+        d, s = r["degeneration"], r["style"]
+        cells = [name, f"{r['context_tokens_mean']:.0f}", _fmt(r["nll_per_token"]), _fmt(r["perplexity"], 1),
+                 _fmt(s["combined"]), *(_fmt(s[k], 2) for k in M.STYLE_COMPONENTS), _fmt(r["auc"]),
+                 _fmt(d["empty"], 2), _fmt(d["repeated"], 2), _fmt(d["copied"], 2), _fmt(r.get("seconds"), 1)]
+        rows.append(f'<tr data-method="{html.escape(name)}">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    rd = metrics["real"]["degeneration"]
+    real = ["(real replies)", "", "", "", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", _fmt(rd["empty"], 2),
+            _fmt(rd["repeated"], 2), _fmt(rd["copied"], 2), ""]
+    rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in real) + "</tr>")
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    return f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+
+
+def _reply_html(messages: list[str]) -> str:
+    if not messages:
+        return "<i>(empty)</i>"
+    return " ⏎ ".join(html.escape(m) for m in messages)
+
+
+def _comparisons(comparisons: list[dict], methods: list[str]) -> str:
+    parts = []
+    for c in comparisons:
+        rows = [f'<div class="reply real"><b>real</b> {_reply_html(c["real"])}</div>']
+        for m in methods:
+            for k, r in enumerate(c["replies"].get(m, [])):
+                rows.append(
+                    f'<div class="reply" data-method="{html.escape(m)}"><b>{html.escape(m)} #{k + 1}</b> '
+                    f"{_reply_html(r)}</div>"
+                )
+        parts.append(
+            f'<div class="cmp" id="cmp-{c["index"]}"><div class="note">chat {html.escape(str(c["chat"]))}, '
+            f'session {html.escape(str(c["session"]))}</div><pre>{html.escape(c["prompt"])}</pre>{"".join(rows)}</div>'
+        )
+    return "".join(parts)
+
+
+def render_report(metrics: dict, comparisons: list[dict], train_log: Path | None = None) -> str:
+    """The whole report as one HTML string."""
+    methods = list(metrics["methods"])
+    cfg = metrics["config"]
+    plots = "".join(
+        f'<div class="plot"><h3>{html.escape(title)}</h3>{svg}</div>'
+        for title, svg in _plots(metrics, comparisons, train_log)
+    )
+    methods_json = json.dumps(methods).replace("</", "<\\/")
+    tag = html.escape(metrics["persona"]["tag"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>convo eval: [{tag}]</title><style>{_CSS}</style></head>
+<body>
+<h1>convo eval: [{tag}]</h1>
+<p class="note">data {html.escape(str(cfg["data_dir"]))} · adapter {html.escape(str(cfg["adapter_dir"]))} ·
+{metrics["prompts"]} validation prompts · {cfg["samples_per_prompt"]} samples each · context budget
+{cfg["context_budget_tokens"]} tokens · seed {cfg["seed"]}</p>
+<h2>Metrics</h2>
+{_table(metrics)}
+<p class="note">NLL/token: mean negative log-likelihood of the real replies given each method's context (context
+tokens carry no loss). Style distance: mean of six components in [0, 1] (0 = same style as the real replies).
+AUC: cross-validated char n-gram classifier, real vs generated (0.5 = indistinguishable). Empty/repeated: share
+of replies; copied: share of 4+ word messages identical to a training message.</p>
+<h2>Plots</h2><div class="plots">{plots}</div>
+<h2>Validation contexts</h2>
+<div id="filters"></div><p id="filter-status" class="note"></p>
+<div id="comparisons">{_comparisons(comparisons, methods)}</div>
+<script type="application/json" id="methods-data">{methods_json}</script>
+<script>{_JS}</script>
+</body></html>
+"""

@@ -1,0 +1,607 @@
+"""Per-person LoRA / QLoRA training with TRL, read top to bottom.
+
+config (TrainOptions) -> data (dataset dir from `convo dataset`, tokenized here exactly as the engine scores it)
+-> LoraConfig -> SFTTrainer (+ callbacks: progress, JSONL log, samples, Ctrl-C) -> train -> save adapter,
+convo_adapter.json, loss curve.
+
+Loss is on completion tokens only (TRL builds labels from our `completion_mask`). One base is shared by many
+adapters, so LoRA starts from the default init (B = 0): the base weights are never touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from convo.errors import ConfigError, DatasetError, TrainError
+from inference.prompt_format import FORMAT_VERSION, line_speaker
+
+MAX_EFFECTIVE_BATCH = 32
+CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+SAMPLES = "samples.jsonl"
+RUN_FILE = "run.json"
+LOSS_PNG = "loss.png"
+TENSORBOARD = "tensorboard"
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Everything one training run needs; defaults match config.settings.TrainSettings."""
+
+    data_dir: Path
+    base: str
+    out_dir: Path
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.05
+    epochs: float = 3.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 4
+    max_length: int = 512
+    eval_steps: int = 50
+    early_stopping_patience: int = 3
+    sample_prompts: int = 4
+    sample_seed: int = 0
+    sample_max_new_tokens: int = 48
+    seed: int = 42
+    group_by_length: bool = True
+    qlora: bool = False
+    resume: bool = False
+    force: bool = False
+    logging_steps: int = 5
+
+    @classmethod
+    def from_settings(cls, settings, **overrides) -> TrainOptions:
+        """Options from `settings.train`, with the given non-None overrides (the CLI flags) on top."""
+        t = settings.train
+        values = {
+            "lora_r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout,
+            "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio,
+            "epochs": t.epochs, "max_steps": t.max_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
+            "max_length": t.max_length, "eval_steps": t.eval_steps,
+            "early_stopping_patience": t.early_stopping_patience, "sample_prompts": t.sample_prompts,
+            "sample_seed": t.sample_seed, "seed": t.seed, "group_by_length": t.group_by_length,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasetDir:
+    """A dataset dir from `convo dataset`: prompt/completion rows and meta.json."""
+
+    path: Path
+    train: list[dict]
+    val: list[dict]
+    meta: dict
+    sha256: str
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (paths and numbers for the summary)."""
+
+    out_dir: Path
+    interrupted: bool
+    global_step: int
+    best_eval_loss: float | None
+    final_eval_loss: float | None
+    first_train_loss: float | None
+    last_train_loss: float | None
+    train_seconds: float
+    tokens_per_s: float
+    paths: dict[str, Path] = field(default_factory=dict)
+    trainer: Any = field(default=None, repr=False)  # the SFTTrainer (model with the best adapter loaded)
+
+
+# ---------------------------------------------------------------- data
+
+
+def read_dataset(data_dir: Path | str) -> DatasetDir:
+    """Read and check a dataset dir; DatasetError naming the file and line on anything malformed."""
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "meta.json"
+    if not meta_path.is_file():
+        raise DatasetError(f"{meta_path}: not found; --data must be a dir written by `convo dataset`")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise DatasetError(f"{meta_path}: not JSON ({e}); rebuild it with `convo dataset`") from e
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise DatasetError(
+            f"{meta_path}: prompt format v{version}, this convo trains v{FORMAT_VERSION}: rebuild with `convo dataset`"
+        )
+    for key in ("persona",):
+        if not isinstance(meta.get(key), dict) or "tag" not in meta[key]:
+            raise DatasetError(f"{meta_path}: field {key!r} missing or without a tag; rebuild with `convo dataset`")
+    splits = {}
+    h = hashlib.sha256()
+    for name in ("train", "val"):
+        path = data_dir / f"{name}.jsonl"
+        if not path.is_file():
+            raise DatasetError(f"{path}: not found; --data must be a dir written by `convo dataset`")
+        raw = path.read_bytes()
+        h.update(name.encode() + b"\0" + raw)
+        rows = []
+        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise DatasetError(f"{path}:{n}: not JSON ({e})") from e
+            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+                raise DatasetError(f"{path}:{n}: needs string fields 'prompt' and 'completion'")
+            if line_speaker(row["prompt"].rsplit("\n", 1)[-1]) is None:
+                raise DatasetError(f"{path}:{n}: prompt must end with the target's tag line '[TAG]'")
+            rows.append(row)
+        if not rows:
+            raise DatasetError(f"{path}: no samples; rebuild with more data or a different --val")
+        splits[name] = rows
+    h.update(b"meta\0" + meta_path.read_bytes())
+    return DatasetDir(data_dir, splits["train"], splits["val"], meta, h.hexdigest())
+
+
+def target_of(prompt: str) -> str:
+    """The tag a prompt ends with (whose turn the completion is)."""
+    tag = line_speaker(prompt.rsplit("\n", 1)[-1])
+    if tag is None:
+        raise DatasetError(f"prompt does not end with a tag line: ...{prompt[-40:]!r}")
+    return tag
+
+
+def choose_sample_indices(n_rows: int, k: int, seed: int) -> list[int]:
+    """Which validation rows get sample generations: a private Random(seed), immune to the Trainer's reseeding."""
+    return sorted(random.Random(seed).sample(range(n_rows), min(k, n_rows)))
+
+
+def tokenize_rows(tokenizer, rows: list[dict], max_length: int | None):
+    """A datasets.Dataset of input_ids + completion_mask, keeping the end (the completion) when too long."""
+    from datasets import Dataset
+
+    from inference.engine import tokenize_pair
+
+    ids_col, mask_col = [], []
+    for row in rows:
+        ids, mask = tokenize_pair(tokenizer, row["prompt"], row["completion"])
+        if max_length is not None and len(ids) > max_length:
+            ids, mask = ids[-max_length:], mask[-max_length:]  # drop the oldest context first
+        ids_col.append(ids)
+        mask_col.append(mask)
+    return Dataset.from_dict({"input_ids": ids_col, "completion_mask": mask_col})
+
+
+def _prepare_out_dir(opts: TrainOptions, dataset_sha: str) -> str | None:
+    """Check --out against --resume/--force; return the checkpoint to resume from (or None)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    out = opts.out_dir
+    if opts.resume and opts.force:
+        raise ConfigError("--resume and --force contradict each other: pick one")
+    if opts.resume:
+        ckpt_dir = out / CHECKPOINTS
+        last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+        if last is None:
+            raise TrainError(f"{out}: no checkpoint to resume from; start a fresh run without --resume")
+        run = json.loads((out / RUN_FILE).read_text(encoding="utf-8")) if (out / RUN_FILE).is_file() else {}
+        if run.get("dataset_sha256") not in (None, dataset_sha):
+            raise TrainError(
+                f"{out}: was trained on a different dataset than {opts.data_dir}; use that dataset or a fresh --out"
+            )
+        return last
+    if out.exists() and any(out.iterdir()):
+        if not opts.force:
+            raise TrainError(f"{out}: already exists; pick a fresh --out, --resume the run, or --force to overwrite")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- callbacks
+
+
+def _callbacks():
+    """Callback classes (defined lazily: transformers is a heavy import)."""
+    from transformers import TrainerCallback
+
+    class JsonlLog(TrainerCallback):
+        """Append every Trainer log (loss, lr, eval_loss...) to train_log.jsonl; resume keeps appending."""
+
+        def __init__(self, path: Path):
+            self.path = path
+            self.first_loss: float | None = None
+            self.last_loss: float | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" in logs:
+                self.last_loss = float(logs["loss"])
+                if self.first_loss is None:
+                    self.first_loss = self.last_loss
+            rec = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    class Progress(TrainerCallback):
+        """Rich progress bar with the latest loss and ETA."""
+
+        def __init__(self, console: Console):
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
+
+            self.progress = Progress(
+                TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
+                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
+            )
+            self.task = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="")
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if self.task is None:
+                return
+            parts = []
+            if "loss" in logs:
+                parts.append(f"loss {logs['loss']:.3f}")
+            if "eval_loss" in logs:
+                parts.append(f"val {logs['eval_loss']:.3f}")
+            if parts:
+                self.progress.update(self.task, loss=" ".join(parts))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.progress.stop()
+
+    class Samples(TrainerCallback):
+        """At each evaluation, generate replies for fixed validation prompts; log them beside the real reply."""
+
+        def __init__(self, rows: list[dict], tokenizer, path: Path, console: Console, seed: int, max_new_tokens: int):
+            self.rows, self.tokenizer, self.path, self.console = rows, tokenizer, path, console
+            self.seed, self.max_new_tokens = seed, max_new_tokens
+
+        def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+            from inference.engine import Engine
+            from inference.prompt_format import split_completion
+
+            if model is None or not self.rows:
+                return
+            engine = Engine(model, self.tokenizer)
+            self.console.print(f"[bold]samples at step {state.global_step}[/]")
+            with self.path.open("a", encoding="utf-8") as f:
+                for i, row in enumerate(self.rows):
+                    target = target_of(row["prompt"])
+                    generated = engine.generate(
+                        row["prompt"], target, n=1, max_new_tokens=self.max_new_tokens, seed=self.seed + i
+                    )[0]
+                    real = split_completion(row["completion"], target)
+                    rec = {
+                        "step": state.global_step, "prompt": row["prompt"], "target": target,
+                        "real": real, "generated": generated,
+                    }
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    lines = row["prompt"].rsplit("\n", 2)
+                    context = lines[-2] if len(lines) > 1 else ""
+                    self.console.print(f"  [dim]{_show(context)}[/]", highlight=False)
+                    self.console.print(f"  [green]real[/] {_show(f'[{target}] ' + ' / '.join(real))}", highlight=False)
+                    self.console.print(f"  [cyan]gen [/] {_show(f'[{target}] ' + ' / '.join(generated))}", highlight=False)
+
+    class StopOnSignal(TrainerCallback):
+        """Ctrl-C: finish the current step, save a checkpoint, stop (resumable with --resume)."""
+
+        def __init__(self):
+            self.requested = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.requested:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return JsonlLog, Progress, Samples, StopOnSignal
+
+
+# ---------------------------------------------------------------- training
+
+
+def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: Sequence = ()) -> TrainResult:
+    """Train one LoRA adapter on a dataset dir and save it (with convo_adapter.json, logs and a loss curve)."""
+    console = console or Console()
+    if opts.batch_size * opts.grad_accum > MAX_EFFECTIVE_BATCH:
+        raise ConfigError(
+            f"effective batch {opts.batch_size * opts.grad_accum} (batch_size {opts.batch_size} x grad_accum "
+            f"{opts.grad_accum}) exceeds {MAX_EFFECTIVE_BATCH}: lower --batch-size or --grad-accum"
+        )
+    if opts.qlora:
+        from inference.engine import qlora_config
+
+        qlora_config()  # fails fast, before loading anything, without CUDA or bitsandbytes
+    data = read_dataset(opts.data_dir)
+    resume_from = _prepare_out_dir(opts, data.sha256)
+    out = opts.out_dir
+    # Chosen before the Trainer exists: its set_seed() reseeds the global `random`, our Random(seed) is private.
+    sample_rows = [data.val[i] for i in choose_sample_indices(len(data.val), opts.sample_prompts, opts.sample_seed)]
+
+    import datasets
+    import torch
+    import transformers
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, EarlyStoppingCallback, set_seed
+    from transformers.integrations import TensorBoardCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from training.adapter_meta import AdapterMeta, Speaker, base_model_ref, convo_version, write_adapter_meta
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    set_seed(opts.seed)  # LoRA init happens before the Trainer seeds anything
+    cuda = torch.cuda.is_available()
+
+    # Model and tokenizer.
+    load_kwargs: dict[str, Any] = {}
+    if opts.qlora:
+        from inference.engine import qlora_config
+
+        load_kwargs.update(quantization_config=qlora_config("cuda"), device_map={"": 0})
+    else:
+        load_kwargs["dtype"] = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(opts.base)
+        model = AutoModelForCausalLM.from_pretrained(opts.base, **load_kwargs)
+    except OSError as e:
+        raise TrainError(f"cannot load base model {opts.base}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if opts.qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+
+    train_ds = tokenize_rows(tokenizer, data.train, opts.max_length)
+    val_ds = tokenize_rows(tokenizer, data.val, opts.max_length)
+
+    lora = LoraConfig(
+        r=opts.lora_r,
+        lora_alpha=opts.lora_alpha,
+        lora_dropout=opts.lora_dropout,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+        init_lora_weights=True,  # B = 0: no PiSSA/OLoRA, which would rewrite the shared base weights
+    )
+
+    steps_per_epoch = math.ceil(len(train_ds) / (opts.batch_size * opts.grad_accum))
+    total_steps = opts.max_steps if opts.max_steps > 0 else math.ceil(steps_per_epoch * opts.epochs)
+    eval_steps = max(1, min(opts.eval_steps, total_steps))
+    config = SFTConfig(
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=opts.batch_size,
+        per_device_eval_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum,
+        learning_rate=opts.learning_rate,
+        lr_scheduler_type=opts.lr_scheduler,
+        warmup_steps=opts.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        num_train_epochs=opts.epochs,
+        max_steps=opts.max_steps,
+        eval_strategy="steps",
+        eval_steps=eval_steps,
+        save_strategy="steps",
+        save_steps=eval_steps,
+        save_total_limit=2,  # the best checkpoint is always kept besides the last
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, min(opts.logging_steps, eval_steps)),
+        report_to="none",  # TensorBoard is added below with a fixed dir, so resumed runs land in the same place
+        disable_tqdm=True,
+        seed=opts.seed,
+        data_seed=opts.seed,
+        use_cpu=not cuda,
+        bf16=cuda and not opts.qlora and torch.cuda.is_bf16_supported(),
+        gradient_checkpointing=opts.qlora,
+        train_sampling_strategy="group_by_length" if opts.group_by_length else "random",
+        include_num_input_tokens_seen="non_padding",
+        completion_only_loss=True,
+        max_length=None,  # truncated above, keeping the end (the completion) rather than the start
+        dataset_num_proc=None,
+        save_only_model=False,
+    )
+
+    JsonlLog, Progress, Samples, StopOnSignal = _callbacks()
+    from torch.utils.tensorboard import SummaryWriter
+
+    log_cb = JsonlLog(out / TRAIN_LOG)
+    stop_cb = StopOnSignal()
+    tb_writer = SummaryWriter(log_dir=str(out / TENSORBOARD))
+    callbacks = [
+        log_cb,
+        Progress(console),
+        Samples(sample_rows, tokenizer, out / SAMPLES, console, opts.sample_seed, opts.sample_max_new_tokens),
+        stop_cb,
+        TensorBoardCallback(tb_writer=tb_writer),
+        EarlyStoppingCallback(early_stopping_patience=opts.early_stopping_patience),
+        *extra_callbacks,
+    ]
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=tokenizer,
+        peft_config=lora,
+        callbacks=callbacks,
+    )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # our progress bar and train_log.jsonl replace the printed dicts
+
+    resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    run_record = {"options": resolved, "dataset_sha256": data.sha256, "total_steps": total_steps}
+    _atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2) + "\n")
+
+    previous = signal.getsignal(signal.SIGINT)
+
+    def _on_sigint(signum, frame):
+        if stop_cb.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop_cb.requested = True
+        console.print("[yellow]Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)[/]")
+
+    in_main = _is_main_thread()
+    if in_main:
+        signal.signal(signal.SIGINT, _on_sigint)
+    start = time.monotonic()
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        raise TrainError(
+            f"aborted by a second Ctrl-C; resume from the last saved checkpoint with --resume --out {out}"
+        ) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
+    train_seconds = time.monotonic() - start
+    tokens_seen = int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0)
+    if resume_from:
+        tokens_seen -= _tokens_at_checkpoint(resume_from)
+    tokens_per_s = tokens_seen / train_seconds if train_seconds > 0 else 0.0
+    result = TrainResult(
+        out_dir=out,
+        interrupted=stop_cb.requested,
+        global_step=trainer.state.global_step,
+        best_eval_loss=trainer.state.best_metric,
+        final_eval_loss=None,
+        first_train_loss=log_cb.first_loss,
+        last_train_loss=log_cb.last_loss,
+        train_seconds=train_seconds,
+        tokens_per_s=tokens_per_s,
+        paths={
+            "checkpoints": out / CHECKPOINTS, "log": out / TRAIN_LOG, "samples": out / SAMPLES,
+            "tensorboard": out / TENSORBOARD,
+        },
+        trainer=trainer,
+    )
+    if stop_cb.requested:
+        tb_writer.close()
+        return result
+
+    # The best checkpoint is loaded (load_best_model_at_end); its validation loss is what the adapter scores.
+    final = trainer.evaluate()
+    tb_writer.close()
+    result.final_eval_loss = float(final["eval_loss"])
+    trainer.model.save_pretrained(str(out))
+    meta = AdapterMeta(
+        persona=Speaker(**data.meta["persona"]),
+        me=Speaker(**data.meta["me"]) if isinstance(data.meta.get("me"), dict) else None,
+        tags={str(k): str(v) for k, v in (data.meta.get("tags") or {}).items()},
+        mode=str(data.meta.get("mode", "both")),
+        base_model=base_model_ref(opts.base),
+        format_version=FORMAT_VERSION,
+        dataset_sha256=data.sha256,
+        training_args={**resolved, "effective_batch": opts.batch_size * opts.grad_accum, "total_steps": total_steps},
+        final_metrics={
+            "best_eval_loss": result.best_eval_loss,
+            "final_eval_loss": result.final_eval_loss,
+            "first_train_loss": result.first_train_loss,
+            "last_train_loss": result.last_train_loss,
+            "global_step": result.global_step,
+            "train_seconds": round(train_seconds, 2),
+            "tokens_per_s": round(tokens_per_s, 1),
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+        },
+        convo_version=convo_version(),
+    )
+    result.paths["adapter"] = out
+    result.paths["meta"] = write_adapter_meta(out, meta)
+    result.paths["loss_curve"] = plot_loss_curve(out / TRAIN_LOG, out / LOSS_PNG)
+    return result
+
+
+def _show(text: str, width: int = 100) -> str:
+    """One screen line of chat text, safe for rich markup."""
+    from rich.markup import escape
+
+    flat = text.replace("\n", "⏎")
+    return escape(flat if len(flat) <= width else flat[: width - 1] + "…")
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _tokens_at_checkpoint(checkpoint: str) -> int:
+    """Tokens already seen when the resumed checkpoint was written (so tokens/s counts only this run)."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        return int(state.get("num_input_tokens_seen", 0) or 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def plot_loss_curve(log_path: Path, png_path: Path) -> Path:
+    """Training and validation loss against step, from train_log.jsonl (all runs, resumed ones included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train_pts, eval_pts = [], []
+    if log_path.is_file():
+        for line in log_path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if "loss" in rec:
+                train_pts.append((rec["step"], rec["loss"]))
+            if "eval_loss" in rec:
+                eval_pts.append((rec["step"], rec["eval_loss"]))
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    if train_pts:
+        ax.plot(*zip(*sorted(train_pts), strict=True), label="train")
+    if eval_pts:
+        ax.plot(*zip(*sorted(eval_pts), strict=True), marker="o", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
+    os.close(fd)
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path
