@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -63,8 +64,23 @@ def tiny_base(tmp_path_factory) -> Path:
         for _ in range(300)
     ]
     out = tmp_path_factory.mktemp("tiny_base") / "model"
-    build_tiny_base(
-        out, texts, vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, max_steps=40, max_minutes=1.0,
-        seed=0, seq_len=64, batch_size=8,
-    )
+    with torch_threads(1):
+        build_tiny_base(
+            out, texts, vocab_size=400, hidden_size=32, num_layers=2, num_heads=2, max_steps=40, max_minutes=1.0,
+            seed=0, seq_len=64, batch_size=8,
+        )
     return out
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run torch ops on `n` threads inside the block. Tiny models on a shared 2-core machine run many times
+    faster on one thread than on two competing with other processes (OpenMP oversubscription)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -186,6 +186,8 @@ def test_chats_option(tmp_path):
     assert {r["chat"] for r in rows} == {"Alice", "Pizza night"}
     with pytest.raises(DatasetError, match=r"--chats 'Nope'.*chats found: 'Alice', 'Bob', 'Pizza night'"):
         build(tmp_path, chats=["Nope"])
+    with pytest.raises(DatasetError, match=r"writes in none of the chats given by --chats; their chats: 'Alice', 'Pi"):
+        build(tmp_path, chats=["Bob"])
 
 
 # ---------------------------------------------------------------- split
@@ -260,7 +262,7 @@ def test_meta_contract(tmp_path):
     assert meta == summary.meta
     assert meta["format_version"] == FORMAT_VERSION
     assert meta["persona"] == {"name": "Alice", "speaker_id": "u2", "tag": "ALICE"}
-    assert meta["me"] == {"name": "Riya", "speaker_id": "u1", "tag": "RIYA"}
+    assert meta["me"] == {"name": "Riya", "speaker_id": "u1", "tag": "RIYA", "ids": ["u1"]}
     assert meta["tags"] == {"u2": "ALICE", "u1": "RIYA", "u3": "BOB"}
     assert meta["mode"] == "both" and meta["session_gap_min"] == 60 and meta["context_messages"] == 16
     assert meta["max_tokens"] is None and meta["tokenizer"] is None and meta["val_fraction"] == 0.1
@@ -367,13 +369,13 @@ def test_me_comes_from_the_sidecar_or_me(tmp_path):
     with pytest.raises(DatasetError, match=r"--mode both needs to know which speaker is you: pass --me"):
         build(tmp_path, path=log)
     summary, *_ = build(tmp_path, path=log, mode="friend")
-    assert summary.meta["me"]["speaker_id"] is None
+    assert summary.meta["me"] is None
     (tmp_path / "messages.meta.json").write_text('{"me": {"speaker": "Riya", "speaker_id": "u1"}}')
     assert build(tmp_path, path=log)[0].meta["me"]["name"] == "Riya"
     (tmp_path / "messages.meta.json").write_text('{"me": null, "other": 1}')  # ingest could not tell
     assert build(tmp_path, path=log, me="riya")[0].meta["me"]["speaker_id"] == "u1"
     (tmp_path / "messages.meta.json").write_text("not json")
-    assert build(tmp_path, path=log, mode="friend")[0].meta["me"]["name"] is None
+    assert build(tmp_path, path=log, mode="friend")[0].meta["me"] is None
     # --me overrides the sidecar: with Bob as me, Riya is just another speaker.
     (tmp_path / "messages.meta.json").write_text('{"me": {"speaker": "Riya", "speaker_id": "u1"}}')
     summary, *_ = build(tmp_path, path=log, me="Bob", mode="both")
@@ -381,6 +383,24 @@ def test_me_comes_from_the_sidecar_or_me(tmp_path):
     assert summary.counts["by_target"] == {"ALICE": 9, "BOB": 1}
     with pytest.raises(DatasetError, match="--me 'Nobody' is not a speaker"):
         build(tmp_path, path=log, me="Nobody")
+
+
+def test_me_with_several_ids_from_the_ingest_sidecar(tmp_path):
+    # The same person on two platforms: Riya is "u1" in the Alice chat and "w1" in the group.
+    log = tmp_path / "messages.jsonl"
+    log.write_text(DUO.read_text().replace('"speaker": "Riya", "speaker_id": "u1", "text": "me too"',
+                                           '"speaker": "Riya", "speaker_id": "w1", "text": "me too"'))
+    (tmp_path / "messages.meta.json").write_text(json.dumps(
+        {"me": {"name": "Riya", "id": "u1", "ids": ["u1", "w1"], "how": "name present in every chat"}}))
+    summary, train, val = build(tmp_path, path=log, mode="self")
+    assert summary.meta["me"] == {"name": "Riya", "speaker_id": "u1", "tag": "RIYA", "ids": ["u1", "w1"]}
+    assert summary.meta["tags"]["w1"] == "RIYA"
+    assert summary.counts["by_target"] == {"RIYA": 7}
+    assert any(r["completion"] == " me too\n[BOB]" for r in train + val)
+    # --me by name stands for every id with that name.
+    assert build(tmp_path, path=log, me="riya")[0].meta["me"]["ids"] == ["u1", "w1"]
+    with pytest.raises(DatasetError, match="several speakers"):  # a persona name must name one speaker
+        build(tmp_path, path=log, persona="Riya", me="Bob")
 
 
 def test_persona_cannot_be_me(tmp_path):
@@ -395,6 +415,9 @@ def test_bad_log_line_names_file_and_line(tmp_path):
         build(tmp_path, path=log)
     with pytest.raises(DatasetError, match="not found"):
         build(tmp_path, path=tmp_path / "missing.jsonl")
+    log.write_bytes(b'{"chat": "\xff"}\n')
+    with pytest.raises(DatasetError, match="not UTF-8"):
+        build(tmp_path, path=log)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,17 @@ DATA = FIXTURES / "eval" / "data"
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models run several times faster on one thread than contending for a busy machine's cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny_base, tmp_path_factory):
     """A LoRA adapter on the tiny base with perturbed weights (so it changes the model), plus a train log."""
@@ -72,7 +83,6 @@ def test_eval_cli_all_methods(adapter, tmp_path, capsys):
     ])
     captured = capsys.readouterr()
     assert code == 0, captured.err
-    print(captured.out)
     assert "adapter+retrieval" in captured.out and "report.html" in captured.out
     m = json.loads((out / "metrics.json").read_text())
     assert list(m["methods"]) == ["base", "incontext", "retrieval", "adapter", "adapter+retrieval"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -213,3 +214,43 @@ def test_bom_and_leading_blank_lines(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf\n" + "31/12/2021, 21:05 - Zoë: hallo\r\n".encode())
     assert PARSER.sniff(path, path.read_bytes())
     assert parse(path)[0] == [("Zoë", "hallo", "2021-12-31T21:05:00+00:00")]
+
+
+_FORMATS = {
+    # name: (header for a datetime, keeps seconds)
+    "android_us": (lambda t: f"{t.month}/{t.day}/{t.year % 100:02d}, {t.hour % 12 or 12}:{t.minute:02d}\u202f"
+                   f"{'AM' if t.hour < 12 else 'PM'} - ", False),
+    "android_eu": (lambda t: f"{t.day:02d}/{t.month:02d}/{t.year}, {t.hour:02d}:{t.minute:02d} - ", False),
+    "ios_de": (lambda t: f"[{t.day:02d}.{t.month:02d}.{t.year % 100:02d}, {t.hour:02d}:{t.minute:02d}:{t.second:02d}] ",
+               True),
+    "ios_us": (lambda t: f"\u200e[{t.month}/{t.day}/{t.year % 100:02d}, {t.hour % 12 or 12}:{t.minute:02d}:"
+               f"{t.second:02d}\u202f{'AM' if t.hour < 12 else 'PM'}] ", True),
+}
+_NOT_TYPED = r"(?i)\s*(null|missed|voice|video|waiting|silenced|this message|you deleted)"
+_typed = st.text(alphabet="abcxyz XYZ019,.!?'é😂\n", min_size=1, max_size=30).filter(
+    lambda t: t.strip() and not re.match(_NOT_TYPED, t)
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    fmt=st.sampled_from(sorted(_FORMATS)),
+    start=st.datetimes(datetime(2010, 1, 1), datetime(2030, 1, 1)),
+    msgs=st.lists(
+        st.tuples(st.sampled_from(["Alice", "Bob Smith", "+44 7700 900123", "Zoë", "李雷"]), _typed,
+                  st.integers(0, 10**7)),
+        min_size=1, max_size=8,
+    ),
+)
+def test_round_trip_of_random_messages_in_every_locale(fmt, start, msgs):
+    header, seconds = _FORMATS[fmt]
+    t, lines, expected = start, [], []
+    for speaker, text, gap_s in msgs:
+        t += timedelta(seconds=gap_s)
+        lines.append(f"{header(t)}{speaker}: {text}")
+        ts = (t if seconds else t.replace(second=0)).replace(microsecond=0, tzinfo=UTC)
+        expected.append((speaker, text.strip(), ts.isoformat()))
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "chat.txt"
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        assert parse(path)[0] == expected

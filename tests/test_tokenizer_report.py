@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -15,6 +16,7 @@ from training.dataset import build_dataset, read_samples
 from training.tokenizer_report import find_emoji, percentile, tokenizer_report
 
 
+@functools.cache
 def nfkc_bpe():
     """A small byte-level BPE trained here whose normalizer (NFKC) makes decode(encode(x)) != x."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -31,12 +33,14 @@ def nfkc_bpe():
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
 
 
-def read_samples_of_duo(tmp_path_factory=None):
+@functools.cache
+def read_samples_of_duo():
+    """Samples (train + val) of the duo fixture in mode both."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         s = build_dataset(DUO, "Alice", d, mode="both")
-        return read_samples(s.train_path) + read_samples(s.val_path)
+        return tuple(read_samples(s.train_path) + read_samples(s.val_path))
 
 
 def test_cut_completion_uses_token_ids_not_characters():
@@ -174,3 +178,12 @@ def test_cli_tokenizer_report(tmp_path, friend_ds, capsys):
     assert "local tokenizer directory" in err and "Traceback" not in err
     assert run(["tokenizer-report", "--help"]) == 0
     assert "--max-tokens" in capsys.readouterr().out
+
+
+def test_completion_module_stays_light():
+    import subprocess
+    import sys
+
+    code = "import inference.completion, sys; bad = [m for m in ('torch', 'transformers') if m in sys.modules]; " \
+           "assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True)

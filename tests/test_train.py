@@ -12,11 +12,18 @@ import pytest
 
 from convo.cli import run
 from convo.errors import AdapterMismatch, ConfigError, TrainError
+from tests.conftest import torch_threads
 from tests.fixtures.train.make_dataset import write_dataset
 from training.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
 from training.train import TRAIN_LOG, TrainOptions, choose_sample_indices, train
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 
 def _opts(data: Path, base: Path, out: Path, **kw) -> TrainOptions:
@@ -49,8 +56,9 @@ def test_loss_goes_down_and_outputs_are_written(trained):
     out = trained.out_dir
     evals = [r["eval_loss"] for r in _log(out) if "eval_loss" in r]
     losses = [r["loss"] for r in _log(out) if "loss" in r]
-    assert len(evals) >= 3 and evals[-1] < evals[0] - 0.3, evals
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert len(evals) >= 3 and evals[-1] < evals[0], evals
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert evals[-1] < losses[0] - 0.5  # validation ends far below where training started
     for name in ("adapter_model.safetensors", "adapter_config.json", ADAPTER_META_FILE, "loss.png", "samples.jsonl"):
         assert (out / name).is_file(), name
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -104,14 +104,33 @@ class DatasetSummary:
 # ---------------------------------------------------------------- reading
 
 
-def read_messages(path: Path) -> list[Message]:
-    """All Message lines of a canonical log; a bad line is a DatasetError naming path:line."""
+def read_messages(path: Path, progress: Callable[[int, int], None] | None = None) -> list[Message]:
+    """All Message lines of a canonical log; a bad line is a DatasetError naming path:line.
+
+    `progress(bytes_read, total_bytes)` is called every few thousand lines.
+    """
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"{path}: message log not found (create it with `convo ingest EXPORT --out {path}`)")
-    messages = []
+    messages: list[Message] = []
+    total = path.stat().st_size
+    try:
+        _read_lines(path, messages, progress, total)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not UTF-8 text ({e.reason}); give the JSONL written by `convo ingest`") from e
+    if progress is not None:
+        progress(total, total)
+    return messages
+
+
+def _read_lines(path: Path, messages: list[Message], progress: Callable[[int, int], None] | None, total: int) -> None:
+    """Append the Message of each line of `path` to `messages`."""
+    done = 0
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            done += len(line.encode("utf-8")) if progress is not None else 0
+            if progress is not None and lineno % 5000 == 0:
+                progress(done, total)
             if not line.strip():
                 continue
             try:
@@ -122,7 +141,6 @@ def read_messages(path: Path) -> list[Message]:
                 raise DatasetError(
                     f"{path}:{lineno}: {where}: {err['msg']} (not a `convo ingest` message line; re-run convo ingest)"
                 ) from e
-    return messages
 
 
 def sidecar_path(messages_path: Path) -> Path:
@@ -131,22 +149,55 @@ def sidecar_path(messages_path: Path) -> Path:
     return messages_path.with_name(messages_path.stem + ".meta.json")
 
 
-def read_sidecar_me(messages_path: Path) -> str | None:
-    """The exporting user's speaker_id (or name) from the sidecar's "me", or None when absent or unreadable."""
-    path = sidecar_path(messages_path)
+def read_sidecar_me(messages_path: Path) -> tuple[list[str], list[str]]:
+    """(ids, names) of the exporting user from the sidecar's "me"; empty lists when absent or unreadable.
+
+    Accepts what `convo ingest` writes ({"name", "id", "ids", "how"}) and the older {"speaker", "speaker_id"}.
+    """
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(sidecar_path(messages_path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
+        return [], []
     me = meta.get("me") if isinstance(meta, dict) else None
-    if isinstance(me, str) and me.strip():
-        return me
-    if isinstance(me, dict):
-        for key in ("speaker_id", "speaker", "name"):
-            value = me.get(key)
-            if isinstance(value, (str, int)) and str(value).strip():
-                return str(value)
-    return None
+    if isinstance(me, str):
+        return [me], [me]
+    if not isinstance(me, dict):
+        return [], []
+
+    def strings(*values: Any) -> list[str]:
+        flat = [x for v in values for x in (v if isinstance(v, list) else [v])]
+        return [str(x) for x in flat if isinstance(x, (str, int)) and str(x).strip()]
+
+    return strings(me.get("speaker_id"), me.get("id"), me.get("ids")), strings(me.get("speaker"), me.get("name"))
+
+
+def resolve_me(messages: Sequence[Message], me: str | None, messages_path: Path) -> list[str]:
+    """speaker_ids of the exporting user: `--me` (an id, or a name standing for all its ids), else the sidecar's.
+
+    One person can have several ids (the same name on two platforms). Empty when unknown.
+    """
+    known = {m.speaker_id for m in messages}
+
+    def by_name(name: str) -> list[str]:
+        q = name.strip().casefold()
+        return sorted({m.speaker_id for m in messages if m.speaker.strip().casefold() == q})
+
+    if me:
+        q = me.strip().casefold()
+        ids = sorted(sid for sid in known if sid.casefold() == q) or by_name(me)
+        if not ids:
+            raise DatasetError(
+                f"--me {me!r} is not a speaker in {messages_path}; speakers found: {_describe_speakers(messages)}"
+            )
+        return ids
+    side_ids, side_names = read_sidecar_me(messages_path)
+    ids = list(dict.fromkeys(i for i in side_ids if i in known))
+    if ids:
+        return ids
+    for name in side_names:
+        if ids := by_name(name):
+            return ids
+    return []
 
 
 def file_sha256(path: Path) -> str:
@@ -180,8 +231,11 @@ def _describe_speakers(messages: Sequence[Message], limit: int = 20) -> str:
 
 def resolve_speaker(query: str, messages: Sequence[Message], option: str, source: Path) -> str:
     """The speaker_id that `query` names: a speaker_id or any display name they used, case-insensitive."""
-    q = str(query).strip().casefold()
-    by_id = {m.speaker_id for m in messages if m.speaker_id.casefold() == q}
+    ids = {m.speaker_id for m in messages}
+    if query.strip() in ids:
+        return query.strip()
+    q = query.strip().casefold()
+    by_id = {sid for sid in ids if sid.casefold() == q}
     if len(by_id) == 1:
         return by_id.pop()
     by_name = sorted({m.speaker_id for m in messages if m.speaker.strip().casefold() == q})
@@ -194,6 +248,14 @@ def resolve_speaker(query: str, messages: Sequence[Message], option: str, source
     raise DatasetError(
         f"{option} {query!r} is not a speaker in {source}; speakers found: {_describe_speakers(messages)}"
     )
+
+
+def _resolves(query: str, messages: Sequence[Message], source: Path) -> str | None:
+    """resolve_speaker, or None instead of an error."""
+    try:
+        return resolve_speaker(query, messages, "--persona", source)
+    except DatasetError:
+        return None
 
 
 def select_chats(messages: Sequence[Message], chats: Sequence[str] | None, source: Path) -> list[Message]:
@@ -422,9 +484,14 @@ def load_tokenizer(name_or_dir: str) -> Any:
     """AutoTokenizer from a local directory (offline) or a model name already in the Hugging Face cache/hub."""
     from transformers import AutoTokenizer
 
+    path = Path(name_or_dir).expanduser()
+    hub_like = not name_or_dir.startswith((".", "/", "~")) and name_or_dir.count("/") <= 1  # "gpt2", "org/model"
+    if not path.is_dir() and (path.exists() or not hub_like):
+        raise DatasetError(f"--tokenizer {name_or_dir}: no such directory; pass a local tokenizer directory "
+                           "(one with tokenizer.json / tokenizer_config.json)")
     try:
-        if Path(name_or_dir).is_dir():
-            return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
+        if path.is_dir():
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         try:
             return AutoTokenizer.from_pretrained(name_or_dir, local_files_only=True)
         except (OSError, ValueError):
@@ -471,12 +538,13 @@ def build_dataset(
     chats: Sequence[str] | None = None,
     val_fraction: float = 0.1,
     role_tags: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
 ) -> DatasetSummary:
     """Build train.jsonl, val.jsonl and meta.json in `out_dir` for `persona` (see the module docstring).
 
     `tokenizer` is a model name / local directory or an already loaded tokenizer; with `max_tokens` it is used to
-    drop the oldest history messages until each sample fits. `progress(done, total)` is called per session.
+    drop the oldest history messages until each sample fits. `progress(stage, done, total)` reports "read"
+    (bytes of the log) and then "sessions".
     """
     messages_path = Path(messages_path)
     out_dir = Path(out_dir)
@@ -493,29 +561,39 @@ def build_dataset(
     if max_tokens is not None and tokenizer is None:
         raise DatasetError(f"--max-tokens {max_tokens} needs --tokenizer MODEL_OR_DIR to count tokens")
 
-    all_messages = read_messages(messages_path)
+    all_messages = read_messages(messages_path, (lambda d, t: progress("read", d, t)) if progress else None)
     if not all_messages:
         raise DatasetError(f"{messages_path}: the message log is empty; re-run convo ingest on a non-empty export")
     messages = select_chats(all_messages, chats, messages_path)
-    persona_id = resolve_speaker(persona, messages, "--persona", messages_path)
+    try:
+        persona_id = resolve_speaker(persona, messages, "--persona", messages_path)
+    except DatasetError:
+        elsewhere = _resolves(persona, all_messages, messages_path) if chats else None
+        if elsewhere is None:
+            raise
+        theirs = ", ".join(repr(c) for c in dict.fromkeys(m.chat for m in all_messages if m.speaker_id == elsewhere))
+        raise DatasetError(f"--persona {persona!r} writes in none of the chats given by --chats; their chats: "
+                           f"{theirs}") from None
 
-    me_query, me_from = (me, "--me") if me else (read_sidecar_me(messages_path), str(sidecar_path(messages_path)))
+    me_ids = resolve_me(all_messages, me, messages_path)
+    me_from = "--me" if me else str(sidecar_path(messages_path))
+    if mode in ("self", "both") and not me_ids:
+        raise DatasetError(
+            f"--mode {mode} needs to know which speaker is you: pass --me NAME (no usable 'me' in {me_from}) "
+            "or use --mode friend"
+        )
+    if persona_id in me_ids:
+        raise DatasetError(f"--persona {persona!r} is you (the exporting user, from {me_from}); pick a friend, "
+                           "or pass --me")
     me_id = None
-    if me_query:
-        try:
-            me_id = resolve_speaker(me_query, all_messages, "--me" if me else f"'me' of {me_from}", messages_path)
-        except DatasetError:
-            if me:
-                raise  # the sidecar is advisory; an explicit --me must resolve
-    if mode in ("self", "both") and me_id is None:
-        raise DatasetError(
-            f"--mode {mode} needs to know which speaker is you: pass --me NAME "
-            f"({'no usable me in ' + str(sidecar_path(messages_path))}) or use --mode friend"
-        )
-    if me_id == persona_id:
-        raise DatasetError(
-            f"--persona {persona!r} is you (the exporting user, from {me_from}); pick a friend, or pass --me"
-        )
+    if me_ids:  # all of my ids speak as one person: my most frequent id
+        counts = Counter(m.speaker_id for m in all_messages if m.speaker_id in me_ids)
+        me_id = max(me_ids, key=lambda sid: (counts[sid], sid))
+        if len(me_ids) > 1:
+            alias = set(me_ids) - {me_id}
+            all_messages = [m.model_copy(update={"speaker_id": me_id}) if m.speaker_id in alias else m
+                            for m in all_messages]
+            messages = [m.model_copy(update={"speaker_id": me_id}) if m.speaker_id in alias else m for m in messages]
 
     # Only the chats the persona speaks in: their adapter learns them and me talking to them.
     persona_chats = list(dict.fromkeys(m.chat for m in messages if m.speaker_id == persona_id))
@@ -546,7 +624,7 @@ def build_dataset(
     for i, session in enumerate(sessions):
         by_session[session.session_id] = session_samples(session, speakers, target_ids, context_messages, fit)
         if progress is not None:
-            progress(i + 1, len(sessions))
+            progress("sessions", i + 1, len(sessions))
     n_samples = sum(len(v) for v in by_session.values())
     if n_samples == 0:
         reason = _no_samples_reason(sessions, targets, session_gap_min, persona_sp)
@@ -585,8 +663,8 @@ def build_dataset(
     meta: dict[str, Any] = {
         "format_version": FORMAT_VERSION,
         "persona": persona_sp.as_meta(),
-        "me": me_sp.as_meta() if me_sp else {"name": None, "speaker_id": None, "tag": None},
-        "tags": {sid: sp.tag for sid, sp in speakers.items()},
+        "me": {**me_sp.as_meta(), "ids": me_ids} if me_sp else None,  # None: unknown (possible in friend mode)
+        "tags": {sid: sp.tag for sid, sp in speakers.items()} | {sid: me_sp.tag for sid in me_ids if me_sp},
         "names": {sid: sp.name for sid, sp in speakers.items()},
         "targets": sorted(sp.tag for sp in targets.values()),
         "mode": mode,
@@ -604,6 +682,8 @@ def build_dataset(
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # An interrupted rebuild must not leave new samples beside the old meta: meta.json goes first and comes last.
+    (out_dir / META_FILE).unlink(missing_ok=True)
     summary = DatasetSummary(out_dir, out_dir / TRAIN_FILE, out_dir / VAL_FILE, out_dir / META_FILE, meta)
     write_samples(summary.train_path, train)
     write_samples(summary.val_path, val)

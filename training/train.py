@@ -432,13 +432,13 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         data_seed=opts.seed,
         use_cpu=not cuda,
         bf16=cuda and not opts.qlora and torch.cuda.is_bf16_supported(),
-        gradient_checkpointing=opts.qlora,
         train_sampling_strategy="group_by_length" if opts.group_by_length else "random",
         include_num_input_tokens_seen="non_padding",
         completion_only_loss=True,
         max_length=None,  # truncated above, keeping the end (the completion) rather than the start
         dataset_num_proc=None,
         save_only_model=False,
+        **({"gradient_checkpointing": True} if opts.qlora else {}),
     )
 
     JsonlLog, Progress, Samples, StopOnSignal = _callbacks()

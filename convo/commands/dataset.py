@@ -80,7 +80,7 @@ def dataset(
 ) -> None:
     """Build prompt/completion samples for one persona from a message log, split by session (newest = val)."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
     from training.dataset import MODES, build_dataset
 
@@ -92,10 +92,15 @@ def dataset(
     max_tokens = max_tokens if max_tokens is not None else cfg.max_tokens
     console = Console(stderr=True)
     with Progress(
-        TextColumn("building samples"), BarColumn(), MofNCompleteColumn(), TextColumn("sessions"),
-        TimeElapsedColumn(), console=console, transient=True,
+        TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
     ) as progress:
-        task = progress.add_task("sessions", total=None)
+        tasks = {"read": progress.add_task(f"reading {messages.name}", total=None),
+                 "sessions": progress.add_task("building samples", total=None, visible=False)}
+
+        def report(stage: str, done: int, total: int) -> None:
+            progress.update(tasks[stage], completed=done, total=total, visible=True)
+
         summary = build_dataset(
             messages,
             persona,
@@ -109,7 +114,7 @@ def dataset(
             chats=chats,
             val_fraction=val if val is not None else cfg.val_fraction,
             role_tags=role_tags if role_tags is not None else cfg.role_tags,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=report,
         )
     _print_summary(summary)
 
@@ -125,9 +130,9 @@ def _print_summary(summary) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column()
-    me = meta["me"]["name"]
-    grid.add_row("persona", f"{meta['persona']['name']} [{meta['persona']['tag']}]"
-                 + (f"   me: {me} [{meta['me']['tag']}]" if me else ""))
+    me = meta["me"]
+    grid.add_row("persona", escape(f"{meta['persona']['name']} [{meta['persona']['tag']}]"
+                                   + (f"   me: {me['name']} [{me['tag']}]" if me else "   me: unknown")))
     grid.add_row("mode", f"{meta['mode']} (targets {', '.join(meta['targets'])})")
     grid.add_row("samples", f"{c['train']:,} train / {c['val']:,} val   by target: "
                  + ", ".join(f"{t} {n:,}" for t, n in c["by_target"].items()))
@@ -217,6 +222,6 @@ def _print_report(r: dict) -> None:
         tags.add_column(col)
     for t in r["tags"]:
         problems = [p for p, bad in (("unknown", t["unk"]), ("byte fallback", t["byte_fallback"])) if bad]
-        tags.add_row(f"[{t['tag']}]", str(t["tokens"]), escape(" ".join(repr(p)[1:-1] for p in t["pieces"])),
+        tags.add_row(f"[{t['tag']}]", str(t["tokens"]), escape(" ".join(repr(p) for p in t["pieces"])),
                      "yes" if t["prompt_prefix_ok"] else "NO: prompt ends mid-token", ", ".join(problems) or "-")
     console.print(tags)

@@ -92,11 +92,11 @@ def _summary(result, console) -> None:
         console.print(f"[yellow]warning:[/] {warning}", markup=True, soft_wrap=True)
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
-    grid.add_column()
+    grid.add_column(overflow="fold")  # paths are never cut
     me = meta["me"]
     grid.add_row("messages", f"{meta['messages']:,} in {meta['chats']:,} chats")
     grid.add_row("formats", ", ".join(f"{k} {v:,}" for k, v in meta["formats"].items()))
-    grid.add_row("me", f"{me['name']} (id {me['id']}, {me['how']})")
+    grid.add_row("me", f"{me['name']} (id {', '.join(me['ids'])}; {me['how']})")
     grid.add_row("speakers", f"{len(meta['speakers']):,}")
     grid.add_row("dates", f"{meta['date_range']['first']} → {meta['date_range']['last']}")
     skipped = ", ".join(f"{k} {v:,}" for k, v in meta["skipped"].items()) or "none"

@@ -8,8 +8,9 @@ each in [0, 1]:
 * `length`: Kolmogorov-Smirnov statistic between the message lengths in words;
 * `burst`: Kolmogorov-Smirnov statistic between messages per reply;
 * `lowercase`: absolute difference of the share of messages written all in lowercase (those with letters);
-* `punctuation`: relative difference |a-b|/max(a,b) of punctuation characters per character;
-* `emoji`: relative difference of emoji per message;
+* `punctuation`: relative difference |a-b|/max(a,b,0.02) of punctuation characters per character;
+* `emoji`: relative difference |a-b|/max(a,b,0.1) of emoji per message (the floors keep a few stray
+  characters against none from counting as the whole difference);
 * `vocabulary`: 1 - weighted Jaccard overlap of the word frequency distributions (sum of min / sum of max).
 
 **Distinguishability**: ROC AUC of a char n-gram (1-4, TF-IDF) logistic regression telling real replies from
@@ -33,6 +34,8 @@ Reply = Sequence[str]
 
 STYLE_COMPONENTS = ("length", "burst", "lowercase", "punctuation", "emoji", "vocabulary")
 COPY_MIN_WORDS = 4
+PUNCT_FLOOR = 0.02  # punctuation characters per character
+EMOJI_FLOOR = 0.1  # emoji per message
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 
 
@@ -68,9 +71,8 @@ def ks_statistic(a: Sequence[float], b: Sequence[float]) -> float:
     return gap
 
 
-def _rel_diff(a: float, b: float) -> float:
-    top = max(abs(a), abs(b))
-    return 0.0 if top == 0 else abs(a - b) / top
+def _rel_diff(a: float, b: float, floor: float) -> float:
+    return abs(a - b) / max(abs(a), abs(b), floor)
 
 
 def style_features(replies: Sequence[Reply]) -> dict:
@@ -105,8 +107,8 @@ def style_distance(real: Sequence[Reply], generated: Sequence[Reply]) -> dict:
         "length": ks_statistic(fr["lengths"], fg["lengths"]),
         "burst": ks_statistic(fr["bursts"], fg["bursts"]),
         "lowercase": abs(fr["lowercase_share"] - fg["lowercase_share"]),
-        "punctuation": _rel_diff(fr["punctuation_per_char"], fg["punctuation_per_char"]),
-        "emoji": _rel_diff(fr["emoji_per_message"], fg["emoji_per_message"]),
+        "punctuation": _rel_diff(fr["punctuation_per_char"], fg["punctuation_per_char"], PUNCT_FLOOR),
+        "emoji": _rel_diff(fr["emoji_per_message"], fg["emoji_per_message"], EMOJI_FLOOR),
         "vocabulary": 1.0 - (lo / hi if hi else 1.0),
     }
     parts["combined"] = sum(parts[k] for k in STYLE_COMPONENTS) / len(STYLE_COMPONENTS)

@@ -21,7 +21,7 @@ th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}
 .cmp{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;margin:1em 0}
 .cmp pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em;margin:.3em 0;font-size:12px}
 .reply{margin:.3em 0}.reply b{display:inline-block;min-width:11em}.real b{color:#0a6}
-.hidden{display:none}#filters label{margin-right:1em}.note{color:#666;font-size:12px}
+.hidden{display:none}.wide{overflow-x:auto}#filters label{margin-right:1em}.note{color:#666;font-size:12px}
 """
 
 _JS = """
@@ -149,7 +149,7 @@ def _table(metrics: dict) -> str:
             _fmt(rd["repeated"], 2), _fmt(rd["copied"], 2), ""]
     rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in real) + "</tr>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    return f'<table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return f'<div class="wide"><table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
 
 
 def _reply_html(messages: list[str]) -> str:

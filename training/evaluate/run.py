@@ -71,6 +71,7 @@ class EvalConfig:
     api_model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"
     report_path: Path | None = None
+    max_total_tokens: int | None = None  # context + prompt + reply; default: the model's max positions
 
     def report(self) -> Path:
         """Where the HTML report goes."""
@@ -150,7 +151,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
     from training.evaluate.retrieval import ExchangeIndex
 
     index = ExchangeIndex(exchanges(train, tag))
-    max_tokens = _model_max_tokens(engine)
+    max_tokens = cfg.max_total_tokens or _model_max_tokens(engine)
 
     # One prompt per sample, trimmed once for all methods so the longest context still fits the model.
     prompts = []

@@ -82,6 +82,8 @@ def json_error(path: Path, reader: CountingReader, exc: Exception, expected: str
     first = message.split("\n", 1)[0].strip() or "invalid JSON"
     if "premature EOF" in message:
         offset = reader.offset
+        if not reader.window.strip() and reader.window_start == 0:
+            return IngestError(f"{path}: empty file; expected {expected}")
         return IngestError(
             f"{path}:{reader.line_at(offset)} (byte {offset}): file ends in the middle of the JSON; "
             f"expected {expected} (is the export truncated?)"
@@ -92,6 +94,8 @@ def json_error(path: Path, reader: CountingReader, exc: Exception, expected: str
         return IngestError(
             f"{path}: near bytes {start}-{reader.offset}: {first}; expected {expected}"
         )
+    if first.startswith("lexical error"):
+        offset -= 1  # yajl points just past the character it could not read
     return IngestError(f"{path}:{reader.line_at(offset)} (byte {offset}): {first}; expected {expected}")
 
 

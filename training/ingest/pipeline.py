@@ -32,13 +32,12 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from pathlib import Path
 from typing import Any
 
 from convo.errors import ConfigError, IngestError
 from training.ingest.base import HEAD_BYTES, ParseContext, Parser
-from training.ingest.records import Message
 
 # Parser modules in sniffing order: the JSON formats have distinctive keys, WhatsApp lines a distinctive
 # header, and JSONL is the catch-all schema.
@@ -70,7 +69,7 @@ def resolve_tz(name: str) -> tzinfo:
 
     text = name.strip()
     if text.upper() in ("UTC", "Z", "GMT"):
-        return timezone.utc
+        return UTC
     m = _OFFSET_RE.fullmatch(text)
     if m:
         sign = 1 if m.group(1) == "+" else -1
@@ -241,25 +240,34 @@ def _finalize(staging: Path, chats: dict[str, _Chat], order: list[str], out_tmp:
 def _identify_me(
     me: str | None, hints: set[str], speakers: dict[str, Speaker], chats: dict[str, _Chat]
 ) -> dict[str, Any]:
-    """{"id", "name", "how"} for the exporting user, or IngestError asking for --me."""
+    """{"name", "id", "ids", "how"} for the exporting user, or IngestError asking for --me.
+
+    A name can stand for several ids (the same person on Telegram, WhatsApp and Discord): `ids` lists them all.
+    """
+
+    def by_name(name: str, how: str) -> dict[str, Any]:
+        folded = name.casefold()
+        ids = sorted(sid for sid, s in speakers.items() if s.name.casefold() == folded)
+        best = max(ids, key=lambda sid: speakers[sid].count)
+        return {"name": speakers[best].name, "id": best, "ids": ids, "how": how}
+
     if me:
         if me in speakers:
-            return {"id": me, "name": speakers[me].name, "how": "--me"}
-        folded = me.casefold()
-        matches = [s for s in speakers.values() if s.name.casefold() == folded]
-        if len(matches) == 1:
-            return {"id": matches[0].id, "name": matches[0].name, "how": "--me"}
-        if len(matches) > 1:
-            ids = ", ".join(s.id for s in matches)
-            raise IngestError(f"--me {me!r}: several speakers have this name (ids {ids}); pass the id instead")
+            return {"name": speakers[me].name, "id": me, "ids": [me], "how": "--me"}
+        if any(s.name.casefold() == me.casefold() for s in speakers.values()):
+            return by_name(me, "--me")
         raise IngestError(f"--me {me!r}: no speaker has this name or id; speakers: {_speaker_list(speakers)}")
     ids = sorted(h for h in hints if h in speakers)
     if ids:
-        return {"id": ids[0], "name": speakers[ids[0]].name, "how": "telegram personal_information"}
+        return {"name": speakers[ids[0]].name, "id": ids[0], "ids": ids, "how": "telegram personal_information"}
     everywhere = set.intersection(*(c.speakers for c in chats.values())) if chats else set()
     if len(everywhere) == 1:
         sid = everywhere.pop()
-        return {"id": sid, "name": speakers[sid].name, "how": "present in every chat"}
+        return {"name": speakers[sid].name, "id": sid, "ids": [sid], "how": "present in every chat"}
+    if not everywhere:  # across platforms ids differ; the same display name may still be in every chat
+        names = set.intersection(*({speakers[sid].name.casefold() for sid in c.speakers} for c in chats.values()))
+        if len(names) == 1:
+            return by_name(names.pop(), "name present in every chat")
     why = "several speakers are in every chat" if everywhere else "no speaker is in every chat"
     raise IngestError(
         f"cannot tell which speaker is you ({why}); pass --me NAME_OR_ID. Speakers: {_speaker_list(speakers)}"
@@ -395,8 +403,10 @@ def ingest(
                 total += file_count
                 files_used.append({"path": str(path), "format": parser.name, "messages": file_count})
         if total == 0:
+            skipped = ", ".join(f"{k} {v}" for k, v in sorted(ctx.skipped.items())) or "nothing"
             raise IngestError(
-                f"{', '.join(str(f['path']) for f in files_used) or 'inputs'}: no messages with text found"
+                f"{', '.join(str(f['path']) for f in files_used) or 'inputs'}: no messages with text found "
+                f"(skipped: {skipped}); is --format right?"
             )
         me_info = _identify_me(me, ctx.me_hints, speakers, chats)
         final = _finalize(staging, chats, order, out_tmp)

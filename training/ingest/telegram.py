@@ -204,6 +204,7 @@ class TelegramParser:
             builder = None
             normalize = None
             info: dict[str, Any] = {}
+            titles: dict[str, Any] = {}  # title -> chat id, to tell apart different chats with one name
             try:
                 for prefix, event, value in events:
                     if builder is not None:
@@ -232,7 +233,10 @@ class TelegramParser:
                         chat_prefix = None
                     elif prefix == chat_prefix + ".messages" and event == "start_array":
                         msg_prefix = prefix + ".item"
-                        normalize = _Normalizer(path, chat_title(meta, path.stem), ctx)
+                        title = chat_title(meta, path.stem)
+                        if titles.setdefault(title, meta.get("id")) != meta.get("id"):
+                            title = f"{title} ({meta.get('id')})"  # two chats named alike stay apart
+                        normalize = _Normalizer(path, title, ctx)
                         builder = _BACKEND.items_basecoro(_Sink(built), msg_prefix)
                     elif event in ("string", "number", "null", "boolean"):
                         key = prefix[len(chat_prefix) + 1:]

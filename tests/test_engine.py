@@ -1,0 +1,157 @@
+"""The generation engine on the tiny in-process base: stopping, seeding, scoring, adapters on and off."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from convo.errors import AdapterMismatch, ConfigError, ConvoError
+from inference.engine import (
+    Engine,
+    _StopAtOtherSpeaker,
+    encode,
+    parse_conversation,
+    resolve_target,
+    tokenize_pair,
+    trim_completion,
+)
+from inference.prompt_format import FORMAT_VERSION, Turn
+from tests.conftest import torch_threads
+from training.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
+
+PROMPT = "[RIYA] you coming?\n[RIYA] it starts at 8\n[ALICE]"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base) -> Engine:
+    return Engine.load(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_base, tmp_path_factory) -> Path:
+    """An untrained LoRA adapter with random B (so it changes outputs), saved with its convo_adapter.json."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+    )
+    out = tmp_path_factory.mktemp("adapter") / "alice"
+    model.save_pretrained(out)
+    meta = AdapterMeta(
+        persona=Speaker(name="Alice", speaker_id="u_alice", tag="ALICE"),
+        me=Speaker(name="Riya", speaker_id="u_riya", tag="RIYA"),
+        tags={"u_alice": "ALICE", "u_riya": "RIYA"},
+        base_model=base_model_ref(tiny_base),
+        format_version=FORMAT_VERSION,
+    )
+    write_adapter_meta(out, meta)
+    return out
+
+
+def test_tokenize_pair_masks_exactly_the_completion(engine):
+    tok = engine.tokenizer
+    completion = " omg yes 🙌\n[ALICE] be there soon\n[RIYA]"
+    ids, mask = tokenize_pair(tok, PROMPT, completion)
+    n_prompt = len(encode(tok, PROMPT))
+    assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+    assert tok.decode(ids[n_prompt:]) == completion
+
+
+def test_completion_nll_is_the_sum_over_completion_tokens_only(engine):
+    pairs = [(PROMPT, " omg yes 🙌\n[RIYA]"), ("[RIYA] lol\n[ALICE]", " haha same\n[ALICE] brb\n[END]")]
+    batched = engine.completion_nll(pairs, batch_size=2)  # padded batch
+    for (prompt, completion), (nll, count) in zip(pairs, batched, strict=True):
+        ids, mask = tokenize_pair(engine.tokenizer, prompt, completion)
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([ids])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        expected = -sum(logp[t - 1, ids[t]].item() for t in range(len(ids)) if mask[t])
+        assert count == sum(mask)
+        assert nll == pytest.approx(expected, rel=1e-4)
+    # The prompt changes the context, never the number of scored tokens.
+    (_, c1), (_, c2) = engine.completion_nll([("[RIYA] a\n[ALICE]", " ok\n[END]"), (PROMPT, " ok\n[END]")])
+    assert c1 == c2
+
+
+def test_stopping_criterion_fires_at_another_speakers_tag(engine):
+    tok = engine.tokenizer
+    n = len(encode(tok, PROMPT))
+    stop = _StopAtOtherSpeaker(tok, n, "ALICE")
+
+    def fires(continuation: str) -> bool:
+        ids = torch.tensor([encode(tok, PROMPT + continuation)])
+        return bool(stop(ids, None)[0])
+
+    assert fires(" hi\n[RIYA]")
+    assert fires(" hi\n[END]")
+    assert not fires(" hi\n[ALICE] more")
+    assert not fires(" hi\n[AL")
+    assert not fires(" hi")
+    assert trim_completion(" hi\n[ALICE] more\n[RIYA] no", "ALICE") == " hi\n[ALICE] more"
+
+
+def test_generate_is_seeded_privately_and_stops_at_the_burst(engine):
+    rng_before = torch.get_rng_state()
+    a = engine.generate_raw(PROMPT, "ALICE", n=3, seed=7, max_new_tokens=24)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the global RNG is neither used nor moved
+    assert engine.generate_raw(PROMPT, "ALICE", n=3, seed=7, max_new_tokens=24) == a
+    assert len(a) == 3
+    for text in a:
+        assert all(line.startswith("[ALICE]") for line in text.split("\n")[1:])
+    candidates = engine.generate(PROMPT, "ALICE", n=2, seed=7, max_new_tokens=24)
+    assert len(candidates) == 2 and all(isinstance(m, str) and m for c in candidates for m in c)
+    greedy = engine.generate_raw(PROMPT, "ALICE", n=2, temperature=0, max_new_tokens=12)
+    assert greedy[0] == greedy[1]
+
+
+def test_adapter_on_off_on_one_loaded_model(engine, adapter, tiny_base):
+    with_adapter = Engine.load(adapter=adapter)  # base taken from convo_adapter.json
+    assert with_adapter.meta.persona.tag == "ALICE"
+    pairs = [(PROMPT, " omg yes\n[RIYA]")]
+    on = with_adapter.completion_nll(pairs)[0][0]
+    with with_adapter.adapter_disabled():
+        off = with_adapter.completion_nll(pairs)[0][0]
+    assert off == pytest.approx(engine.completion_nll(pairs)[0][0], rel=1e-5)
+    assert on != pytest.approx(off, rel=1e-3)
+    assert with_adapter.completion_nll(pairs)[0][0] == pytest.approx(on, rel=1e-6)  # re-enabled afterwards
+
+
+def test_load_errors(tmp_path, adapter, tiny_base):
+    with pytest.raises(ConvoError, match="no model to load"):
+        Engine.load()
+    with pytest.raises(AdapterMismatch, match="not an adapter made by `convo train`"):
+        Engine.load(adapter=tmp_path)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in adapter.iterdir():
+        (moved / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((moved / "convo_adapter.json").read_text())
+    meta["base_model"]["id"] = str(tmp_path / "gone")
+    (moved / "convo_adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ConvoError, match="is not there any more"):
+        Engine.load(adapter=moved)
+    assert Engine.load(base=tiny_base, adapter=moved).meta is not None  # same weights elsewhere: fine
+
+
+def test_parse_conversation_and_target(adapter):
+    from training.adapter_meta import read_adapter_meta
+
+    turns = parse_conversation("[RIYA] you coming?\nyes i am\n[ALICE]hi\n\n", "RIYA")
+    assert turns == [Turn("RIYA", "you coming?"), Turn("RIYA", "yes i am"), Turn("ALICE", "hi")]
+    meta = read_adapter_meta(adapter)
+    assert resolve_target(meta, None) == ("ALICE", "RIYA")
+    assert resolve_target(meta, "RIYA") == ("RIYA", "ALICE")
+    with pytest.raises(ConfigError, match="known tags: ALICE, RIYA"):
+        resolve_target(meta, "BOB")
