@@ -10,7 +10,7 @@ with every method. Prints the table and writes docs/quality.md with the command 
     python bench/quality.py --base Qwen/Qwen2.5-0.5B --speakers ID --train-steps 400 --budget 512
 
 Everything runs in-process through the library functions behind `convo base tiny`, `convo dataset`,
-`convo train` and `convo eval`. Outputs go under --work (default bench/out/quality).
+`convo train` and `convo eval`. Outputs go under --work (default runs/quality).
 """
 
 from __future__ import annotations
@@ -181,11 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context", type=int, default=8, help="messages of history per sample")
     p.add_argument("--budget", type=int, default=96, help="context token budget of the eval")
-    p.add_argument("--max-prompts", type=int, default=30)
+    p.add_argument("--max-prompts", type=int, default=20)
     p.add_argument("--n", type=int, default=2)
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work", type=Path, default=ROOT / "bench" / "out" / "quality")
+    p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="where models and data go")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "quality.md")
     p.add_argument("--machine", default="2 CPU cores, no GPU", help="machine description written into the doc")
     args = p.parse_args(argv)
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from training.dataset import build_dataset
     from training.evaluate.run import EvalConfig, metrics_table, run_eval
@@ -225,17 +226,20 @@ def main(argv: list[str] | None = None) -> int:
         res = train(TrainOptions(
             data_dir=d / "data", base=base, out_dir=d / "adapter", lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
             learning_rate=args.lr, max_steps=args.train_steps, batch_size=8, grad_accum=1,
-            max_length=args.seq_len, eval_steps=max(args.train_steps // 3, 1), sample_prompts=2, seed=args.seed,
+            max_length=args.seq_len, eval_steps=max(args.train_steps // 2, 1), sample_prompts=2, seed=args.seed,
             force=True,
         ), console=console)
         train_s = time.monotonic() - t0
         t0 = time.monotonic()
-        result = run_eval(EvalConfig(
-            data_dir=d / "data", out_dir=d / "eval", adapter_dir=d / "adapter",
-            base=args.base, methods=("base", "incontext", "retrieval", "adapter", "adapter+retrieval"),
-            context_budget_tokens=args.budget, samples_per_prompt=args.n, max_prompts=args.max_prompts,
-            seed=args.seed, max_new_tokens=args.max_new_tokens, max_total_tokens=None if args.base else args.seq_len,
-        ))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as progress:
+            result = run_eval(EvalConfig(
+                data_dir=d / "data", out_dir=d / "eval", adapter_dir=d / "adapter",
+                base=args.base, methods=("base", "incontext", "retrieval", "adapter", "adapter+retrieval"),
+                context_budget_tokens=args.budget, samples_per_prompt=args.n, max_prompts=args.max_prompts,
+                seed=args.seed, max_new_tokens=args.max_new_tokens,
+                max_total_tokens=None if args.base else args.seq_len,
+            ), progress=progress)
         console.print(metrics_table(result.metrics))
         console.print(f"report: {result.paths['report']}")
         runs.append({

@@ -260,7 +260,7 @@ class Engine:
 def qlora_config(device: str | None = None):
     """BitsAndBytes 4-bit NF4 with double quantization and bf16 compute; TrainError without CUDA or bitsandbytes."""
     if not torch.cuda.is_available() or (device is not None and not device.startswith("cuda")):
-        raise TrainError("--qlora needs a CUDA GPU (4-bit bitsandbytes); on this machine drop --qlora to train plain LoRA")
+        raise TrainError("--qlora needs a CUDA GPU (4-bit bitsandbytes); drop --qlora here (plain LoRA runs on CPU)")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:

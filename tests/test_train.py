@@ -68,6 +68,10 @@ def test_loss_goes_down_and_outputs_are_written(trained):
     assert meta.training_args["lora_r"] == 8
     assert meta.final_metrics["best_eval_loss"] == pytest.approx(min(evals))
     assert not list(out.glob(".*"))  # no temp files left behind
+    assert _log(out)[-1]["final_best_model"] and _log(out)[-1]["eval_loss"] == pytest.approx(min(evals))
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in samples) == [10, 10, 20, 20, 30, 30]  # each evaluation once
+    assert all(r["target"] == "ALICE" and r["real"] and isinstance(r["generated"], list) for r in samples)
 
 
 def test_only_completion_tokens_carry_loss(trained, data):

@@ -11,6 +11,7 @@ records the corpus, the speakers left out and the sha256 of the weights.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -73,14 +74,10 @@ def chitchat_texts(
 
     Conversations involving any of `exclude_speakers` (sender ids) are left out entirely.
     """
-    try:
-        import chitchat_dataset
-    except ImportError as e:  # pragma: no cover - part of the ml extra
-        raise BaseModelError("the chitchat corpus needs the chitchat-dataset package: pip install -e '.[ml]'") from e
     excluded = set(exclude_speakers)
     rng = random.Random(seed)
     texts, skipped = [], 0
-    data = chitchat_dataset.Dataset()
+    data = _chitchat()
     for conv_id in sorted(data):
         turns = [(m["sender"], m["text"]) for block in data[conv_id]["messages"] for m in block]
         if excluded & {s for s, _ in turns}:
@@ -92,6 +89,16 @@ def chitchat_texts(
             break
     digest = hashlib.sha256(Path(data.path).read_bytes()).hexdigest()
     return texts, {"corpus": "chitchat", "source_sha256": digest, "conversations_excluded": skipped}
+
+
+@functools.cache
+def _chitchat():
+    """The chitchat-dataset conversations (a 40 MB JSON file: loaded once per process)."""
+    try:
+        import chitchat_dataset
+    except ImportError as e:  # pragma: no cover - part of the ml extra
+        raise BaseModelError("the chitchat corpus needs the chitchat-dataset package: pip install -e '.[ml]'") from e
+    return chitchat_dataset.Dataset()
 
 
 def messages_texts(
@@ -224,8 +231,10 @@ def build_tiny_base(
     stream: list[int] = []
     order = list(range(len(texts)))
     rng.shuffle(order)
-    for i in order:
-        stream += tokenizer(texts[i], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # The raw tokenizers backend: fast batch encoding, and no "longer than model_max_length" warnings for whole
+    # conversations that are cut into blocks below anyway.
+    for enc in tokenizer.backend_tokenizer.encode_batch([texts[i] for i in order], add_special_tokens=False):
+        stream += enc.ids + [tokenizer.eos_token_id]
     n_blocks = max(1, len(stream) // seq_len)
     if len(stream) < seq_len:
         stream += [tokenizer.eos_token_id] * (seq_len - len(stream))

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import tempfile
@@ -27,9 +28,10 @@ from typing import Any
 from rich.console import Console
 
 from convo.errors import ConfigError, DatasetError, TrainError
-from inference.prompt_format import FORMAT_VERSION, line_speaker
+from inference.prompt_format import FORMAT_VERSION
 
 MAX_EFFECTIVE_BATCH = 32
+_TAG_LINE = re.compile(r"\[([A-Z0-9_]+)\]")
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
 SAMPLES = "samples.jsonl"
@@ -64,6 +66,7 @@ class TrainOptions:
     seed: int = 42
     group_by_length: bool = True
     qlora: bool = False
+    gradient_checkpointing: bool | None = None  # None: on with CUDA (memory), off on CPU (it only costs time there)
     resume: bool = False
     force: bool = False
     logging_steps: int = 5
@@ -151,7 +154,7 @@ def read_dataset(data_dir: Path | str) -> DatasetDir:
                 raise DatasetError(f"{path}:{n}: not JSON ({e})") from e
             if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
                 raise DatasetError(f"{path}:{n}: needs string fields 'prompt' and 'completion'")
-            if line_speaker(row["prompt"].rsplit("\n", 1)[-1]) is None:
+            if _TAG_LINE.fullmatch(row["prompt"].rsplit("\n", 1)[-1]) is None:
                 raise DatasetError(f"{path}:{n}: prompt must end with the target's tag line '[TAG]'")
             rows.append(row)
         if not rows:
@@ -162,11 +165,11 @@ def read_dataset(data_dir: Path | str) -> DatasetDir:
 
 
 def target_of(prompt: str) -> str:
-    """The tag a prompt ends with (whose turn the completion is)."""
-    tag = line_speaker(prompt.rsplit("\n", 1)[-1])
-    if tag is None:
-        raise DatasetError(f"prompt does not end with a tag line: ...{prompt[-40:]!r}")
-    return tag
+    """The tag a prompt ends with (whose turn the completion is): its last line is exactly `[TAG]`."""
+    m = _TAG_LINE.fullmatch(prompt.rsplit("\n", 1)[-1])
+    if m is None:
+        raise DatasetError(f"prompt does not end with a '[TAG]' line: ...{prompt[-40:]!r}")
+    return m.group(1)
 
 
 def choose_sample_indices(n_rows: int, k: int, seed: int) -> list[int]:
@@ -237,14 +240,17 @@ def _callbacks():
             self.path = path
             self.first_loss: float | None = None
             self.last_loss: float | None = None
+            self.extra: dict = {}  # fields added to every record (marks the final evaluation of the best model)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero:  # under `accelerate launch`, one process writes
+                return
             logs = logs or {}
             if "loss" in logs:
                 self.last_loss = float(logs["loss"])
                 if self.first_loss is None:
                     self.first_loss = self.last_loss
-            rec = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs}
+            rec = {"step": state.global_step, "epoch": state.epoch, "time": time.time(), **logs, **self.extra}
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
@@ -268,11 +274,14 @@ def _callbacks():
             self.task = None
 
         def on_train_begin(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
             self.progress.start()
             self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="")
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.progress.update(self.task, completed=state.global_step)
+            if self.task is not None:
+                self.progress.update(self.task, completed=state.global_step)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -287,7 +296,8 @@ def _callbacks():
                 self.progress.update(self.task, loss=" ".join(parts))
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.progress.stop()
+            if self.task is not None:
+                self.progress.stop()
 
     class Samples(TrainerCallback):
         """At each evaluation, generate replies for fixed validation prompts; log them beside the real reply."""
@@ -295,13 +305,17 @@ def _callbacks():
         def __init__(self, rows: list[dict], tokenizer, path: Path, console: Console, seed: int, max_new_tokens: int):
             self.rows, self.tokenizer, self.path, self.console = rows, tokenizer, path, console
             self.seed, self.max_new_tokens = seed, max_new_tokens
+            self.done_steps: set[int] = set()
 
         def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
             from inference.engine import Engine
             from inference.prompt_format import split_completion
 
-            if model is None or not self.rows:
+            if model is None or not self.rows or not state.is_world_process_zero:
                 return
+            if state.global_step in self.done_steps:  # the final evaluate() of the best model, already sampled
+                return
+            self.done_steps.add(state.global_step)
             engine = Engine(model, self.tokenizer)
             self.console.print(f"[bold]samples at step {state.global_step}[/]")
             with self.path.open("a", encoding="utf-8") as f:
@@ -352,7 +366,18 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
 
         qlora_config()  # fails fast, before loading anything, without CUDA or bitsandbytes
     data = read_dataset(opts.data_dir)
-    resume_from = _prepare_out_dir(opts, data.sha256)
+    from accelerate import PartialState
+
+    # Under `accelerate launch` every process runs this; only the main one touches --out, the others follow.
+    dist = PartialState()
+    if dist.is_main_process:
+        resume_from = _prepare_out_dir(opts, data.sha256)
+    dist.wait_for_everyone()
+    if not dist.is_main_process:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        resume_from = get_last_checkpoint(str(opts.out_dir / CHECKPOINTS)) if opts.resume else None
+    main = dist.is_main_process
     out = opts.out_dir
     # Chosen before the Trainer exists: its set_seed() reseeds the global `random`, our Random(seed) is private.
     sample_rows = [data.val[i] for i in choose_sample_indices(len(data.val), opts.sample_prompts, opts.sample_seed)]
@@ -365,7 +390,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
-    from training.adapter_meta import AdapterMeta, Speaker, base_model_ref, convo_version, write_adapter_meta
+    from training.adapter_meta import AdapterMeta, base_model_ref, convo_version, write_adapter_meta
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -438,7 +463,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         max_length=None,  # truncated above, keeping the end (the completion) rather than the start
         dataset_num_proc=None,
         save_only_model=False,
-        **({"gradient_checkpointing": True} if opts.qlora else {}),
+        # TRL turns this on by default; recomputing activations saves GPU memory but only costs time on CPU.
+        activation_checkpointing=opts.gradient_checkpointing if opts.gradient_checkpointing is not None else cuda,
     )
 
     JsonlLog, Progress, Samples, StopOnSignal = _callbacks()
@@ -446,13 +472,13 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
 
     log_cb = JsonlLog(out / TRAIN_LOG)
     stop_cb = StopOnSignal()
-    tb_writer = SummaryWriter(log_dir=str(out / TENSORBOARD))
+    tb_writer = SummaryWriter(log_dir=str(out / TENSORBOARD)) if main else None
     callbacks = [
         log_cb,
         Progress(console),
         Samples(sample_rows, tokenizer, out / SAMPLES, console, opts.sample_seed, opts.sample_max_new_tokens),
         stop_cb,
-        TensorBoardCallback(tb_writer=tb_writer),
+        *([TensorBoardCallback(tb_writer=tb_writer)] if main else []),
         EarlyStoppingCallback(early_stopping_patience=opts.early_stopping_patience),
         *extra_callbacks,
     ]
@@ -471,7 +497,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
 
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
     run_record = {"options": resolved, "dataset_sha256": data.sha256, "total_steps": total_steps}
-    _atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2) + "\n")
+    if main:
+        _atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2) + "\n")
 
     previous = signal.getsignal(signal.SIGINT)
 
@@ -516,17 +543,22 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         trainer=trainer,
     )
     if stop_cb.requested:
-        tb_writer.close()
+        if tb_writer is not None:
+            tb_writer.close()
         return result
 
     # The best checkpoint is loaded (load_best_model_at_end); its validation loss is what the adapter scores.
-    final = trainer.evaluate()
-    tb_writer.close()
+    log_cb.extra = {"final_best_model": True}
+    final = trainer.evaluate()  # on every process: a collective under DDP
+    if tb_writer is not None:
+        tb_writer.close()
     result.final_eval_loss = float(final["eval_loss"])
+    if not main:
+        return result
     trainer.model.save_pretrained(str(out))
     meta = AdapterMeta(
-        persona=Speaker(**data.meta["persona"]),
-        me=Speaker(**data.meta["me"]) if isinstance(data.meta.get("me"), dict) else None,
+        persona=_speaker(data.meta["persona"]),
+        me=_speaker(data.meta["me"]) if isinstance(data.meta.get("me"), dict) else None,
         tags={str(k): str(v) for k, v in (data.meta.get("tags") or {}).items()},
         mode=str(data.meta.get("mode", "both")),
         base_model=base_model_ref(opts.base),
@@ -549,6 +581,12 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     result.paths["meta"] = write_adapter_meta(out, meta)
     result.paths["loss_curve"] = plot_loss_curve(out / TRAIN_LOG, out / LOSS_PNG)
     return result
+
+
+def _speaker(d: dict):
+    from training.adapter_meta import Speaker
+
+    return Speaker(**{"name": d.get("name") or d["tag"], **{k: v for k, v in d.items() if k != "name"}})
 
 
 def _show(text: str, width: int = 100) -> str:
@@ -585,6 +623,8 @@ def plot_loss_curve(log_path: Path, png_path: Path) -> Path:
     if log_path.is_file():
         for line in log_path.read_text(encoding="utf-8").splitlines():
             rec = json.loads(line)
+            if rec.get("final_best_model"):
+                continue
             if "loss" in rec:
                 train_pts.append((rec["step"], rec["loss"]))
             if "eval_loss" in rec:

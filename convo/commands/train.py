@@ -51,6 +51,7 @@ def train_cmd(
     seed: Annotated[int | None, typer.Option("--seed", help="Training seed (LoRA init, shuffling). [default: 42]")] = None,
     group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding). [default: on]")] = None,
     qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 QLoRA (CUDA + bitsandbytes only).")] = False,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory. [default: on with CUDA, off on CPU]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out; logs are appended.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -64,7 +65,8 @@ def train_cmd(
         learning_rate=lr, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
         eval_steps=eval_steps, early_stopping_patience=patience, sample_prompts=sample_prompts,
-        sample_seed=sample_seed, seed=seed, group_by_length=group_by_length, qlora=qlora, resume=resume,
+        sample_seed=sample_seed, seed=seed, group_by_length=group_by_length, qlora=qlora,
+        gradient_checkpointing=gradient_checkpointing, resume=resume,
         force=force,
     )
     result = train(opts, console=Console(stderr=True) if as_json else console)
@@ -206,9 +208,14 @@ def base_tiny_cmd(
     max_steps: Annotated[int, typer.Option("--max-steps", help="Stop after this many steps even within the time budget.")] = 1_000_000,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per training block.")] = 128,
     seed: Annotated[int, typer.Option("--seed", help="Seed for tags, order and init.")] = 0,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's choice). 1 by default: a model this small gains little from more and loses a lot when the cores are busy.")] = 1,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
 ) -> None:
     """Train a byte-level BPE tokenizer and a small Llama from scratch on chat text (offline demo base)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from training.tiny_base import BaseModelError, build_tiny_base, corpus_texts, sample_text

@@ -18,7 +18,7 @@ from typing import Any
 
 from convo.errors import IngestError
 from training.ingest.base import ParseContext
-from training.ingest.json_stream import read_header, stream_items
+from training.ingest.json_stream import read_header, stream_items, unchecked_message
 from training.ingest.records import Message
 
 EXPECTED = "a DiscordChatExporter JSON export"
@@ -43,6 +43,8 @@ class DiscordParser:
     def sniff(self, path: Path, head: bytes) -> bool:
         """A JSON object with DiscordChatExporter's `guild` and `channel` sections."""
         start = head.lstrip(b"\xef\xbb\xbf \t\r\n")
+        if start.startswith(b'{"chat"'):  # a canonical log line (JSONL) quoting an export in its text
+            return False
         return start.startswith(b"{") and bool(_SNIFF.search(head) and _SNIFF_CHANNEL.search(head))
 
     def parse(self, path: Path, ctx: ParseContext) -> Iterator[Message]:
@@ -51,54 +53,52 @@ class DiscordParser:
         if stop is None:
             raise IngestError(f"{path}: no `messages` list; expected {EXPECTED}")
         chat = chat_title(header, path.stem)
-        skipped = ctx.skipped
+        skipped, tz = ctx.skipped, ctx.tz
         index = 0
         for m, reader in stream_items(path, "messages.item", EXPECTED):
             index += 1
-            if not isinstance(m, dict):
+            if type(m) is not dict:
                 raise IngestError(
                     f"{path}: near byte {reader.offset}: message #{index} is not a JSON object; expected {EXPECTED}"
                 )
+            get = m.get
             try:
-                if m.get("type", "Default") not in KEPT_TYPES:
+                if get("type", "Default") not in KEPT_TYPES:
                     skipped["system"] += 1
                     continue
-                text = m.get("content")
+                text = get("content")
                 if text is None:
                     text = ""
-                if not isinstance(text, str):
+                elif type(text) is not str:
                     raise ValueError(f"`content` is a {type(text).__name__}, expected a string")
-                if not text.strip():
-                    skipped["media_only" if any(m.get(k) for k in _MEDIA_KEYS) else "empty"] += 1
+                if not text or text.isspace():
+                    skipped["media_only" if any(get(k) for k in _MEDIA_KEYS) else "empty"] += 1
                     continue
-                author = m.get("author")
-                if not isinstance(author, dict):
+                author = get("author")
+                if type(author) is not dict:
                     raise ValueError("no `author` object")
                 name = author.get("nickname") or author.get("name")
-                if not isinstance(name, str) or not name:
+                if type(name) is not str or not name:
                     raise ValueError("the author has no `name`")
                 author_id = author.get("id")
-                ref = m.get("reference")
-                reply = ref.get("messageId") if isinstance(ref, dict) else None
-                ts = m.get("timestamp")
-                if not isinstance(ts, str):
+                if type(author_id) is not str:
+                    author_id = name if author_id is None else str(author_id)
+                ref = get("reference")
+                reply = ref.get("messageId") if type(ref) is dict else None
+                ts = get("timestamp")
+                if type(ts) is not str:
                     raise ValueError("no `timestamp` string")
                 when = datetime.fromisoformat(ts)
                 if when.tzinfo is None:
-                    when = when.replace(tzinfo=ctx.tz)
-                yield Message(
-                    chat=chat,
-                    ts=when,
-                    speaker=name,
-                    speaker_id=name if author_id is None else str(author_id),
-                    text=text,
-                    reply_to=None if reply is None else str(reply),
-                    source="discord",
+                    when = when.replace(tzinfo=tz)
+                # Every value is a str (or an aware datetime) by construction, so skip re-validation.
+                yield unchecked_message(
+                    chat, when, name, author_id, text, None if reply is None else str(reply), "discord"
                 )
-            except (ValueError, TypeError, OverflowError) as e:  # bad timestamps, pydantic errors
+            except (ValueError, TypeError, OverflowError) as e:  # bad timestamps
                 first = str(e).split("\n", 1)[0]
                 raise IngestError(
-                    f"{path}: near byte {reader.offset}: message #{index} (id {m.get('id')!r}): {first}; "
+                    f"{path}: near byte {reader.offset}: message #{index} (id {get('id')!r}): {first}; "
                     f"expected {EXPECTED}"
                 ) from e
 

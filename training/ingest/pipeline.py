@@ -38,6 +38,7 @@ from typing import Any
 
 from convo.errors import ConfigError, IngestError
 from training.ingest.base import HEAD_BYTES, ParseContext, Parser
+from training.ingest.records import Message
 
 # Parser modules in sniffing order: the JSON formats have distinctive keys, WhatsApp lines a distinctive
 # header, and JSONL is the catch-all schema.
@@ -342,6 +343,7 @@ def ingest(
     first_ts = last_ts = None
     total = 0
 
+    serialize = Message.__pydantic_serializer__.to_json
     staging = _temp_beside(out, ".staging")
     out_tmp = _temp_beside(out, ".tmp")
     try:
@@ -368,7 +370,13 @@ def ingest(
                         text = scrubber.scrub(msg.text)
                         if text != msg.text:
                             msg = msg.model_copy(update={"text": text})
-                    line = (msg.to_json() + "\n").encode("utf-8")
+                    try:
+                        line = serialize(msg) + b"\n"  # what Message.to_json() gives, as bytes
+                    except ValueError as e:  # e.g. a lone surrogate from a "\ud800" escape
+                        raise IngestError(
+                            f"{path}: message of {msg.speaker!r} at {msg.ts.isoformat()} in chat {msg.chat!r}: "
+                            f"text is not valid Unicode ({str(e).splitlines()[0]}); fix or drop that message"
+                        ) from e
                     chat, ts = msg.chat, msg.ts
                     if chat != current:
                         st = chats.get(chat)

@@ -19,6 +19,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from datetime import datetime, tzinfo
+from functools import partial
+from itertools import takewhile
+from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,14 @@ import ijson
 
 from convo.errors import IngestError
 from training.ingest.base import ParseContext
-from training.ingest.json_stream import JSONError, json_error, open_reader, read_header, stream_items
+from training.ingest.json_stream import (
+    JSONError,
+    json_error,
+    open_reader,
+    read_header,
+    stream_items,
+    unchecked_message,
+)
 from training.ingest.records import Message
 
 EXPECTED = "a Telegram Desktop JSON export (result.json)"
@@ -99,24 +109,27 @@ class _Normalizer:
     """Turns raw message dicts of one chat into Messages, counting skips."""
 
     def __init__(self, path: Path, chat: str, ctx: ParseContext) -> None:
-        self.path, self.chat, self.ctx = path, chat, ctx
+        self.path, self.chat, self.ctx, self.tz = path, chat, ctx, ctx.tz
         self.index = 0
 
     def __call__(self, m: Any, reader) -> Message | None:
         self.index += 1
-        if not isinstance(m, dict):
+        if type(m) is not dict:
             raise IngestError(
                 f"{self.path}: near byte {reader.offset}: message #{self.index} of chat {self.chat!r} is not "
                 f"a JSON object; expected {EXPECTED}"
             )
+        get = m.get
         try:
-            if m.get("type", "message") != "message":
+            if get("type", "message") != "message":
                 self.ctx.skipped["service"] += 1
                 return None
-            text = _text(m.get("text"))
-            if not text.strip():
-                emoji = m.get("sticker_emoji")
-                if m.get("media_type") == "sticker" and isinstance(emoji, str) and emoji:
+            text = get("text")
+            if type(text) is not str:
+                text = _text(text)
+            if not text or text.isspace():
+                emoji = get("sticker_emoji")
+                if get("media_type") == "sticker" and isinstance(emoji, str) and emoji:
                     text = emoji
                 elif any(k in m for k in _MEDIA_KEYS):
                     self.ctx.skipped["media_only"] += 1
@@ -124,27 +137,23 @@ class _Normalizer:
                 else:
                     self.ctx.skipped["empty"] += 1
                     return None
-            speaker = m.get("from")
-            if not isinstance(speaker, str) or not speaker:
+            speaker = get("from")
+            if type(speaker) is not str or not speaker:
                 speaker = "Deleted Account"  # Telegram writes null for deleted accounts
-            speaker_id = m.get("from_id")
-            speaker_id = str(speaker_id) if speaker_id is not None else speaker
-            reply = m.get("reply_to_message_id")
-            return Message(
-                chat=self.chat,
-                ts=_timestamp(m, self.ctx.tz),
-                speaker=speaker,
-                speaker_id=speaker_id,
-                text=text,
-                reply_to=None if reply is None else str(reply),
-                source="telegram",
+            speaker_id = get("from_id")
+            if type(speaker_id) is not str:
+                speaker_id = speaker if speaker_id is None else str(speaker_id)
+            reply = get("reply_to_message_id")
+            unix = get("date_unixtime")
+            ts = datetime.fromtimestamp(int(unix), self.tz) if unix is not None else _timestamp(m, self.tz)
+            # Every value above is a str (or an aware datetime) by construction, so skip re-validation.
+            return unchecked_message(
+                self.chat, ts, speaker, speaker_id, text, None if reply is None else str(reply), "telegram"
             )
-        except IngestError:
-            raise
-        except (ValueError, TypeError, OverflowError, OSError) as e:  # bad date, bad text, pydantic errors
+        except (ValueError, TypeError, OverflowError, OSError) as e:  # bad date or text
             first = str(e).split("\n", 1)[0]
             raise IngestError(
-                f"{self.path}: near byte {reader.offset}: message #{self.index} (id {m.get('id')!r}) of chat "
+                f"{self.path}: near byte {reader.offset}: message #{self.index} (id {get('id')!r}) of chat "
                 f"{self.chat!r}: {first}; expected {EXPECTED}"
             ) from e
 
@@ -167,8 +176,8 @@ class TelegramParser:
     def sniff(self, path: Path, head: bytes) -> bool:
         """A JSON object with Telegram's account sections, or a chat with Telegram's chat type / message keys."""
         start = head.lstrip(b"\xef\xbb\xbf \t\r\n")
-        if not start.startswith(b"{") or b'"guild"' in head:
-            return False
+        if not start.startswith(b"{") or start.startswith(b'{"chat"') or b'"guild"' in head:
+            return False  # not an object, a canonical log line (JSONL), or a Discord export
         if _SNIFF_FULL.search(head):
             return True
         return b'"messages"' in head and bool(_SNIFF_CHAT.search(head) or _SNIFF_MSG.search(head))
@@ -199,25 +208,12 @@ class TelegramParser:
         raw, reader = open_reader(path)
         with raw:
             events = ijson.parse(reader, use_float=True)
-            chat_prefix = msg_prefix = None
+            chat_prefix = None
             meta: dict[str, Any] = {}
-            builder = None
-            normalize = None
             info: dict[str, Any] = {}
             titles: dict[str, Any] = {}  # title -> chat id, to tell apart different chats with one name
             try:
                 for prefix, event, value in events:
-                    if builder is not None:
-                        if prefix.startswith(msg_prefix):
-                            builder.send((prefix, event, value))
-                            if built:
-                                for m in built:
-                                    msg = normalize(m, reader)
-                                    if msg is not None:
-                                        yield msg
-                                built.clear()
-                            continue
-                        builder = None  # the messages array ended
                     if prefix in _LISTS and event == "start_array":
                         continue
                     if chat_prefix is None:
@@ -232,12 +228,21 @@ class TelegramParser:
                     if prefix == chat_prefix and event == "end_map":
                         chat_prefix = None
                     elif prefix == chat_prefix + ".messages" and event == "start_array":
-                        msg_prefix = prefix + ".item"
                         title = chat_title(meta, path.stem)
                         if titles.setdefault(title, meta.get("id")) != meta.get("id"):
                             title = f"{title} ({meta.get('id')})"  # two chats named alike stay apart
                         normalize = _Normalizer(path, title, ctx)
-                        builder = _BACKEND.items_basecoro(_Sink(built), msg_prefix)
+                        send = _BACKEND.items_basecoro(_Sink(built), prefix + ".item").send
+                        # The hot loop, once per event inside the array: the end test runs in C (takewhile
+                        # with a C predicate) and ijson's C builder assembles each message.
+                        for ev in takewhile(partial(ne, (prefix, "end_array", None)), events):
+                            send(ev)
+                            if built:
+                                for m in built:
+                                    msg = normalize(m, reader)
+                                    if msg is not None:
+                                        yield msg
+                                built.clear()
                     elif event in ("string", "number", "null", "boolean"):
                         key = prefix[len(chat_prefix) + 1:]
                         if "." not in key:
@@ -247,6 +252,8 @@ class TelegramParser:
             except UnicodeDecodeError as e:
                 raise IngestError(f"{path}: near byte {reader.window_start}: text is not UTF-8; "
                                   f"expected {EXPECTED}") from e
+            except RecursionError as e:
+                raise IngestError(f"{path}: near byte {reader.window_start}: JSON nested too deeply") from e
             _me_hints(info, ctx)
 
 
