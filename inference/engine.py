@@ -140,9 +140,13 @@ class Engine:
         if not qlora:
             model.to(device)
         if adapter is not None:
+            import warnings
+
             from peft import PeftModel
 
-            model = PeftModel.from_pretrained(model, str(adapter))
+            with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5; not ours to fix
+                warnings.simplefilter("ignore", FutureWarning)
+                model = PeftModel.from_pretrained(model, str(adapter))
         model.eval()
         return cls(model, tokenizer, meta, device)
 

@@ -171,8 +171,13 @@ def test_existing_out_needs_resume_or_force(tmp_path, data, tiny_base):
         train(_opts(data, tiny_base, out))
     with pytest.raises(TrainError, match="no checkpoint to resume"):
         train(_opts(data, tiny_base, out, resume=True))
-    result = train(_opts(data, tiny_base, out, max_steps=2, eval_steps=2, force=True, sample_prompts=0))
-    assert not (out / "something").exists() and (out / ADAPTER_META_FILE).is_file()
+    with pytest.raises(TrainError, match="not a `convo train` output dir"):
+        train(_opts(data, tiny_base, out, force=True))  # never deletes a dir it did not make
+    assert (out / "something").is_file()
+    train(_opts(data, tiny_base, out / "run", max_steps=1, eval_steps=1, sample_prompts=0))
+    (out / "run" / "something").write_text("x")
+    result = train(_opts(data, tiny_base, out / "run", max_steps=2, eval_steps=2, force=True, sample_prompts=0))
+    assert not (out / "run" / "something").exists() and (out / "run" / ADAPTER_META_FILE).is_file()
     assert result.global_step == 2
 
 

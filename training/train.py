@@ -214,6 +214,9 @@ def _prepare_out_dir(opts: TrainOptions, dataset_sha: str) -> str | None:
     if out.exists() and any(out.iterdir()):
         if not opts.force:
             raise TrainError(f"{out}: already exists; pick a fresh --out, --resume the run, or --force to overwrite")
+        if not ((out / RUN_FILE).is_file() or (out / "convo_adapter.json").is_file()):
+            # --force deletes the dir: only ever one that `convo train` made (not `--out ~` by a typo)
+            raise TrainError(f"{out}: not a `convo train` output dir; --force only overwrites those, pick a fresh --out")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     return None
@@ -394,6 +397,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights": our own bar and summary say enough
     set_seed(opts.seed)  # LoRA init happens before the Trainer seeds anything
     cuda = torch.cuda.is_available()
 

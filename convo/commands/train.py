@@ -33,30 +33,35 @@ def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="Dataset dir written by `convo dataset` (train.jsonl, val.jsonl, meta.json).")],
     base: Annotated[str, typer.Option("--base", help="Base model: a local HF model dir (e.g. from `convo base tiny`) or a hub id.")],
     out: Annotated[Path, typer.Option("--out", help="Output dir for the adapter, logs and checkpoints (e.g. adapters/alice); must be fresh unless --resume/--force.")],
-    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank. [default: train.lora_r = 16]")] = None,
-    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha. [default: train.lora_alpha = 32]")] = None,
-    lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout. [default: 0.05]")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. [default: train.learning_rate = 2e-4]")] = None,
-    lr_scheduler: Annotated[str | None, typer.Option("--lr-scheduler", help="LR schedule after warmup (cosine, linear, constant...). [default: cosine]")] = None,
-    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Share of the steps spent warming up. [default: 0.05]")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the training set. [default: 3]")] = None,
+    lora_r: Annotated[int | None, typer.Option("--lora-r", help="LoRA rank. \\[default: train.lora_r = 16]")] = None,
+    lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", help="LoRA alpha. \\[default: train.lora_alpha = 32]")] = None,
+    lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", help="LoRA dropout. \\[default: 0.05]")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate. \\[default: train.learning_rate = 2e-4]")] = None,
+    lr_scheduler: Annotated[str | None, typer.Option("--lr-scheduler", help="LR schedule after warmup (cosine, linear, constant...). \\[default: cosine]")] = None,
+    warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", help="Share of the steps spent warming up. \\[default: 0.05]")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", help="Passes over the training set. \\[default: 3]")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs; -1: off).")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per device per step. [default: 8]")] = None,
-    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Gradient accumulation steps; batch-size x grad-accum must be <= 32. [default: 4]")] = None,
-    max_length: Annotated[int | None, typer.Option("--max-length", help="Max tokens per sample; the oldest context is dropped first. [default: 512]")] = None,
-    eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Validate (and sample, and checkpoint) every N steps. [default: 50]")] = None,
-    patience: Annotated[int | None, typer.Option("--patience", help="Early stopping: evaluations without a better validation loss. [default: 3]")] = None,
-    sample_prompts: Annotated[int | None, typer.Option("--sample-prompts", help="Validation prompts generated at every evaluation. [default: 4]")] = None,
-    sample_seed: Annotated[int | None, typer.Option("--sample-seed", help="Seed choosing those prompts (a private RNG). [default: 0]")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Training seed (LoRA init, shuffling). [default: 42]")] = None,
-    group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding). [default: on]")] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Samples per device per step. \\[default: 8]")] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Gradient accumulation steps; batch-size x grad-accum must be <= 32. \\[default: 4]")] = None,
+    max_length: Annotated[int | None, typer.Option("--max-length", help="Max tokens per sample; the oldest context is dropped first. \\[default: 512]")] = None,
+    eval_steps: Annotated[int | None, typer.Option("--eval-steps", help="Validate (and sample, and checkpoint) every N steps. \\[default: 50]")] = None,
+    patience: Annotated[int | None, typer.Option("--patience", help="Early stopping: evaluations without a better validation loss. \\[default: 3]")] = None,
+    sample_prompts: Annotated[int | None, typer.Option("--sample-prompts", help="Validation prompts generated at every evaluation. \\[default: 4]")] = None,
+    sample_seed: Annotated[int | None, typer.Option("--sample-seed", help="Seed choosing those prompts (a private RNG). \\[default: 0]")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Training seed (LoRA init, shuffling). \\[default: 42]")] = None,
+    group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding). \\[default: on]")] = None,
     qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 QLoRA (CUDA + bitsandbytes only).")] = False,
-    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory. [default: on with CUDA, off on CPU]")] = None,
+    gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory. \\[default: on with CUDA, off on CPU]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out; logs are appended.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads for torch (0: torch's choice; 1 is often faster on a busy shared machine).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Train a LoRA adapter for one persona on a dataset dir (TRL SFT, loss on completions only)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     from training.train import TrainOptions, train
 
     opts = TrainOptions.from_settings(
@@ -109,10 +114,10 @@ def simulate_cmd(
     base: Annotated[str | None, typer.Option("--base", help="Base model (default: the one recorded in the adapter).")] = None,
     as_tag: Annotated[str | None, typer.Option("--as", help="Whose turn to write, by tag (default: the adapter's persona).")] = None,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Chat in the terminal: type messages, get candidates.")] = False,
-    n: Annotated[int | None, typer.Option("--n", help="Candidates to sample. [default: generate.n = 3]")] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (0: greedy). [default: 0.8]")] = None,
-    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass. [default: 0.95]")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Max tokens per candidate. [default: 64]")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Candidates to sample. \\[default: generate.n = 3]")] = None,
+    temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature (0: greedy). \\[default: 0.8]")] = None,
+    top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling mass. \\[default: 0.95]")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", help="Max tokens per candidate. \\[default: 64]")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
     qlora: Annotated[bool, typer.Option("--qlora", help="Load the base in 4-bit (CUDA only).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print candidates as JSON.")] = False,
@@ -132,8 +137,12 @@ def simulate_cmd(
         raise ConfigError("simulate needs --adapter DIR (or --base MODEL to try the bare base model)")
     if not interactive and not conversation:
         raise ConfigError('give the conversation, e.g. convo simulate --adapter DIR "[RIYA] you coming?", or use --interactive')
+    import transformers
+
     from inference.engine import Engine
 
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     with console.status("loading model"):
         engine = Engine.load(base=base, adapter=adapter, qlora=qlora)
     target, me_tag = resolve_target(engine.meta, as_tag)
@@ -198,10 +207,10 @@ base_app = typer.Typer(help="Offline base models (model hubs unreachable: build 
 def base_tiny_cmd(
     ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Output model dir (HF format), e.g. models/tiny.")],
-    corpus: Annotated[str | None, typer.Option("--corpus", help="'chitchat' (the chitchat-dataset package) or a messages.jsonl from `convo ingest`. [default: base.corpus]")] = None,
-    minutes: Annotated[float | None, typer.Option("--minutes", help="Training time budget in minutes. [default: base.minutes = 3]")] = None,
+    corpus: Annotated[str | None, typer.Option("--corpus", help="'chitchat' (the chitchat-dataset package) or a messages.jsonl from `convo ingest`. \\[default: base.corpus]")] = None,
+    minutes: Annotated[float | None, typer.Option("--minutes", help="Training time budget in minutes. \\[default: base.minutes = 3]")] = None,
     exclude_speakers: Annotated[list[str] | None, typer.Option("--exclude-speakers", help="Leave out every conversation with this speaker (id or name; repeat or comma-separate).")] = None,
-    vocab_size: Annotated[int | None, typer.Option("--vocab-size", help="BPE vocabulary size. [default: base.vocab_size = 4096]")] = None,
+    vocab_size: Annotated[int | None, typer.Option("--vocab-size", help="BPE vocabulary size. \\[default: base.vocab_size = 4096]")] = None,
     hidden_size: Annotated[int, typer.Option("--hidden-size", help="Model width.")] = 128,
     layers: Annotated[int, typer.Option("--layers", help="Transformer layers.")] = 4,
     heads: Annotated[int, typer.Option("--heads", help="Attention heads (must divide --hidden-size).")] = 4,

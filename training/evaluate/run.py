@@ -290,25 +290,29 @@ def write_outputs(cfg: EvalConfig, result: EvalResult) -> None:
 def metrics_table(metrics: dict):
     """A rich Table of the headline figures per method: lower is better, except AUC (best at 0.5).
 
-    ctx: mean context tokens; style: combined style distance; empty/rep: share of empty/self-repeating
-    replies; copy: share of 4+ word messages copied from training.
+    ctx: mean context tokens; NLL/tok: of the real replies (perplexity is in metrics.json); style: combined
+    style distance; empty/rep: share of empty/self-repeating replies; copy: share of 4+ word messages copied
+    from training.
     """
+    from rich import box
     from rich.table import Table
 
     def f(x, digits=3):
         return "-" if x is None else f"{x:.{digits}f}"
 
-    table = Table(title=f"convo eval: [{metrics['persona']['tag']}], {metrics['prompts']} prompts")
+    table = Table(
+        title=f"convo eval: [{metrics['persona']['tag']}], {metrics['prompts']} prompts",
+        box=box.SIMPLE_HEAD, collapse_padding=True,
+    )
     table.add_column("method", no_wrap=True)
-    for col in ("ctx", "NLL/tok", "ppl", "style", "AUC", "empty", "rep", "copy"):
+    for col in ("ctx", "NLL/tok", "style", "AUC", "empty", "rep", "copy"):
         table.add_column(col, justify="right", no_wrap=True)
     for name, r in metrics["methods"].items():
         d = r["degeneration"]
         table.add_row(
-            name, f"{r['context_tokens_mean']:.0f}", f(r["nll_per_token"]), f(r["perplexity"], 1),
-            f(r["style"]["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2), f(d["copied"], 2),
+            name, f"{r['context_tokens_mean']:.0f}", f(r["nll_per_token"]), f(r["style"]["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2), f(d["copied"], 2),
         )
     rd = metrics["real"]["degeneration"]
-    table.add_row("(real)", "", "", "", "0.000", "0.5", f(rd["empty"], 2), f(rd["repeated"], 2), f(rd["copied"], 2),
+    table.add_row("(real)", "", "", "0.000", "0.5", f(rd["empty"], 2), f(rd["repeated"], 2), f(rd["copied"], 2),
                   style="dim")
     return table
