@@ -81,7 +81,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "demo", help="working folder (default: demo/)")
     ap.add_argument("--minutes", type=float, default=3.0, help="time budget of the tiny base model")
-    ap.add_argument("--steps", type=int, default=150, help="adapter training steps")
+    ap.add_argument("--steps", type=int, default=100, help="adapter training steps (batch 8)")
     ap.add_argument("--prompts", type=int, default=40, help="validation prompts for the evaluation")
     args = ap.parse_args()
     out: Path = args.out
@@ -103,7 +103,8 @@ def main() -> None:
               "--exclude-speakers", me_id, "--exclude-speakers", friend_id])
     step("train Jordan's adapter", ["train", "--data", str(out / "dataset"), "--base", str(base),
                                     "--out", str(out / "adapters" / "jordan"), "--force",
-                                    "--max-steps", str(args.steps)])
+                                    "--max-steps", str(args.steps), "--batch-size", "8", "--grad-accum", "1",
+                                    "--lora-r", "8", "--lr", "1e-3", "--eval-steps", str(max(args.steps // 2, 1))])
     step("simulate Jordan", ["simulate", "--adapter", str(out / "adapters" / "jordan"), "--n", "3",
                              "--seed", "1", "[SAM] hey! what are you up to this weekend?"])
     step("autocomplete Sam", ["simulate", "--adapter", str(out / "adapters" / "jordan"), "--as", "SAM",

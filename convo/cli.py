@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from typer._click.exceptions import ClickException  # typer >= 0.20 vendors click
 from rich.console import Console
+from typer._click.exceptions import ClickException  # typer >= 0.20 vendors click
 
 from config.settings import Settings, load_settings
 from convo.errors import ConvoError
