@@ -16,12 +16,12 @@ one file, is read event by event so each message is still built alone (about 2x 
 
 from __future__ import annotations
 
+import json
+import os
 import re
+from collections import deque
 from collections.abc import Iterator
 from datetime import datetime, tzinfo
-from functools import partial
-from itertools import takewhile
-from operator import ne
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +30,13 @@ import ijson
 from convo.errors import IngestError
 from training.ingest.base import ParseContext
 from training.ingest.json_stream import (
+    CountingReader,
     JSONError,
+    StructureScanner,
     json_error,
     open_reader,
     read_header,
+    read_whole_escapes,
     stream_items,
     unchecked_message,
 )
@@ -50,15 +53,13 @@ _SNIFF_MSG = re.compile(rb'"(?:date_unixtime|from_id|text_entities)"\s*:')
 # Keys that mark a message whose content is media (the text then is only a caption, often empty).
 _MEDIA_KEYS = ("photo", "file", "media_type", "poll", "location_information", "contact_information",
                "place_name", "game_title", "invoice_information", "todo_list", "giveaway_information")
-_LISTS = ("chats.list", "left_chats.list")
-_BACKEND = ijson.get_backend(ijson.backend)  # its items_basecoro builds objects from pushed events
-
-
-class _Sink:
-    """Push target collecting what ijson's items coroutine builds."""
-
-    def __init__(self, into: list) -> None:
-        self.send = into.append
+_CHATS = ("chats.list.item", "left_chats.list.item")
+_MESSAGE_LISTS = ("chats.list.item.messages", "left_chats.list.item.messages")
+_CHUNK = 1 << 16  # bytes read, scanned and parsed at a time
+_MAP, _ARRAY, _MESSAGES, _INFO = "map", "array", "messages", "info"  # container kinds, compared by identity
+_DECODER = json.JSONDecoder()
+_SPACE = re.compile(r"[ \t\r\n]*")
+_SEPARATORS = re.compile(r"[ \t\r\n,]*")
 
 
 def chat_title(meta: dict[str, Any], fallback: str) -> str:
@@ -203,50 +204,25 @@ class TelegramParser:
                 yield msg
 
     def _full_export(self, path: Path, ctx: ParseContext) -> Iterator[Message]:
-        """Event-driven: chat fields come from events, each message is built by ijson's C builder."""
-        built: list[Any] = []
+        """One C parse of the whole file; a structure scan of the same bytes tells which chat each message is in.
+
+        ijson's C `items` builds every element of `chats.list.item.messages` (a top-level `left_chats` key is
+        renamed to `chats`, padded with spaces, so one prefix covers both lists). `_ChatPieces` hands it the
+        file in pieces cut at the brackets that open and close each chat's `messages` array, found by
+        `StructureScanner` (quotes and brackets only). ijson asks for the next piece only once it has
+        returned every message built from the previous ones, so the chat set at each cut is the chat of
+        every message that follows, until the next cut.
+        """
         raw, reader = open_reader(path)
         with raw:
-            events = ijson.parse(reader, use_float=True)
-            chat_prefix = None
-            meta: dict[str, Any] = {}
-            info: dict[str, Any] = {}
-            titles: dict[str, Any] = {}  # title -> chat id, to tell apart different chats with one name
+            pieces = _ChatPieces(path, ctx, raw, reader)
             try:
-                for prefix, event, value in events:
-                    if prefix in _LISTS and event == "start_array":
-                        continue
-                    if chat_prefix is None:
-                        for lst in _LISTS:
-                            if prefix == lst + ".item" and event == "start_map":
-                                chat_prefix, meta = prefix, {}
-                                break
-                        else:
-                            if prefix.startswith("personal_information.") and event in ("string", "number"):
-                                info[prefix.removeprefix("personal_information.")] = value
-                        continue
-                    if prefix == chat_prefix and event == "end_map":
-                        chat_prefix = None
-                    elif prefix == chat_prefix + ".messages" and event == "start_array":
-                        title = chat_title(meta, path.stem)
-                        if titles.setdefault(title, meta.get("id")) != meta.get("id"):
-                            title = f"{title} ({meta.get('id')})"  # two chats named alike stay apart
-                        normalize = _Normalizer(path, title, ctx)
-                        send = _BACKEND.items_basecoro(_Sink(built), prefix + ".item").send
-                        # The hot loop, once per event inside the array: the end test runs in C (takewhile
-                        # with a C predicate) and ijson's C builder assembles each message.
-                        for ev in takewhile(partial(ne, (prefix, "end_array", None)), events):
-                            send(ev)
-                            if built:
-                                for m in built:
-                                    msg = normalize(m, reader)
-                                    if msg is not None:
-                                        yield msg
-                                built.clear()
-                    elif event in ("string", "number", "null", "boolean"):
-                        key = prefix[len(chat_prefix) + 1:]
-                        if "." not in key:
-                            meta[key] = value
+                for m in ijson.items(pieces, "chats.list.item.messages.item", use_float=True):
+                    normalize = pieces.normalize
+                    if normalize is not None:
+                        msg = normalize(m, reader)
+                        if msg is not None:
+                            yield msg
             except JSONError as e:
                 raise json_error(path, reader, e, EXPECTED) from e
             except UnicodeDecodeError as e:
@@ -254,7 +230,149 @@ class TelegramParser:
                                   f"expected {EXPECTED}") from e
             except RecursionError as e:
                 raise IngestError(f"{path}: near byte {reader.window_start}: JSON nested too deeply") from e
+            except OSError as e:
+                raise IngestError(f"{path}: cannot read ({e.strerror})") from e
+            info: dict[str, Any] = {}
+            for start, *end in pieces.info_ranges:
+                if end:
+                    info.update(_scalars(os.pread(raw.fileno(), end[0] - start, start)))
             _me_hints(info, ctx)
+
+
+class _ChatPieces:
+    """A binary reader over a full export for ijson: returns the file in pieces cut where a chat's `messages`
+    array opens or closes and sets `normalize` to that chat's _Normalizer (None outside such arrays)."""
+
+    def __init__(self, path: Path, ctx: ParseContext, raw: Any, reader: CountingReader) -> None:
+        self.path, self.ctx, self.raw, self.reader = path, ctx, raw, reader
+        self.fd = raw.fileno()
+        self.normalize: _Normalizer | None = None
+        self.scanner = StructureScanner(5)
+        self.stack: list[list[Any]] = []  # per open container at depth <= 5: [ijson prefix, kind, chat fields]
+        self.titles: dict[str, Any] = {}  # title -> chat id, to tell apart different chats with one name
+        self.info_ranges: list[list[int]] = []  # byte ranges of top-level personal_information values
+        self.switches: deque[tuple[int, _Normalizer | None]] = deque()  # (offset, chat from there on)
+        self.pending = b""  # bytes read but not yet handed out; they start at file offset `fed`
+        self.fed = self.base = 0  # first byte not handed out / first byte of the next chunk to read
+        self.upto = 0  # bytes before this offset may be handed out
+        self.last = -1  # offset of the last bracket at depth <= 5
+        self.eof = False
+
+    def read(self, n: int = -1) -> bytes:
+        """The next piece: at most up to the next cut."""
+        if n == 0:
+            return b""
+        switches = self.switches
+        while True:
+            while switches and switches[0][0] <= self.fed:
+                self.normalize = switches.popleft()[1]
+            if self.fed < self.upto:
+                stop = switches[0][0] if switches and switches[0][0] < self.upto else self.upto
+                piece, self.pending = self.pending[:stop - self.fed], self.pending[stop - self.fed:]
+                self.fed = stop
+                self.reader.note(piece)
+                return piece
+            if self.eof:
+                return b""
+            self._scan_next()
+
+    def _scan_next(self) -> None:
+        """Read and scan one chunk: note chats, cuts and renames; move `upto`."""
+        chunk = read_whole_escapes(self.raw, _CHUNK)
+        self.pending += chunk
+        stack, base = self.stack, self.base
+        for index, opens, depth in self.scanner.scan(chunk):
+            at = base + index
+            if not opens:
+                if stack and depth == len(stack):  # else invalid JSON, which the parser rejects first
+                    kind = stack.pop()[1]
+                    if kind is _MESSAGES:  # after the bracket: it ends a number that may be the last message
+                        self.switches.append((at + 1, None))
+                    elif kind is _INFO:
+                        self.info_ranges[-1].append(at + 1)
+            elif depth == len(stack) + 1:
+                self._open(at, depth)
+            self.last = at
+        self.base = base + len(chunk)
+        self.eof = not chunk
+        # Top-level bytes after the last bracket stay back: they may hold a key to rename.
+        self.upto = self.base if self.eof or self.scanner.depth > 1 else max(self.fed, self.last + 1)
+
+    def _open(self, at: int, depth: int) -> None:
+        """A container opens at file offset `at`, at `depth`: work out its ijson prefix and what it is."""
+        stack = self.stack
+        parent = stack[-1] if stack else None
+        prefix: str | None = ""
+        if parent is not None:
+            if parent[1] is _ARRAY or parent[1] is _MESSAGES:
+                prefix = None if parent[0] is None else (f"{parent[0]}.item" if parent[0] else "item")
+            else:
+                last = self.last
+                members, key, key_at, key_end = _members(os.pread(self.fd, at - last - 1, last + 1), last + 1)
+                if parent[2] is not None:
+                    parent[2].update((k, v) for k, v in members if "." not in k)
+                prefix = None if key is None or parent[0] is None else (f"{parent[0]}.{key}" if parent[0] else key)
+                if depth == 2 and key == "left_chats" and key_at >= self.fed:
+                    i, j = key_at - self.fed, key_end - self.fed
+                    self.pending = self.pending[:i] + b'"chats"'.ljust(j - i) + self.pending[j:]
+        kind = _MAP if self.pending[at - self.fed] == 0x7B else _ARRAY
+        meta = None
+        if kind is _MAP and prefix in _CHATS:
+            meta = {}
+        elif kind is _ARRAY and prefix in _MESSAGE_LISTS:
+            meta = parent[2] if parent is not None and parent[2] is not None else {}
+            title = chat_title(meta, self.path.stem)
+            if self.titles.setdefault(title, meta.get("id")) != meta.get("id"):
+                title = f"{title} ({meta.get('id')})"  # two chats named alike stay apart
+            self.switches.append((at + 1, _Normalizer(self.path, title, self.ctx)))
+            kind, meta = _MESSAGES, None
+        elif prefix == "personal_information":
+            kind = _INFO
+            self.info_ranges.append([at])
+        stack.append([prefix, kind, meta])
+
+
+def _members(data: bytes, offset: int) -> tuple[list[tuple[str, Any]], str | None, int, int]:
+    """The members of a JSON object between two of its containers: `data` holds `, "k": v, ... "key": `
+    (no brackets outside strings) and starts at file offset `offset`. Returns the scalar (key, value) pairs,
+    the trailing key (of the container that follows, None if unreadable) and that key's byte range."""
+    members: list[tuple[str, Any]] = []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return members, None, -1, -1  # the parser reports it
+    i, n = 0, len(text)
+    try:
+        while True:
+            i = _SEPARATORS.match(text, i).end()
+            if i >= n:
+                return members, None, -1, -1
+            key_i = i
+            key, i = _DECODER.raw_decode(text, i)
+            key_j = i
+            i = _SPACE.match(text, i).end()
+            if type(key) is not str or text[i:i + 1] != ":":
+                return members, None, -1, -1
+            i = _SPACE.match(text, i + 1).end()
+            if i >= n:
+                key_at = offset + len(text[:key_i].encode("utf-8"))
+                return members, key, key_at, key_at + len(text[key_i:key_j].encode("utf-8"))
+            value, i = _DECODER.raw_decode(text, i)
+            members.append((key, value))
+    except ValueError:
+        return members, None, -1, -1
+
+
+def _scalars(data: bytes) -> dict[str, Any]:
+    """String and number values directly or deeper inside the JSON value `data`, by ijson prefix."""
+    out: dict[str, Any] = {}
+    try:
+        for prefix, event, value in ijson.parse(data, use_float=True):
+            if prefix and event in ("string", "number"):
+                out[prefix] = value
+    except (JSONError, UnicodeDecodeError, RecursionError):
+        pass  # the main parse already accepted these bytes
+    return out
 
 
 PARSER = TelegramParser()
