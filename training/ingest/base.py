@@ -13,12 +13,13 @@ A parser module (telegram.py, whatsapp.py, discord_export.py, jsonl.py) exposes 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
 from typing import Protocol
 
+from convo.errors import IngestError
 from training.ingest.records import Message
 
 HEAD_BYTES = 64 * 1024
@@ -41,3 +42,29 @@ class Parser(Protocol):
     def sniff(self, path: Path, head: bytes) -> bool: ...
 
     def parse(self, path: Path, ctx: ParseContext) -> Iterator[Message]: ...
+
+
+def utf8_lines(
+    path: Path, fix: str, progress: Callable[[int], None] | None = None
+) -> Iterator[tuple[int, str]]:
+    """(line number, text with its line end) of a UTF-8 text file, BOM dropped; bad bytes raise IngestError.
+
+    The error names the byte offset and line, followed by `fix` (what the user can do about it).
+    """
+    offset = 0
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise IngestError(f"{path}: cannot read ({e.strerror})") from e
+    with f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise IngestError(f"{path}: byte offset {offset + e.start} (line {number}): not UTF-8; {fix}") from e
+            offset += len(raw)
+            if progress is not None:
+                progress(len(raw))
+            if number == 1:
+                text = text.removeprefix("\ufeff")
+            yield number, text

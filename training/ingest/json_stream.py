@@ -91,8 +91,8 @@ def _error_offset(message: str, reader: CountingReader) -> int | None:
     snippet = lines[1]
     pad = len(snippet) - len(snippet.lstrip(" "))
     before = snippet[pad:caret]
-    if not before.strip():
-        return None
+    if not before.strip():  # the spot is at the start of the last piece parsed, after `before` (whitespace)
+        return reader.window_start + len(reader._prev) + len(before)
     # yajl prints newlines as spaces; a space in the quote may be any whitespace byte in the file
     pattern = re.escape(before.encode("utf-8", "replace")).replace(b"\\ ", b"\\s")
     matches = list(re.finditer(pattern, reader.window))
@@ -189,10 +189,7 @@ _ESCAPED = (b"\\\\", b"__", b'\\"', b"__")
 _CLASSES = bytes(1 if c in b"[{" else 2 if c in b"]}" else 3 if c == 0x22 else 0 for c in range(256))
 _TOKENS = re.compile(rb'["\[\]{}]')
 
-try:  # numpy finds brackets and quotes at C speed; without it a regex does (same result, slower)
-    import numpy as _np
-except ImportError:  # pragma: no cover - numpy comes with the ML stack
-    _np = None
+_np: Any = ...  # numpy, imported by the first StructureScanner (None when it is not installed)
 
 
 def read_whole_escapes(raw: BinaryIO, size: int) -> bytes:
@@ -216,6 +213,12 @@ class StructureScanner:
     """
 
     def __init__(self, max_depth: int = 5) -> None:
+        global _np
+        if _np is ...:  # numpy finds brackets and quotes at C speed; without it a regex does (same result)
+            try:
+                import numpy as _np
+            except ImportError:  # pragma: no cover - numpy is a dependency; this keeps a bare install working
+                _np = None
         self.max_depth = max_depth
         self.depth = 0
         self.in_string = 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from convo.errors import IngestError
-from training.ingest.base import ParseContext
+from training.ingest.base import ParseContext, utf8_lines
 from training.ingest.records import Message
 
 _KEYS = frozenset(Message.model_fields)
@@ -39,39 +39,22 @@ def _records(
     path: Path, progress: Callable[[int], None] | None = None
 ) -> Iterator[tuple[int, dict]]:
     """(line number, decoded JSON object) for every non-blank line; bad bytes or JSON raise IngestError."""
-    offset = 0
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise IngestError(f"{path}: cannot read ({e.strerror})") from e
-    with f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise IngestError(
-                    f"{path}: byte offset {offset + e.start} (line {number}): not UTF-8; JSONL must be UTF-8"
-                ) from e
-            offset += len(raw)
-            if progress is not None:
-                progress(len(raw))
-            if number == 1:
-                line = line.removeprefix("\ufeff")
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except (json.JSONDecodeError, RecursionError) as e:
-                col = getattr(e, "colno", 0)
-                raise IngestError(
-                    f"{path}:{number}: invalid JSON at column {col}; expected one message object per line"
-                ) from e
-            if not isinstance(obj, dict):
-                raise IngestError(
-                    f"{path}:{number}: expected a JSON object with keys {', '.join(Message.model_fields)}, "
-                    f"got {type(obj).__name__}"
-                )
-            yield number, obj
+    for number, line in utf8_lines(path, "JSONL must be UTF-8", progress):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            col = getattr(e, "colno", 0)
+            raise IngestError(
+                f"{path}:{number}: invalid JSON at column {col}; expected one message object per line"
+            ) from e
+        if not isinstance(obj, dict):
+            raise IngestError(
+                f"{path}:{number}: expected a JSON object with keys {', '.join(Message.model_fields)}, "
+                f"got {type(obj).__name__}"
+            )
+        yield number, obj
 
 
 def _localize(obj: dict, tz: tzinfo) -> dict:

@@ -10,8 +10,10 @@ joined. `type: service` entries are skipped (reason "service"), so are media-onl
 `speaker_id` is `from_id` ("user123"), `reply_to` the `reply_to_message_id`. The time is `date_unixtime`
 (an instant) shown in `ctx.tz`; older exports without it have only the local `date`, read in `ctx.tz`.
 
-Streaming: a single chat goes through ijson's C `items` (fast path); the full export, whose chats all sit in
-one file, is read event by event so each message is still built alone (about 2x slower per message).
+Streaming: both shapes go through ijson's C `items`, which builds one message at a time. The full export,
+whose chats all sit in one file, is also scanned for quotes and brackets (`StructureScanner`, numpy) to
+find where each chat's `messages` list opens and closes; ijson gets the file in pieces cut there, so each
+message is known to belong to the chat whose list was opened last (see `_ChatPieces`).
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 
 from convo.errors import IngestError
-from training.ingest.base import ParseContext
+from training.ingest.base import ParseContext, utf8_lines
 from training.ingest.records import Message
 
 _MARKS = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
@@ -96,24 +96,9 @@ def chat_name(path: Path) -> str:
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a UTF-8 file, without line ends; bad bytes raise with their offset."""
-    offset = 0
-    try:
-        f = path.open("rb")
-    except OSError as e:
-        raise IngestError(f"{path}: cannot read ({e.strerror})") from e
-    with f:
-        for number, raw in enumerate(f, 1):
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise IngestError(
-                    f"{path}: byte offset {offset + e.start} (line {number}): not UTF-8; "
-                    "WhatsApp exports are UTF-8, re-export the chat or convert the file"
-                ) from e
-            offset += len(raw)
-            if number == 1:
-                text = text.removeprefix("\ufeff")
-            yield number, text.rstrip("\r\n")
+    fix = "WhatsApp exports are UTF-8, re-export the chat or convert the file"
+    for number, text in utf8_lines(path, fix):
+        yield number, text.rstrip("\r\n")
 
 
 def _stamp(m: re.Match) -> _Stamp | None:
