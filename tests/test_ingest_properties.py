@@ -33,7 +33,7 @@ def workdir() -> Iterator[Path]:
         yield Path(d)
 
 
-def run_every_parser(path: Path) -> None:
+def check_every_parser(path: Path) -> None:
     """Sniff and parse `path` with every parser; anything but IngestError fails the test."""
     head = path.read_bytes()[:HEAD_BYTES]
     for parser in PARSERS.values():
@@ -59,7 +59,7 @@ def test_seed_fixtures_exist():
 def test_random_bytes(workdir, data, suffix):
     path = workdir / f"random{suffix}"
     path.write_bytes(data)
-    run_every_parser(path)
+    check_every_parser(path)
 
 
 @st.composite
@@ -92,7 +92,7 @@ def test_mutated_fixtures(workdir, case):
     seed, data = case
     path = workdir / seed.name
     path.write_bytes(data)
-    run_every_parser(path)
+    check_every_parser(path)
 
 
 JSON_VALUES = st.recursive(
@@ -130,7 +130,7 @@ def test_structured_telegram(workdir, msgs, full, header):
     doc = {"personal_information": {"user_id": 1}, "chats": {"list": [chat]}} if full else chat
     path = workdir / "result.json"
     path.write_text(json.dumps(doc))
-    run_every_parser(path)
+    check_every_parser(path)
 
 
 @SETTINGS
@@ -142,7 +142,7 @@ def test_structured_telegram(workdir, msgs, full, header):
 def test_structured_discord(workdir, msgs, guild, channel):
     path = workdir / "channel.json"
     path.write_text(json.dumps({"guild": guild, "channel": channel, "messages": msgs}))
-    run_every_parser(path)
+    check_every_parser(path)
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])

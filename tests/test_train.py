@@ -249,3 +249,28 @@ def test_mismatched_adapter_is_refused(tmp_path, trained, capsys):
         Engine.load(base=other_base, adapter=trained.out_dir)
     assert run(["simulate", "--adapter", str(trained.out_dir), "--base", str(other_base), "hi"]) == 2
     assert "different base" in capsys.readouterr().err
+
+
+def test_interactive_simulate_keeps_history_and_resamples(trained, monkeypatch, capsys):
+    from convo.commands import train as train_cmd
+
+    lines = iter(["you coming?", "", "1", "/quit"])
+    monkeypatch.setattr(train_cmd.console, "input", lambda prompt="": next(lines))
+    seen: list[tuple[list, int | None]] = []
+    import inference.engine as engine_mod
+
+    real = engine_mod.simulate
+
+    def spy(engine, history, target, gen):
+        seen.append((list(history), gen.seed))
+        return real(engine, history, target, gen)
+
+    monkeypatch.setattr(engine_mod, "simulate", spy)
+    code = run(["simulate", "--adapter", str(trained.out_dir), "--interactive", "--n", "2", "--seed", "5",
+                "--max-new-tokens", "6"])
+    assert code == 0
+    assert len(seen) == 2  # the message, then "sample again"; picking "1" samples nothing
+    (h1, s1), (h2, s2) = seen
+    assert h1 == h2 and h1[-1].text == "you coming?" and h1[-1].speaker == "RIYA"
+    assert (s1, s2) == (5, 6)  # each round its own seed: a resample gives new replies, reproducibly
+    assert "Chatting with" in capsys.readouterr().out

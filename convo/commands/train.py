@@ -174,8 +174,11 @@ def _interactive(engine, target: str, me_tag: str, gen) -> None:
         f"Chatting with [bold]{target}[/]. Type a message (or '[TAG] text' lines), empty line: sample again, "
         "a number: keep that candidate, /quit: leave."
     )
+    import dataclasses
+
     history: list = []
     candidates: list[list[str]] = []
+    rounds = 0
     while True:
         try:
             line = console.input(f"[bold]{me_tag}>[/] ")
@@ -194,7 +197,11 @@ def _interactive(engine, target: str, me_tag: str, gen) -> None:
             if candidates:  # an answer without picking: the first candidate was "sent"
                 history += [Turn(target, m) for m in candidates[0]]
             history += parse_conversation(line, me_tag)
-        candidates = simulate(engine, history, target, gen)
+        # With --seed, every round gets its own seed (seed, seed+1, ...): "sample again" must give new replies
+        # while the whole session stays reproducible.
+        round_gen = gen if gen.seed is None else dataclasses.replace(gen, seed=gen.seed + rounds)
+        rounds += 1
+        candidates = simulate(engine, history, target, round_gen)
         _print_candidates(target, candidates, False)
 
 
