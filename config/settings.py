@@ -34,8 +34,8 @@ class IngestSettings(BaseModel):
 class DatasetSettings(BaseModel):
     """`convo dataset` and the prompt tags."""
 
-    session_gap_min: float = 60.0  # context never crosses a silence longer than this
-    context_messages: int = 16  # max messages of history per sample
+    session_gap_min: float = Field(60.0, gt=0)  # context never crosses a silence longer than this
+    context_messages: int = Field(16, ge=1)  # max messages of history per sample
     max_tokens: int | None = None  # with a tokenizer: drop oldest messages to fit
     tokenizer: str | None = None  # model name or local dir counting tokens (--max-tokens, tokenizer-report)
     mode: Literal["friend", "self", "both"] = "both"
@@ -46,18 +46,18 @@ class DatasetSettings(BaseModel):
 class TrainSettings(BaseModel):
     """`convo train` (LoRA / QLoRA with TRL)."""
 
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    learning_rate: float = 2e-4
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    lora_dropout: float = Field(0.05, ge=0, le=1)
+    learning_rate: float = Field(2e-4, gt=0)
     lr_scheduler: str = "cosine"
     warmup_ratio: float = 0.05
     epochs: float = 3.0
     max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 4  # effective batch = batch_size * grad_accum (kept <= 32)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(4, ge=1)  # effective batch = batch_size * grad_accum (kept <= 32)
     max_length: int = 512
-    eval_steps: int = 50
+    eval_steps: int = Field(50, ge=1)
     early_stopping_patience: int = 3
     sample_prompts: int = 4  # validation prompts generated at every evaluation
     sample_seed: int = 0
@@ -68,10 +68,10 @@ class TrainSettings(BaseModel):
 class GenerateSettings(BaseModel):
     """Sampling for `convo simulate`, evaluation and the worker."""
 
-    n: int = 3
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 64
+    n: int = Field(3, ge=1)
+    temperature: float = Field(0.8, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1)
 
 
 class EvalSettings(BaseModel):

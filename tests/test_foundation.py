@@ -55,3 +55,14 @@ def test_help_lists_commands(capsys):
 def test_light_modules_do_not_import_torch(module):
     code = f"import {module}, sys; bad = [m for m in ('torch','transformers','peft','trl') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_out_of_range_numbers_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    # CLI flags are range-checked by typer, settings by pydantic: both exit 2 without a traceback.
+    assert run(["simulate", "--adapter", str(tmp_path), "--n", "0", "hi"]) == 2
+    assert "--n" in capsys.readouterr().err
+    assert run(["train", "--data", str(tmp_path), "--base", "x", "--out", str(tmp_path / "o"), "--lora-r", "0"]) == 2
+    assert "--lora-r" in capsys.readouterr().err
+    monkeypatch.setenv("CONVO_GENERATE__TOP_P", "1.5")
+    with pytest.raises(ConfigError, match="generate.top_p"):
+        load_settings()
