@@ -32,8 +32,10 @@ from inference.prompt_format import (
     ROLE_ME,
     Turn,
     make_tag,
+    parse,
     render_completion,
     render_prompt,
+    split_completion,
 )
 from training.ingest.records import Message
 
@@ -79,6 +81,15 @@ class Sample:
     session: str
     chat: str
     target: str
+
+    def history(self) -> list[Turn]:
+        """The turns before the target's tag (the prompt minus its last `[TAG]` line)."""
+        head = self.prompt.rsplit("\n", 1)[0] if "\n" in self.prompt else ""
+        return [Turn(t.speaker, t.text.strip()) for t in parse(head)]
+
+    def reply(self) -> list[str]:
+        """The target's real burst (its messages)."""
+        return split_completion(self.completion, self.target)
 
     def to_json(self) -> str:
         """One JSONL line (no newline), keys in contract order."""

@@ -120,19 +120,11 @@ class TrainResult:
 
 def read_dataset(data_dir: Path | str) -> DatasetDir:
     """Read and check a dataset dir; DatasetError naming the file and line on anything malformed."""
+    from training.dataset import load_dataset_meta, read_samples
+
     data_dir = Path(data_dir)
     meta_path = data_dir / "meta.json"
-    if not meta_path.is_file():
-        raise DatasetError(f"{meta_path}: not found; --data must be a dir written by `convo dataset`")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise DatasetError(f"{meta_path}: not JSON ({e}); rebuild it with `convo dataset`") from e
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise DatasetError(
-            f"{meta_path}: prompt format v{version}, this convo trains v{FORMAT_VERSION}: rebuild with `convo dataset`"
-        )
+    meta = load_dataset_meta(data_dir)  # checks the prompt format version
     for key in ("persona",):
         if not isinstance(meta.get(key), dict) or "tag" not in meta[key]:
             raise DatasetError(f"{meta_path}: field {key!r} missing or without a tag; rebuild with `convo dataset`")
@@ -140,26 +132,14 @@ def read_dataset(data_dir: Path | str) -> DatasetDir:
     h = hashlib.sha256()
     for name in ("train", "val"):
         path = data_dir / f"{name}.jsonl"
-        if not path.is_file():
-            raise DatasetError(f"{path}: not found; --data must be a dir written by `convo dataset`")
-        raw = path.read_bytes()
-        h.update(name.encode() + b"\0" + raw)
-        rows = []
-        for n, line in enumerate(raw.decode("utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise DatasetError(f"{path}:{n}: not JSON ({e})") from e
-            if not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-                raise DatasetError(f"{path}:{n}: needs string fields 'prompt' and 'completion'")
+        rows = read_samples(path)  # DatasetError naming path:line on a malformed line
+        for n, row in enumerate(rows, 1):
             if _TAG_LINE.fullmatch(row["prompt"].rsplit("\n", 1)[-1]) is None:
-                raise DatasetError(f"{path}:{n}: prompt must end with the target's tag line '[TAG]'")
-            rows.append(row)
+                raise DatasetError(f"{path}: sample {n}: prompt must end with the target's tag line '[TAG]'")
         if not rows:
             raise DatasetError(f"{path}: no samples; rebuild with more data or a different --val")
         splits[name] = rows
+        h.update(name.encode() + b"\0" + path.read_bytes())
     h.update(b"meta\0" + meta_path.read_bytes())
     return DatasetDir(data_dir, splits["train"], splits["val"], meta, h.hexdigest())
 

@@ -7,27 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from convo.errors import EvalError
-from inference.prompt_format import PromptFormatError, Turn, parse, split_completion
-
-
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One prompt/completion line of train.jsonl or val.jsonl."""
-
-    prompt: str
-    completion: str
-    session: str
-    chat: str
-    target: str
-
-    def history(self) -> list[Turn]:
-        """The turns before the target's tag (the prompt minus its last `[TAG]` line)."""
-        head = self.prompt.rsplit("\n", 1)[0] if "\n" in self.prompt else ""
-        return [Turn(t.speaker, t.text.strip()) for t in parse(head)]
-
-    def reply(self) -> list[str]:
-        """The target's real burst (its messages)."""
-        return split_completion(self.completion, self.target)
+from inference.prompt_format import PromptFormatError, Turn
+from training.dataset import Sample
 
 
 def read_samples(path: Path) -> list[Sample]:
