@@ -14,7 +14,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[ml,test]"
+	$(BIN)/pip install -q -e ".[ml,bots,test]"
 	touch $@
 
 install: $(VENV)/.installed
