@@ -100,6 +100,27 @@ class RedisSettings(BaseModel):
 
     url: str = "redis://127.0.0.1:6379/0"
     password: SecretStr | None = None
+    prefix: str = "convo"  # every Redis key and stream name starts with "{prefix}:" (inference/protocol.py)
+
+
+class WorkerSettings(BaseModel):
+    """`convo serve worker`: the inference worker (issue: worker)."""
+
+
+class BotSettings(BaseModel):
+    """Bot core shared by Telegram, Discord and `convo chat` (issue: bots)."""
+
+
+class TelegramSettings(BaseModel):
+    """`convo serve telegram` (issue: bots)."""
+
+
+class DiscordSettings(BaseModel):
+    """`convo serve discord` (issue: bots)."""
+
+
+class FeedbackSettings(BaseModel):
+    """Feedback store, versioned adapters, retraining and its scheduler (issue: learning loop)."""
 
 
 class Settings(BaseSettings):
@@ -120,6 +141,11 @@ class Settings(BaseSettings):
     eval: EvalSettings = Field(default_factory=EvalSettings)
     base: BaseModelSettings = Field(default_factory=BaseModelSettings)
     redis: RedisSettings = Field(default_factory=RedisSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    bot: BotSettings = Field(default_factory=BotSettings)
+    telegram: TelegramSettings = Field(default_factory=TelegramSettings)
+    discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
 
     @classmethod
     def settings_customise_sources(

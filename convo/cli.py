@@ -57,11 +57,24 @@ def state(ctx: typer.Context) -> State:
     return ctx.find_root().obj
 
 
-def _register_all() -> None:
-    from convo.commands import dataset, evaluate, ingest, stats, train
+# The order commands appear in `convo --help`; any other module in convo/commands/ follows in name order.
+_COMMAND_ORDER = ("ingest", "stats", "dataset", "base", "train", "evaluate", "simulate", "serve", "ask", "chat",
+                  "feedback", "adapters", "retrain")
 
-    for module in (ingest, stats, dataset, train, evaluate):
-        module.register(app)
+
+def _register_all() -> None:
+    """Register every module of convo/commands/ that has a `register(app)` (each area owns its module)."""
+    import importlib
+    import pkgutil
+
+    import convo.commands as pkg
+
+    names = {m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_")}
+    ordered = [n for n in _COMMAND_ORDER if n in names] + sorted(names - set(_COMMAND_ORDER))
+    for name in ordered:
+        module = importlib.import_module(f"convo.commands.{name}")
+        if hasattr(module, "register"):
+            module.register(app)
 
 
 _register_all()

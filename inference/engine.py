@@ -29,7 +29,7 @@ from inference.prompt_format import (
     render_prompt,
     split_completion,
 )
-from training.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
+from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
 
 
 def encode(tokenizer, text: str) -> list[int]:

@@ -20,7 +20,7 @@ from inference.engine import (
 )
 from inference.prompt_format import FORMAT_VERSION, Turn
 from tests.conftest import torch_threads
-from training.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
+from inference.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
 
 PROMPT = "[RIYA] you coming?\n[RIYA] it starts at 8\n[ALICE]"
 
@@ -146,7 +146,7 @@ def test_load_errors(tmp_path, adapter, tiny_base):
 
 
 def test_parse_conversation_and_target(adapter):
-    from training.adapter_meta import read_adapter_meta
+    from inference.adapter_meta import read_adapter_meta
 
     turns = parse_conversation("[RIYA] you coming?\nyes i am\n[ALICE]hi\n\n", "RIYA")
     assert turns == [Turn("RIYA", "you coming?"), Turn("RIYA", "yes i am"), Turn("ALICE", "hi")]

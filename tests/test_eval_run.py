@@ -35,7 +35,7 @@ def adapter(tiny_base, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from inference.prompt_format import FORMAT_VERSION
-    from training.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
+    from inference.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
 
     out = tmp_path_factory.mktemp("adapter") / "alice"
     model = get_peft_model(

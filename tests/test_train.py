@@ -14,7 +14,7 @@ from convo.cli import run
 from convo.errors import AdapterMismatch, ConfigError, TrainError
 from tests.conftest import torch_threads
 from tests.fixtures.train.make_dataset import write_dataset
-from training.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
+from inference.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
 from training.train import TRAIN_LOG, TrainOptions, choose_sample_indices, train
 
 pytestmark = pytest.mark.slow

@@ -201,7 +201,7 @@ def build_tiny_base(
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from training.adapter_meta import local_model_sha256
+    from inference.adapter_meta import local_model_sha256
 
     texts = [t for t in texts if t.strip()]
     if not texts:

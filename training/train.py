@@ -373,7 +373,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     from transformers.integrations import TensorBoardCallback
     from trl import SFTConfig, SFTTrainer
 
-    from training.adapter_meta import AdapterMeta, base_model_ref, convo_version, write_adapter_meta
+    from inference.adapter_meta import AdapterMeta, base_model_ref, convo_version, write_adapter_meta
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
@@ -568,7 +568,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
 
 
 def _speaker(d: dict):
-    from training.adapter_meta import Speaker
+    from inference.adapter_meta import Speaker
 
     return Speaker(**{"name": d.get("name") or d["tag"], **{k: v for k, v in d.items() if k != "name"}})
 

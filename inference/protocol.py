@@ -1,0 +1,343 @@
+"""The wire format between bots and inference workers: pydantic models and every Redis name, in one place.
+
+Bots never load a model. They put a `GenerateRequest` on the requests stream and wait on the request's reply key;
+one worker process per GPU reads the stream with a consumer group, generates for a batch of requests at once and
+writes a `GenerateResponse` to each reply key (only if none is there yet: answered once), then acks.
+
+    bot ──XADD──▶ {prefix}:requests ──XREADGROUP (group "workers")──▶ worker
+    bot ◀─BLPOP── {prefix}:reply:{id}  ◀──────── response (LPUSH, TTL) ─┘
+    bot ◀─GET──── {prefix}:partial:{id} ◀──────── growing text of candidate 1 (stream: true)
+    bots ──XADD──▶ {prefix}:feedback ──▶ feedback store (training/feedback)
+
+* A stream entry has one field, `data`, holding the request's JSON. Entries that fail to parse go to the dead-letter
+  stream `{prefix}:dead` with the reason; the worker keeps running.
+* Versioned: `v` is PROTOCOL_VERSION. A worker answers a request of another version with an `invalid` error.
+* Bounds on every field (history length, text length, n, max_new_tokens): a bot learns of a bad request before
+  it is sent (`ProtocolError` naming the field), and a worker never trusts a payload it did not validate.
+* Import-light: pydantic only, so `from inference.protocol import GenerateRequest` never pulls torch into a bot.
+
+Changing a model here changes what old workers and bots understand: bump PROTOCOL_VERSION.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from convo.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+DEFAULT_PREFIX = "convo"
+WORKERS_GROUP = "workers"
+FEEDBACK_GROUP = "feedback-store"
+STREAM_FIELD = "data"  # the one field of every stream entry: the model's JSON
+
+# Bounds (a bot is rejected before sending; a worker re-checks what it reads).
+MAX_HISTORY = 64
+MAX_TEXT_CHARS = 4000
+MAX_N = 8
+MAX_NEW_TOKENS = 256
+MAX_NAME_CHARS = 64
+MAX_ID_CHARS = 128
+
+Mode = Literal["friend", "self"]
+ErrorCode = Literal["unknown_persona", "expired", "invalid", "dead_letter", "internal"]
+FeedbackKind = Literal["shown", "sent", "edited", "liked", "disliked", "regenerated"]
+_NAME = Field(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.\-]+$")
+
+
+def new_id() -> str:
+    """A fresh request/draft/event id (hex uuid4)."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    """Aware UTC now (all timestamps on the wire are aware UTC)."""
+    return datetime.now(UTC)
+
+
+class _Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_max_length=MAX_TEXT_CHARS)
+
+    def dumps(self) -> str:
+        """The JSON put on the wire."""
+        return self.model_dump_json()
+
+    @classmethod
+    def loads(cls, raw: str | bytes | dict[str, Any]):
+        """Parse and validate a payload; any problem is a ProtocolError naming the field."""
+        try:
+            if isinstance(raw, dict):
+                return cls.model_validate(raw)
+            return cls.model_validate_json(raw)
+        except ValidationError as e:
+            raise ProtocolError(describe_validation_error(cls.__name__, e)) from e
+
+    @classmethod
+    def build(cls, **fields):
+        """Construct with validation errors turned into one-line ProtocolErrors (what bots call)."""
+        try:
+            return cls(**fields)
+        except ValidationError as e:
+            raise ProtocolError(describe_validation_error(cls.__name__, e)) from e
+
+
+def describe_validation_error(model: str, e: ValidationError) -> str:
+    """One line naming the first bad field and what is wrong with it."""
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(payload)"
+    return f"{model}.{where}: {err['msg']}"
+
+
+class HistoryMessage(_Wire):
+    """One message of the conversation so far. `speaker` is a prompt tag or a display name the adapter knows."""
+
+    speaker: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    text: str = Field(max_length=MAX_TEXT_CHARS)
+    ts: datetime | None = None
+
+
+class GenerateRequest(_Wire):
+    """Ask a worker for `n` continuations of `history` as `persona` (friend) or as the owner to them (self)."""
+
+    v: int = PROTOCOL_VERSION
+    id: str = Field(default_factory=new_id, min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[A-Za-z0-9_.:\-]+$")
+    persona: str = _NAME
+    mode: Mode = "friend"
+    history: list[HistoryMessage] = Field(default_factory=list, max_length=MAX_HISTORY)
+    n: int = Field(1, ge=1, le=MAX_N)
+    temperature: float = Field(0.8, ge=0, le=5)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(64, ge=1, le=MAX_NEW_TOKENS)
+    stream: bool = False
+    deadline: datetime | None = None  # absolute UTC; a worker answers `expired` past it without generating
+    reply_to: str | None = Field(None, max_length=256)  # reply key; default reply_key(prefix, id)
+    enqueued_at: datetime = Field(default_factory=utcnow)
+
+    @field_validator("deadline", "enqueued_at")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("must carry a UTC offset")
+        return value
+
+    @field_validator("v")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != PROTOCOL_VERSION:
+            raise ValueError(f"protocol version {value} is not {PROTOCOL_VERSION}")
+        return value
+
+    def expired(self, now: datetime | None = None) -> bool:
+        """True once the deadline has passed."""
+        return self.deadline is not None and (now or utcnow()) >= self.deadline
+
+    @classmethod
+    def with_timeout(cls, timeout_s: float, **fields) -> GenerateRequest:
+        """A request whose deadline is `timeout_s` from now."""
+        return cls.build(deadline=utcnow() + timedelta(seconds=timeout_s), **fields)
+
+
+class AdapterRef(_Wire):
+    """Which adapter answered: persona and version (`None` for an unversioned dir or the bare base)."""
+
+    persona: str
+    version: str | None = None
+
+
+class ErrorInfo(_Wire):
+    """Why a request got no candidates."""
+
+    code: ErrorCode
+    message: str = Field(max_length=1000)
+
+
+class GenerateResponse(_Wire):
+    """The answer: `candidates` (each one burst: a list of messages) or `error`."""
+
+    id: str
+    candidates: list[list[str]] = Field(default_factory=list, max_length=MAX_N)
+    adapter: AdapterRef | None = None
+    queue_ms: float | None = None
+    generate_ms: float | None = None
+    worker: str | None = None
+    error: ErrorInfo | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> GenerateResponse:
+        if self.error is not None and self.candidates:
+            raise ValueError("a response has candidates or an error, not both")
+        return self
+
+    @classmethod
+    def failure(cls, request_id: str, code: ErrorCode, message: str, **fields) -> GenerateResponse:
+        """An error response."""
+        return cls(id=request_id, error=ErrorInfo(code=code, message=message[:1000]), **fields)
+
+    @property
+    def ok(self) -> bool:
+        """True when the response carries candidates."""
+        return self.error is None
+
+
+class Partial(_Wire):
+    """Live text of candidate 1 while it is generated (`stream: true`); `done` on the last one."""
+
+    id: str
+    text: str = Field(max_length=MAX_TEXT_CHARS * 4)
+    done: bool = False
+    seq: int = 0  # increases with every update, so a reader can skip stale ones
+
+
+class FeedbackEvent(_Wire):
+    """One reaction to a draft, put on the feedback stream by a bot; becomes training data with no platform lookup.
+
+    `context` is the exact history the draft was generated from; `candidate` the draft's messages; `final_text`
+    what the owner actually sent (`edited`: their own text; `sent`: the candidate). `target` is the tag the
+    candidate was written as (the persona's tag in friend mode, the owner's in self mode).
+    """
+
+    v: int = PROTOCOL_VERSION
+    event_id: str = Field(default_factory=new_id, min_length=1, max_length=MAX_ID_CHARS)
+    kind: FeedbackKind
+    draft_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    persona: str = _NAME
+    mode: Mode = "self"
+    adapter_version: str | None = None
+    context: list[HistoryMessage] = Field(default_factory=list, max_length=MAX_HISTORY)
+    target: str | None = Field(None, max_length=MAX_NAME_CHARS)
+    candidate: list[str] = Field(default_factory=list, max_length=32)
+    candidate_index: int | None = Field(None, ge=0, le=MAX_N)
+    final_text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    platform: str = Field("console", max_length=32)
+    ts: datetime = Field(default_factory=utcnow)
+
+    @model_validator(mode="after")
+    def _edited_has_text(self) -> FeedbackEvent:
+        if self.kind == "edited" and not self.final_text:
+            raise ValueError("an edited event carries the owner's final_text")
+        return self
+
+
+class ReloadMessage(_Wire):
+    """Published on the reload channel: load `persona`'s current version (or every persona's with `None`)."""
+
+    persona: str | None = None
+    version: str | None = None
+
+
+class Heartbeat(_Wire):
+    """What a worker writes to its heartbeat key every few seconds."""
+
+    worker: str
+    pid: int
+    base: str
+    adapters_loaded: list[str] = Field(default_factory=list)
+    batches: int = 0
+    requests: int = 0
+    started_at: datetime
+    ts: datetime = Field(default_factory=utcnow)
+
+
+class Keys:
+    """Every Redis name, under one prefix (setting `redis.prefix`, default "convo")."""
+
+    def __init__(self, prefix: str = DEFAULT_PREFIX):
+        if not prefix or any(c.isspace() for c in prefix):
+            raise ProtocolError(f"redis prefix {prefix!r}: must be non-empty without spaces")
+        self.prefix = prefix
+
+    @property
+    def requests(self) -> str:
+        """Stream of GenerateRequest entries, read by group WORKERS_GROUP."""
+        return f"{self.prefix}:requests"
+
+    @property
+    def dead(self) -> str:
+        """Dead-letter stream: malformed entries and entries delivered too often, with the reason."""
+        return f"{self.prefix}:dead"
+
+    @property
+    def feedback(self) -> str:
+        """Stream of FeedbackEvent entries, read by group FEEDBACK_GROUP."""
+        return f"{self.prefix}:feedback"
+
+    @property
+    def feedback_dead(self) -> str:
+        """Malformed feedback events, kept aside with the reason."""
+        return f"{self.prefix}:feedback:dead"
+
+    @property
+    def reload(self) -> str:
+        """Pub/sub channel of ReloadMessage."""
+        return f"{self.prefix}:reload"
+
+    def reply(self, request_id: str) -> str:
+        """List the response is pushed to (BLPOP by the client), with a TTL."""
+        return f"{self.prefix}:reply:{request_id}"
+
+    def answered(self, request_id: str) -> str:
+        """Marker set (NX) before a response is pushed: a request is answered once even if delivered twice."""
+        return f"{self.prefix}:answered:{request_id}"
+
+    def partial(self, request_id: str) -> str:
+        """String holding the latest Partial, with a TTL; also the pub/sub channel each Partial is published on."""
+        return f"{self.prefix}:partial:{request_id}"
+
+    def heartbeat(self, worker: str) -> str:
+        """A worker's Heartbeat, expiring when the worker stops refreshing it."""
+        return f"{self.prefix}:worker:{worker}"
+
+    @property
+    def heartbeat_pattern(self) -> str:
+        """SCAN pattern of every worker's heartbeat."""
+        return f"{self.prefix}:worker:*"
+
+    # Bot-side state (bot/core.py).
+    def history(self, platform: str, chat: str) -> str:
+        """Rolling conversation history of one chat (a list of HistoryMessage JSON)."""
+        return f"{self.prefix}:history:{platform}:{chat}"
+
+    def draft(self, draft_id: str) -> str:
+        """A draft record (context, candidates, platform ids), with a TTL."""
+        return f"{self.prefix}:draft:{draft_id}"
+
+    def chat_drafts(self, platform: str, chat: str) -> str:
+        """Set of the draft ids of one chat (so /forget finds them)."""
+        return f"{self.prefix}:drafts:{platform}:{chat}"
+
+    def consent(self, platform: str, user_id: str) -> str:
+        """A person's own opt-in to be simulated (Discord)."""
+        return f"{self.prefix}:consent:{platform}:{user_id}"
+
+    def roleplay(self, platform: str, channel: str) -> str:
+        """An active roleplay in a channel."""
+        return f"{self.prefix}:roleplay:{platform}:{channel}"
+
+
+def entry_payload(model: _Wire) -> dict[str, str]:
+    """The fields of a stream entry carrying `model`."""
+    return {STREAM_FIELD: model.dumps()}
+
+
+def entry_data(fields: dict) -> str:
+    """The JSON of a stream entry's `data` field (bytes or str keys); ProtocolError when it is missing."""
+    for key in (STREAM_FIELD, STREAM_FIELD.encode()):
+        if key in fields:
+            value = fields[key]
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    raise ProtocolError(f"stream entry has no {STREAM_FIELD!r} field (fields: {sorted(map(str, fields))[:5]})")
+
+
+def dumps_dead_letter(entry_id: str, fields: dict, reason: str) -> dict[str, str]:
+    """Fields of a dead-letter entry: the original entry id, its raw data (if any) and the reason."""
+    try:
+        raw = entry_data(fields)
+    except ProtocolError:
+        raw = json.dumps({str(k): str(v) for k, v in fields.items()})
+    return {"entry_id": entry_id, "data": raw[: MAX_TEXT_CHARS * 16], "reason": reason[:1000]}
+
