@@ -130,6 +130,7 @@ class TelegramSettings(BaseModel):
     owner_ids: list[int] = Field(default_factory=list)  # Telegram user ids allowed to use the bot
     chats: dict[str, str] = Field(default_factory=dict)  # friend's user/chat id -> persona (Business chats)
     live_drafts: bool = True  # stream drafts with sendMessageDraft while the worker generates
+    live_draft_interval_s: float = Field(0.5, ge=0)  # at most one live-draft update per this many seconds
 
 
 class DiscordSettings(BaseModel):
