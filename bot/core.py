@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerClient, WorkerError
+from inference.prompt_format import ROLE_ME, make_tag
 from inference.protocol import (
     MAX_HISTORY,
     MAX_TEXT_CHARS,
@@ -46,7 +47,6 @@ from inference.protocol import (
     new_id,
     utcnow,
 )
-from inference.prompt_format import ROLE_ME, make_tag
 
 logger = logging.getLogger(__name__)
 _PERSONA_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # the wire rule for persona names

@@ -179,6 +179,9 @@ class RoleplayCog(commands.Cog):
 
     async def _post(self, channel, record: RoleplayRecord, persona: Persona, draft: DraftRecord) -> None:
         """Post the persona's burst through the channel webhook, re-checking consent before each message."""
+        if await self.registry.active(str(channel.id)) is None:
+            logger.info("roleplay reply dropped: consent withdrawn persona=%s", persona.name)
+            return
         webhook = await self._webhook(channel, persona.name)
         member = channel.guild.get_member(int(record.user_id))
         avatar = member.display_avatar.url if member is not None else None
