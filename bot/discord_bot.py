@@ -182,9 +182,12 @@ class RoleplayCog(commands.Cog):
         if await self.registry.active(str(channel.id)) is None:
             logger.info("roleplay reply dropped: consent withdrawn persona=%s", persona.name)
             return
-        webhook = await self._webhook(channel, persona.name)
-        member = channel.guild.get_member(int(record.user_id))
-        avatar = member.display_avatar.url if member is not None else None
+        try:
+            webhook = await self._webhook(channel, persona.name)
+        except discord.Forbidden:
+            await channel.send(f"I need the Manage Webhooks permission here to speak as {webhook_name(persona.name)}.")
+            return
+        avatar = await self._avatar(channel.guild, int(record.user_id))
         ids: list[str] = []
 
         async def send(text: str) -> None:
@@ -201,6 +204,17 @@ class RoleplayCog(commands.Cog):
             draft = draft.model_copy(update={"refs": {**draft.refs, "message_ids": ",".join(ids)}})
             await self.core.save_draft(draft)
             await self.core.add_messages(str(channel.id), persona.tag, draft.candidates[0][: len(ids)])
+
+    @staticmethod
+    async def _avatar(guild: discord.Guild, user_id: int) -> str | None:
+        """The person's avatar URL (from the member cache, else one REST lookup; no members intent needed)."""
+        member = guild.get_member(user_id)
+        if member is None:
+            try:
+                member = await guild.fetch_member(user_id)
+            except discord.HTTPException:
+                return None
+        return member.display_avatar.url
 
     async def _webhook(self, channel, persona: str) -> discord.Webhook:
         """The channel's "NAME (AI)" webhook made by this bot, created on first use."""

@@ -26,6 +26,7 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction
+from telegram.error import TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
@@ -257,7 +258,11 @@ class TelegramBot:
             if now - last[0] < interval_s:
                 return
             last[0] = now
-            await context.bot.send_message_draft(chat_id=owner_chat, draft_id=draft_id, text=text[:4096])
+            try:
+                await context.bot.send_message_draft(chat_id=owner_chat, draft_id=draft_id, text=text[:4096])
+            except TelegramError as e:  # the preview is a nicety: the final message still comes
+                logger.warning("live draft update failed (%s); no more previews for this draft", type(e).__name__)
+                last[0] = float("inf")
 
         return on_partial
 
@@ -408,10 +413,16 @@ class TelegramBot:
             except Exception:  # already answered, or Telegram is unreachable: the log has it
                 logger.debug("could not answer the callback query after an error")
             return
+        text = "Something went wrong on my side; try again shortly."
+        if update.business_message is not None:
+            conn = self.connections.get(update.business_message.business_connection_id or "")
+            if conn is not None and conn.user.id in self.owner_ids:
+                await context.bot.send_message(conn.user_chat_id, "Couldn't draft a reply to a message in a "
+                                               "connected chat; the log has the details.")
+            return
         user, chat = update.effective_user, update.effective_chat
-        if user is not None and user.id in self.owner_ids and chat is not None and chat.type == "private" \
-                and update.business_message is None:
-            await context.bot.send_message(chat.id, "Something went wrong on my side; try again shortly.")
+        if user is not None and user.id in self.owner_ids and chat is not None and chat.type == "private":
+            await context.bot.send_message(chat.id, text)
 
 
 def build_app(settings, redis=None, request=None) -> Application:

@@ -87,6 +87,10 @@ class RecordingSession:
             return FakeResponse(200, msg)
         if method == "POST" and path == f"/channels/{CHANNEL}/messages":
             return FakeResponse(200, self._message(str(CHANNEL), body["content"], _user(BOT_ID, "convo", bot=True)))
+        if method == "GET" and path == f"/guilds/{GUILD}/members/{ALICE}":
+            member = _member(ALICE, "alice")
+            member["user"]["avatar"] = "a1b2c3"
+            return FakeResponse(200, member)
         if method == "POST" and path == f"/channels/{CHANNEL}/typing":
             return FakeResponse(204, None)
         self.unexpected.append(f"{method} {path}")
@@ -228,6 +232,7 @@ def test_roleplay_refused_without_consent_then_allowed_with_it(redis_url, tmp_pa
     posts = session.hook_posts()
     assert [p["content"] for p in posts] == ["alice/friend #0 re: hey alice, pizza?", "second msg"]
     assert all(p["username"] == "alice (AI)" for p in posts)
+    assert all(f"/avatars/{ALICE}/a1b2c3." in p["avatar_url"] for p in posts)  # the person's own avatar
 
 
 def test_consent_revoked_mid_roleplay_stops_the_next_reply(redis_url, tmp_path):

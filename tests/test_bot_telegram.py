@@ -26,7 +26,8 @@ def _user(uid: int, name: str) -> dict:
 class RecordingRequest(BaseRequest):
     """Answers Bot API calls with canned valid results, records each call, and flags any unexpected method."""
 
-    def __init__(self, can_reply: bool = True, connection_owner: int = OWNER):
+    def __init__(self, can_reply: bool = True, connection_owner: int = OWNER, drafts_fail: bool = False):
+        self.drafts_fail = drafts_fail
         self.calls: list[tuple[str, dict]] = []
         self.unexpected: list[str] = []
         self.can_reply = can_reply
@@ -62,6 +63,8 @@ class RecordingRequest(BaseRequest):
             result = {"id": BOT_ID, "is_bot": True, "first_name": "Convo", "username": "convo_test_bot"}
         elif name in ("sendMessage", "editMessageReplyMarkup"):
             result = self._message(params) if name == "sendMessage" else True
+        elif name == "sendMessageDraft" and self.drafts_fail:
+            return 400, json.dumps({"ok": False, "error_code": 400, "description": "Bad Request: no"}).encode()
         elif name in ("sendMessageDraft", "sendChatAction", "answerCallbackQuery"):
             result = True
         elif name == "getBusinessConnection":
@@ -78,24 +81,24 @@ class RecordingRequest(BaseRequest):
         return [p for n, p in self.calls if n == name]
 
 
-def _settings(redis_url, tmp_path, **bot):
+def _settings(redis_url, tmp_path, chats=None, **bot):
     from config.settings import Settings
 
     return Settings(
         redis={"url": redis_url, "prefix": PREFIX},
         bot={"adapters_dir": str(tmp_path / "adapters"), "typing_s_per_char": 0.0, "reply_timeout_s": 5.0,
              "drafts": 2, **bot},
-        telegram={"token": "123:TEST", "owner_ids": [OWNER], "chats": {str(FRIEND): "alice"},
+        telegram={"token": "123:TEST", "owner_ids": [OWNER], "chats": chats or {str(FRIEND): "alice"},
                   "live_draft_interval_s": 0.0},
     )
 
 
 @asynccontextmanager
-async def telegram_app(redis_url, tmp_path, request: RecordingRequest, **bot):
+async def telegram_app(redis_url, tmp_path, request: RecordingRequest, chats=None, **bot):
     """A real Application on the recording request, started like run_polling starts it (without polling)."""
     from bot.telegram_bot import build_app
 
-    app = build_app(_settings(redis_url, tmp_path, **bot), request=request)
+    app = build_app(_settings(redis_url, tmp_path, chats=chats, **bot), request=request)
     await app.initialize()
     await app.post_init(app)
     try:
@@ -331,3 +334,24 @@ def test_history_survives_a_bot_restart(redis_url, tmp_path):
 
     requests = run(scenario())
     assert [m.text for m in requests[1].history] == ["first message", "second message"]
+
+
+def test_unmapped_chats_store_nothing_and_failures_keep_the_bot_running(redis_url, tmp_path):
+    request = RecordingRequest(drafts_fail=True)
+    u = Updates()
+    chats = {str(FRIEND): "alice", "4004": "not/a/persona"}
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request, chats=chats) as app:
+            await feed(app, u.business_message("who is this?", sender=5005, chat=5005))  # not mapped
+            keys_unmapped = await _all_keys(redis_url)
+            await feed(app, u.business_message("hi", sender=4004, chat=4004))  # mapped to a bad persona name
+            await feed(app, u.business_message("still there?"))  # live previews fail; drafts still arrive
+            return worker.requests, keys_unmapped
+
+    requests, keys_unmapped = run(scenario())
+    assert keys_unmapped == [f"{PREFIX}:requests".encode()] and len(requests) == 1
+    texts = [p["text"] for p in request.named("sendMessage")]
+    assert texts[0].startswith("Couldn't draft a reply to a message in a connected chat")
+    assert len(request.named("sendMessageDraft")) == 1  # failed once, then no more previews
+    assert sum(1 for p in request.named("sendMessage") if p.get("reply_markup")) == 2
