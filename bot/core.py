@@ -144,6 +144,13 @@ def load_persona(adapters_dir: Path | str, name: str) -> Persona:
     )
 
 
+def check_persona_name(name: str, where: str = "persona") -> str:
+    """`name` if it can be a persona (an adapter dir name on the wire), else ConfigError naming `where`."""
+    if not isinstance(name, str) or not _PERSONA_RE.fullmatch(name):
+        raise ConfigError(f"{where} {name!r}: use letters, digits, '.', '_' or '-' (an adapter dir name)")
+    return name
+
+
 class PersonaBook:
     """Persona lookups for one bot process, read from adapter metadata once per name."""
 
@@ -154,8 +161,7 @@ class PersonaBook:
     def get(self, name: str) -> Persona:
         """The persona `name`; ConfigError when the name cannot be an adapter dir."""
         if name not in self._cache:
-            if not _PERSONA_RE.fullmatch(name or ""):
-                raise ConfigError(f"persona {name!r}: use letters, digits, '.', '_' or '-' (an adapter dir name)")
+            check_persona_name(name)
             self._cache[name] = load_persona(self.adapters_dir, name)
         return self._cache[name]
 

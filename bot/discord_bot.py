@@ -20,7 +20,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.consent import ConsentRegistry, RoleplayRecord
-from bot.core import BotConfig, BotCore, DraftRecord, Persona, PersonaBook, connect_redis
+from bot.core import BotConfig, BotCore, DraftRecord, Persona, PersonaBook, check_persona_name, connect_redis
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
 
@@ -46,7 +46,8 @@ class RoleplayCog(commands.Cog):
         self.bot = bot
         self.settings = settings
         self.owner_ids = set(settings.discord.owner_ids)
-        self.users = {str(k): v for k, v in settings.discord.users.items()}  # user id -> persona
+        self.users = {str(k): check_persona_name(v, f"discord.users[{k}]")  # user id -> persona
+                      for k, v in settings.discord.users.items()}
         self.config = BotConfig.from_settings(settings)
         self.book = PersonaBook(self.config.adapters_dir)
         self.core = BotCore(redis, self.config, PLATFORM)

@@ -41,7 +41,7 @@ from telegram.ext import (
     filters,
 )
 
-from bot.core import BotConfig, BotCore, DraftExpired, DraftRecord, PersonaBook, connect_redis
+from bot.core import BotConfig, BotCore, DraftExpired, DraftRecord, PersonaBook, check_persona_name, connect_redis
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
 
@@ -95,6 +95,8 @@ class TelegramBot:
         self.settings = settings
         self.owner_ids = set(settings.telegram.owner_ids)
         self.chats = dict(settings.telegram.chats)  # friend's user/chat id -> persona
+        for chat, persona in self.chats.items():
+            check_persona_name(persona, f"telegram.chats[{chat}]")
         self.config = BotConfig.from_settings(settings)
         self.book = PersonaBook(self.config.adapters_dir)
         self.redis = redis

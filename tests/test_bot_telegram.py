@@ -339,13 +339,16 @@ def test_history_survives_a_bot_restart(redis_url, tmp_path):
 def test_unmapped_chats_store_nothing_and_failures_keep_the_bot_running(redis_url, tmp_path):
     request = RecordingRequest(drafts_fail=True)
     u = Updates()
-    chats = {str(FRIEND): "alice", "4004": "not/a/persona"}
+    chats = {str(FRIEND): "alice", "4004": "broken"}
+    broken = tmp_path / "adapters" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "convo_adapter.json").write_text("{not json")  # an adapter replaced by something unreadable
 
     async def scenario():
         async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request, chats=chats) as app:
             await feed(app, u.business_message("who is this?", sender=5005, chat=5005))  # not mapped
             keys_unmapped = await _all_keys(redis_url)
-            await feed(app, u.business_message("hi", sender=4004, chat=4004))  # mapped to a bad persona name
+            await feed(app, u.business_message("hi", sender=4004, chat=4004))  # its adapter metadata is broken
             await feed(app, u.business_message("still there?"))  # live previews fail; drafts still arrive
             return worker.requests, keys_unmapped
 
@@ -355,3 +358,11 @@ def test_unmapped_chats_store_nothing_and_failures_keep_the_bot_running(redis_ur
     assert texts[0].startswith("Couldn't draft a reply to a message in a connected chat")
     assert len(request.named("sendMessageDraft")) == 1  # failed once, then no more previews
     assert sum(1 for p in request.named("sendMessage") if p.get("reply_markup")) == 2
+
+
+def test_a_bad_persona_name_in_the_config_is_refused_at_start(redis_url, tmp_path):
+    from bot.telegram_bot import build_app
+    from convo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"telegram.chats\[4004\] 'not/a/persona'"):
+        build_app(_settings(redis_url, tmp_path, chats={"4004": "not/a/persona"}), request=RecordingRequest())
