@@ -471,3 +471,13 @@ def connect_redis(settings):
 
     password = settings.redis.password.get_secret_value() if settings.redis.password else None
     return aioredis.from_url(settings.redis.url, password=password)
+
+
+async def ping_redis(client, url: str) -> None:
+    """Check Redis answers; ConfigError with the URL when it does not (bots start with this)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    try:
+        await client.ping()
+    except (RedisConnectionError, OSError) as e:
+        raise ConfigError(f"cannot reach Redis at {url} ({e}); start it (`make redis`) or set redis.url") from e

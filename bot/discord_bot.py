@@ -20,7 +20,16 @@ from discord import app_commands
 from discord.ext import commands
 
 from bot.consent import ConsentRegistry, RoleplayRecord
-from bot.core import BotConfig, BotCore, DraftRecord, Persona, PersonaBook, check_persona_name, connect_redis
+from bot.core import (
+    BotConfig,
+    BotCore,
+    DraftRecord,
+    Persona,
+    PersonaBook,
+    check_persona_name,
+    connect_redis,
+    ping_redis,
+)
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
 
@@ -284,7 +293,7 @@ class ConvoDiscordBot(commands.Bot):
         """Open Redis, add the cog and sync the slash commands (to `discord.guild_ids` at once, else globally)."""
         if self.redis is None:
             self.redis = connect_redis(self.settings)
-        await self.redis.ping()
+        await ping_redis(self.redis, self.settings.redis.url)
         await self.add_cog(RoleplayCog(self, self.settings, self.redis))
         if self.sync_commands:
             for guild_id in self.settings.discord.guild_ids:
@@ -314,5 +323,15 @@ def build_bot(settings, redis=None, sync_commands: bool = True) -> ConvoDiscordB
 
 def run_bot(settings) -> None:
     """Run the Discord bot until Ctrl-C."""
+    import aiohttp
+
     bot = build_bot(settings)
-    bot.run(settings.discord.token.get_secret_value(), log_handler=None)
+    try:
+        bot.run(settings.discord.token.get_secret_value(), log_handler=None)
+    except discord.LoginFailure as e:
+        raise ConfigError("discord.token was rejected by Discord: reset it in the Developer Portal (Bot tab)") from e
+    except discord.PrivilegedIntentsRequired as e:
+        raise ConfigError("enable the Message Content intent: Developer Portal -> Bot -> Privileged Gateway "
+                          "Intents") from e
+    except (aiohttp.ClientError, OSError) as e:
+        raise ConfigError(f"cannot reach Discord ({e}); check the network and try again") from e

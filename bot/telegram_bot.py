@@ -41,7 +41,16 @@ from telegram.ext import (
     filters,
 )
 
-from bot.core import BotConfig, BotCore, DraftExpired, DraftRecord, PersonaBook, check_persona_name, connect_redis
+from bot.core import (
+    BotConfig,
+    BotCore,
+    DraftExpired,
+    DraftRecord,
+    PersonaBook,
+    check_persona_name,
+    connect_redis,
+    ping_redis,
+)
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
 
@@ -110,7 +119,7 @@ class TelegramBot:
         """Open Redis (post_init)."""
         if self.redis is None:
             self.redis = connect_redis(self.settings)
-        await self.redis.ping()
+        await ping_redis(self.redis, self.settings.redis.url)
         self.core = BotCore(self.redis, self.config, PLATFORM)
         logger.info("telegram bot ready owners=%d mapped_chats=%d", len(self.owner_ids), len(self.chats))
 
@@ -464,5 +473,12 @@ def build_app(settings, redis=None, request=None) -> Application:
 
 def run_polling(settings) -> None:
     """Run the bot until Ctrl-C (long polling, business updates included)."""
+    from telegram.error import InvalidToken, NetworkError
+
     app = build_app(settings)
-    app.run_polling(allowed_updates=Update.ALL_TYPES, drop_pending_updates=False)
+    try:
+        app.run_polling(allowed_updates=Update.ALL_TYPES, drop_pending_updates=False)
+    except InvalidToken as e:
+        raise ConfigError("telegram.token was rejected by Telegram: copy it again from @BotFather") from e
+    except NetworkError as e:
+        raise ConfigError(f"cannot reach the Telegram Bot API ({e}); check the network and try again") from e

@@ -10,7 +10,6 @@ from typing import Annotated
 import typer
 
 from convo.commands.serve import serve_app
-from convo.errors import ConfigError
 
 
 def _state(ctx: typer.Context):
@@ -19,10 +18,23 @@ def _state(ctx: typer.Context):
     return state(ctx)
 
 
+class _NoStartupTraceback(logging.Filter):
+    """Without --debug, PTB's failed start-up (bad token, no network) logs one line; the CLI says what to do."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("telegram") and record.getMessage().startswith("Network Retry Loop"):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 def _logging(debug: bool) -> None:
     """Log events (never chat text) to stderr; quiet the HTTP libraries."""
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_NoStartupTraceback())
     for noisy in ("httpx", "httpcore", "discord.gateway", "discord.http"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -59,21 +71,16 @@ def chat_cmd(
 ) -> None:
     """Chat in the terminal through the worker, with 👍 / 👎 / regenerate / send as commands (/help inside)."""
     from bot.console import run_chat, stdin_reader
-    from bot.core import BotConfig, BotCore, PersonaBook, connect_redis
+    from bot.core import BotConfig, BotCore, PersonaBook, connect_redis, ping_redis
 
     settings = _state(ctx).settings
     config = BotConfig.from_settings(settings, drafts=drafts, reply_timeout_s=timeout_s)
     persona_ = PersonaBook(config.adapters_dir).get(persona)
 
     async def main() -> None:
-        import redis.exceptions
-
         redis_client = connect_redis(settings)
         try:
-            try:
-                await redis_client.ping()
-            except (redis.exceptions.ConnectionError, OSError) as e:
-                raise ConfigError(f"cannot reach Redis at {settings.redis.url} ({e}); start it or set redis.url") from e
+            await ping_redis(redis_client, settings.redis.url)
             core = BotCore(redis_client, config, "console")
             await run_chat(core, persona_, mode.value, stdin_reader())
         finally:
