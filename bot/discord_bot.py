@@ -207,7 +207,7 @@ class RoleplayCog(commands.Cog):
             ids.append(str(sent.id))
 
         try:
-            await self.core.deliver(draft.candidates[0], send=send, typing=None)
+            await self.core.deliver(draft.candidates[0], send=send, typing=lambda: channel.typing())
         except _ConsentGone:
             logger.info("roleplay reply dropped: consent withdrawn persona=%s", persona.name)
         if ids:

@@ -140,8 +140,8 @@ class TelegramBot:
             return
         if update.callback_query is not None:
             await update.callback_query.answer(REFUSAL)
-        elif user is not None and user.id not in self.refused and update.effective_chat is not None \
-                and update.effective_chat.type == "private":
+        elif user is not None and user.id not in self.refused and update.message is not None \
+                and update.message.chat.type == "private":
             self.refused.add(user.id)
             await context.bot.send_message(update.effective_chat.id, REFUSAL)
         logger.info("refused an update from a non-owner")

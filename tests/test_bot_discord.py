@@ -208,7 +208,8 @@ async def discord_bot(redis_url, tmp_path, **bot):
 
 def test_roleplay_refused_without_consent_then_allowed_with_it(redis_url, tmp_path):
     async def scenario():
-        async with FakeWorker(redis_url) as worker, discord_bot(redis_url, tmp_path) as h:
+        async with FakeWorker(redis_url) as worker, \
+                discord_bot(redis_url, tmp_path, typing_s_per_char=0.0001, max_typing_s=0.001) as h:
             await h.command(CAROL, "roleplay", "start", persona="alice")  # no Manage Server
             await h.command(ADMIN, "roleplay", "start", permissions=MANAGE_GUILD, persona="alice")  # no consent
             await h.say(CAROL, "anyone here?")  # no roleplay: nothing stored, no reply
@@ -233,6 +234,10 @@ def test_roleplay_refused_without_consent_then_allowed_with_it(redis_url, tmp_pa
     assert [p["content"] for p in posts] == ["alice/friend #0 re: hey alice, pizza?", "second msg"]
     assert all(p["username"] == "alice (AI)" for p in posts)
     assert all(f"/avatars/{ALICE}/a1b2c3." in p["avatar_url"] for p in posts)  # the person's own avatar
+    # A burst: each message of it is preceded by a typing indicator.
+    kinds = ["typing" if p.endswith("/typing") else "post" for m, p, _ in session.calls
+             if p.endswith("/typing") or p.startswith("/webhooks/")]
+    assert kinds[-4:] == ["typing", "post", "typing", "post"]
 
 
 def test_consent_revoked_mid_roleplay_stops_the_next_reply(redis_url, tmp_path):
