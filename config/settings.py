@@ -108,15 +108,38 @@ class WorkerSettings(BaseModel):
 
 
 class BotSettings(BaseModel):
-    """Bot core shared by Telegram, Discord and `convo chat` (issue: bots)."""
+    """Bot core shared by Telegram, Discord and `convo chat` (issue: bots).
+
+    How much context a request carries is `dataset.context_messages` and `dataset.session_gap_min`: the same
+    meaning as in `convo dataset`, so live prompts look like the training samples.
+    """
+
+    adapters_dir: str = "adapters"  # persona tags come from <adapters_dir>/<persona>/(current/)convo_adapter.json
+    reply_timeout_s: float = Field(60.0, gt=0)  # how long a bot waits for the worker before saying so
+    history_ttl_days: float = Field(30.0, gt=0)  # stored chat history expires after this much silence
+    draft_ttl_hours: float = Field(48.0, gt=0)  # a draft (and its buttons) lives this long
+    drafts: int = Field(3, ge=1, le=8)  # drafts of the owner's next message per incoming message
+    typing_s_per_char: float = Field(0.03, ge=0)  # pause before each message of a burst (0 in tests)
+    max_typing_s: float = Field(4.0, ge=0)  # cap on one such pause
 
 
 class TelegramSettings(BaseModel):
     """`convo serve telegram` (issue: bots)."""
 
+    token: SecretStr | None = None  # from @BotFather (CONVO_TELEGRAM__TOKEN)
+    owner_ids: list[int] = Field(default_factory=list)  # Telegram user ids allowed to use the bot
+    chats: dict[str, str] = Field(default_factory=dict)  # friend's user/chat id -> persona (Business chats)
+    live_drafts: bool = True  # stream drafts with sendMessageDraft while the worker generates
+    live_draft_interval_s: float = Field(0.5, ge=0)  # at most one live-draft update per this many seconds
+
 
 class DiscordSettings(BaseModel):
     """`convo serve discord` (issue: bots)."""
+
+    token: SecretStr | None = None  # bot token from the Developer Portal (CONVO_DISCORD__TOKEN)
+    owner_ids: list[int] = Field(default_factory=list)  # may start roleplays anywhere (besides Manage Server)
+    users: dict[str, str] = Field(default_factory=dict)  # Discord user id -> persona they can be simulated as
+    guild_ids: list[int] = Field(default_factory=list)  # sync slash commands to these guilds at once (else global)
 
 
 class FeedbackSettings(BaseModel):

@@ -1,0 +1,483 @@
+"""The platform-free bot core: chat history, personas, drafts, feedback events and burst delivery.
+
+Telegram, Discord and `convo chat` all go through `BotCore`; it knows Redis and the wire format
+(inference/protocol.py), never a platform and never a model.
+
+    history   {prefix}:history:{platform}:{chat}   list of HistoryMessage JSON, last `context_messages`, TTL
+    drafts    {prefix}:draft:{id}                  DraftRecord JSON (context, candidates, platform refs), TTL
+              {prefix}:drafts:{platform}:{chat}    set of a chat's draft ids (so /forget finds them)
+    feedback  {prefix}:feedback                    FeedbackEvent entries, each complete on its own
+
+A request's context is what `convo dataset` would have used: the chat's last `context_messages` messages that
+sit in one session (no silence longer than `session_gap_min` between them, nor between the last one and now).
+Speakers are prompt tags: a persona's tags come from its adapter's `convo_adapter.json`, so live names map to
+the tags the adapter learned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from convo.errors import ConfigError, ConvoError
+from inference.client import WorkerClient, WorkerError
+from inference.prompt_format import ROLE_ME, make_tag
+from inference.protocol import (
+    MAX_HISTORY,
+    MAX_TEXT_CHARS,
+    FeedbackEvent,
+    FeedbackKind,
+    GenerateRequest,
+    GenerateResponse,
+    HistoryMessage,
+    Keys,
+    Mode,
+    Partial,
+    entry_data,
+    entry_payload,
+    new_id,
+    utcnow,
+)
+
+logger = logging.getLogger(__name__)
+_PERSONA_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # the wire rule for persona names
+
+DraftStatus = Literal["open", "sent", "edited", "closed"]
+
+
+class DraftExpired(ConvoError):
+    """A draft that is no longer stored (expired, forgotten, or never made here)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BotConfig:
+    """What the core needs from the settings (built once by the entry point)."""
+
+    prefix: str = "convo"
+    adapters_dir: Path = Path("adapters")
+    context_messages: int = 16
+    session_gap_min: float = 60.0
+    history_ttl_s: int = 30 * 86400
+    draft_ttl_s: int = 48 * 3600
+    reply_timeout_s: float = 60.0
+    drafts: int = 3
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    typing_s_per_char: float = 0.03
+    max_typing_s: float = 4.0
+
+    @classmethod
+    def from_settings(cls, settings, **overrides) -> BotConfig:
+        """Build from `config.settings.Settings` (dataset context rules, generate sampling, bot section)."""
+        b, d, g = settings.bot, settings.dataset, settings.generate
+        fields = dict(
+            prefix=settings.redis.prefix, adapters_dir=Path(b.adapters_dir),
+            context_messages=min(d.context_messages, MAX_HISTORY), session_gap_min=d.session_gap_min,
+            history_ttl_s=max(1, round(b.history_ttl_days * 86400)), draft_ttl_s=max(1, round(b.draft_ttl_hours * 3600)),
+            reply_timeout_s=b.reply_timeout_s, drafts=b.drafts, temperature=g.temperature, top_p=g.top_p,
+            max_new_tokens=g.max_new_tokens, typing_s_per_char=b.typing_s_per_char, max_typing_s=b.max_typing_s,
+        )
+        fields.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**fields)
+
+
+# ---------------------------------------------------------------- personas
+
+
+@dataclass(frozen=True, slots=True)
+class Persona:
+    """A persona as the bots see it: its request name, its tag and the owner's tag in its adapter."""
+
+    name: str
+    tag: str
+    me_tag: str = ROLE_ME
+    display_name: str | None = None
+    me_name: str | None = None
+    version: str | None = None
+
+    def target(self, mode: Mode) -> str:
+        """The tag a candidate is written as: the persona's in friend mode, the owner's in self mode."""
+        return self.tag if mode == "friend" else self.me_tag
+
+    def tag_for(self, display_name: str) -> str:
+        """The tag of someone else in a live chat: a known speaker's tag by name, else one made from the name."""
+        folded = display_name.casefold()
+        for name, tag in ((self.display_name, self.tag), (self.name, self.tag), (self.me_name, self.me_tag)):
+            if name and name.casefold() == folded:
+                return tag
+        return make_tag(display_name, reserved={self.tag, self.me_tag})
+
+
+def list_personas(adapters_dir: Path | str) -> list[str]:
+    """Persona names with an adapter under `adapters_dir` (what /personas shows)."""
+    from inference.versions import discover
+
+    return sorted(discover(adapters_dir))
+
+
+def load_persona(adapters_dir: Path | str, name: str) -> Persona:
+    """The persona `name` with the tags its adapter learned; without an adapter dir, tags made from the name."""
+    from inference.adapter_meta import read_adapter_meta
+    from inference.versions import resolve
+
+    persona_dir = Path(adapters_dir) / name
+    if not persona_dir.is_dir():
+        # The worker may serve adapters from another machine: fall back to the default tags of `convo dataset`.
+        logger.warning("persona %s: no adapter dir under %s; using tags made from the name", name, adapters_dir)
+        return Persona(name=name, tag=make_tag(name, reserved={ROLE_ME}), me_tag=ROLE_ME, display_name=name)
+    adapter_dir, version = resolve(persona_dir)
+    meta = read_adapter_meta(adapter_dir)
+    me = meta.me
+    return Persona(
+        name=name, tag=meta.persona.tag, me_tag=me.tag if me else ROLE_ME, display_name=meta.persona.name,
+        me_name=me.name if me else None, version=version,
+    )
+
+
+def check_persona_name(name: str, where: str = "persona") -> str:
+    """`name` if it can be a persona (an adapter dir name on the wire), else ConfigError naming `where`."""
+    if not isinstance(name, str) or not _PERSONA_RE.fullmatch(name):
+        raise ConfigError(f"{where} {name!r}: use letters, digits, '.', '_' or '-' (an adapter dir name)")
+    return name
+
+
+class PersonaBook:
+    """Persona lookups for one bot process, read from adapter metadata once per name."""
+
+    def __init__(self, adapters_dir: Path | str):
+        self.adapters_dir = Path(adapters_dir)
+        self._cache: dict[str, Persona] = {}
+
+    def get(self, name: str) -> Persona:
+        """The persona `name`; ConfigError when the name cannot be an adapter dir."""
+        if name not in self._cache:
+            check_persona_name(name)
+            self._cache[name] = load_persona(self.adapters_dir, name)
+        return self._cache[name]
+
+    def names(self) -> list[str]:
+        """Persona names found under the adapters dir."""
+        return list_personas(self.adapters_dir)
+
+
+# ---------------------------------------------------------------- drafts
+
+
+class DraftRecord(BaseModel):
+    """A stored draft: everything a feedback event needs, so an event never requires a platform lookup."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    id: str
+    persona: str
+    mode: Mode
+    platform: str
+    chat: str
+    target: str
+    context: list[HistoryMessage] = Field(default_factory=list)
+    candidates: list[list[str]] = Field(default_factory=list)
+    adapter_version: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    status: DraftStatus = "open"
+    refs: dict[str, str] = Field(default_factory=dict)  # platform ids (chat, message, business connection...)
+
+
+def session_context(messages: Sequence[HistoryMessage], now: datetime, session_gap_min: float, limit: int
+                    ) -> list[HistoryMessage]:
+    """The newest messages of the current session, oldest first, at most `limit` (as `convo dataset` cuts)."""
+    gap_s = session_gap_min * 60
+    out: list[HistoryMessage] = []
+    later = now
+    for message in reversed(messages):
+        if message.ts is not None:
+            if (later - message.ts).total_seconds() > gap_s:
+                break
+            later = message.ts
+        out.append(message)
+        if len(out) >= limit:
+            break
+    return out[::-1]
+
+
+def clip_text(text: str) -> str:
+    """A message text cut to what the wire format carries."""
+    return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
+
+
+class BotCore:
+    """History, drafts and feedback for one platform, over Redis and a WorkerClient."""
+
+    def __init__(self, redis, config: BotConfig, platform: str, client: WorkerClient | None = None):
+        self.redis = redis
+        self.config = config
+        self.platform = platform
+        self.keys = Keys(config.prefix)
+        self.client = client or WorkerClient(redis, self.keys)
+
+    # ------------------------------------------------------------ history
+
+    async def add_message(self, chat: str, speaker: str, text: str, ts: datetime | None = None) -> HistoryMessage:
+        """Append one message to a chat's rolling history (trimmed to `context_messages`, TTL refreshed)."""
+        message = HistoryMessage.build(speaker=speaker, text=clip_text(text), ts=ts or utcnow())
+        key = self.keys.history(self.platform, chat)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(key, message.dumps())
+            pipe.ltrim(key, -self.config.context_messages, -1)
+            pipe.expire(key, self.config.history_ttl_s)
+            await pipe.execute()
+        return message
+
+    async def add_messages(self, chat: str, speaker: str, texts: Sequence[str]) -> None:
+        """Append a burst of one speaker's messages."""
+        for text in texts:
+            await self.add_message(chat, speaker, text)
+
+    async def history(self, chat: str) -> list[HistoryMessage]:
+        """Every stored message of a chat, oldest first (unparseable entries are skipped and logged)."""
+        out = []
+        for raw in await self.redis.lrange(self.keys.history(self.platform, chat), 0, -1):
+            try:
+                out.append(HistoryMessage.loads(raw))
+            except ConvoError:
+                logger.warning("history %s:%s: skipped a malformed entry", self.platform, chat)
+        return out
+
+    async def context(self, chat: str, now: datetime | None = None) -> list[HistoryMessage]:
+        """The context a request for this chat carries now (current session, last `context_messages`)."""
+        return session_context(await self.history(chat), now or utcnow(), self.config.session_gap_min,
+                               self.config.context_messages)
+
+    # ------------------------------------------------------------ drafts
+
+    async def generate(self, chat: str, persona: Persona, mode: Mode, n: int = 1,
+                       on_partial: Callable[[str], Awaitable[None]] | None = None,
+                       refs: dict[str, str] | None = None) -> DraftRecord:
+        """Ask the worker for `n` candidates from the chat's context, store the draft and emit `shown` events.
+
+        With `on_partial` the request streams and each newer text of candidate 1 is passed to it. Raises
+        WorkerTimeout (nobody answered) or WorkerError (the worker refused).
+        """
+        context = await self.context(chat)
+        return await self._generate(chat, persona, mode, n, context, on_partial, refs or {})
+
+    async def _generate(self, chat, persona, mode, n, context, on_partial, refs) -> DraftRecord:
+        cfg = self.config
+        request = GenerateRequest.build(
+            persona=persona.name, mode=mode, history=context, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens,
+        )
+        started = time.monotonic()
+        response: GenerateResponse | None = None
+        if on_partial is None:
+            response = await self.client.generate(request, timeout_s=cfg.reply_timeout_s)
+        else:
+            async for item in self.client.stream(request, timeout_s=cfg.reply_timeout_s):
+                if isinstance(item, Partial):
+                    if item.text:
+                        await on_partial(item.text)
+                else:
+                    response = item
+        if response is None or not response.ok:
+            raise WorkerError(response or GenerateResponse.failure(request.id, "internal", "no response"))
+        candidates = [c for c in response.candidates if any(m.strip() for m in c)]
+        if not candidates:
+            raise WorkerError(GenerateResponse.failure(request.id, "internal", "the model produced only empty text"))
+        draft = DraftRecord(
+            id=new_id(), persona=persona.name, mode=mode, platform=self.platform, chat=chat,
+            target=persona.target(mode), context=list(context), candidates=candidates,
+            adapter_version=response.adapter.version if response.adapter else persona.version, refs=refs,
+        )
+        await self.save_draft(draft)
+        logger.info("draft %s persona=%s mode=%s n=%d %.2fs", draft.id, persona.name, mode, len(candidates),
+                    time.monotonic() - started)
+        for i in range(len(candidates)):
+            await self.feedback(draft, "shown", i)
+        return draft
+
+    async def regenerate(self, draft: DraftRecord, persona: Persona, n: int | None = None,
+                         on_partial: Callable[[str], Awaitable[None]] | None = None) -> DraftRecord:
+        """Emit `regenerated` for `draft` and make a new draft from the very same context."""
+        await self.feedback(draft, "regenerated")
+        await self.set_status(draft, "closed")
+        return await self._generate(draft.chat, persona, draft.mode, n or len(draft.candidates), draft.context,
+                                    on_partial, dict(draft.refs))
+
+    async def save_draft(self, draft: DraftRecord) -> None:
+        """Store a draft record and index it under its chat, both with the draft TTL."""
+        index = self.keys.chat_drafts(self.platform, draft.chat)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.set(self.keys.draft(draft.id), draft.model_dump_json(), ex=self.config.draft_ttl_s)
+            pipe.sadd(index, draft.id)
+            pipe.expire(index, self.config.draft_ttl_s)
+            await pipe.execute()
+
+    async def get_draft(self, draft_id: str) -> DraftRecord:
+        """A stored draft; DraftExpired when it is gone."""
+        raw = await self.redis.get(self.keys.draft(draft_id))
+        if raw is None:
+            raise DraftExpired(f"draft {draft_id} has expired or was forgotten")
+        return DraftRecord.model_validate_json(raw)
+
+    async def set_status(self, draft: DraftRecord, status: DraftStatus) -> DraftRecord:
+        """Store the draft with a new status, keeping its remaining TTL."""
+        updated = draft.model_copy(update={"status": status})
+        await self.redis.set(self.keys.draft(draft.id), updated.model_dump_json(), keepttl=True)
+        return updated
+
+    async def open_draft(self, chat: str) -> DraftRecord | None:
+        """The newest draft of a chat still waiting for the owner (None when there is none)."""
+        ids = await self.redis.smembers(self.keys.chat_drafts(self.platform, chat))
+        if not ids:
+            return None
+        drafts = []
+        for raw in await self.redis.mget([self.keys.draft(i.decode() if isinstance(i, bytes) else i) for i in ids]):
+            if raw is not None:
+                draft = DraftRecord.model_validate_json(raw)
+                if draft.status == "open":
+                    drafts.append(draft)
+        return max(drafts, key=lambda d: d.created_at, default=None)
+
+    # ------------------------------------------------------------ feedback
+
+    async def feedback(self, draft: DraftRecord, kind: FeedbackKind, candidate_index: int | None = None,
+                       final_text: str | None = None) -> FeedbackEvent:
+        """Put one self-contained FeedbackEvent on the feedback stream and return it."""
+        candidate = draft.candidates[candidate_index] if candidate_index is not None else []
+        if kind == "sent" and final_text is None and candidate:
+            final_text = "\n".join(candidate)
+        event = FeedbackEvent.build(
+            kind=kind, draft_id=draft.id, persona=draft.persona, mode=draft.mode,
+            adapter_version=draft.adapter_version, context=draft.context, target=draft.target,
+            candidate=candidate, candidate_index=candidate_index,
+            final_text=clip_text(final_text) if final_text else None, platform=self.platform,
+        )
+        await self.redis.xadd(self.keys.feedback, entry_payload(event))
+        logger.info("feedback %s draft=%s persona=%s", kind, draft.id, draft.persona)
+        return event
+
+    async def owner_wrote(self, chat: str, text: str) -> FeedbackEvent | None:
+        """The owner sent `text` in a chat with an open draft: `sent` if it is a candidate as drafted, else
+        `edited` with both texts; the draft closes. None when no draft was waiting."""
+        draft = await self.open_draft(chat)
+        if draft is None:
+            return None
+        for i, candidate in enumerate(draft.candidates):
+            if text.strip() in ("\n".join(candidate).strip(), candidate[0].strip() if candidate else None):
+                await self.set_status(draft, "sent")
+                return await self.feedback(draft, "sent", i)
+        await self.set_status(draft, "edited")
+        return await self.feedback(draft, "edited", 0, final_text=text)
+
+    # ------------------------------------------------------------ deletion
+
+    async def forget(self, chat: str) -> int:
+        """Delete a chat's history and drafts; returns the number of keys deleted."""
+        index = self.keys.chat_drafts(self.platform, chat)
+        ids = [i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(index)]
+        keys = [self.keys.history(self.platform, chat), index, *(self.keys.draft(i) for i in ids)]
+        deleted = await self.redis.delete(*keys)
+        logger.info("forgot chat %s:%s (%d keys)", self.platform, chat, deleted)
+        return deleted
+
+    async def forget_persona(self, persona: Persona) -> dict[str, int]:
+        """Delete everything of one person on this platform: their messages in every stored history, every
+        draft written as them, and their feedback events still on the stream. Returns counts."""
+        counts = {"messages": 0, "drafts": 0, "events": 0}
+        async for key in self.redis.scan_iter(match=self.keys.history(self.platform, "*"), count=500):
+            kept, dropped = [], 0
+            for raw in await self.redis.lrange(key, 0, -1):
+                try:
+                    speaker = HistoryMessage.loads(raw).speaker
+                except ConvoError:
+                    speaker = None
+                if speaker == persona.tag:
+                    dropped += 1
+                else:
+                    kept.append(raw)
+            if dropped:
+                ttl = await self.redis.ttl(key)
+                async with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.delete(key)
+                    if kept:
+                        pipe.rpush(key, *kept)
+                        if ttl and ttl > 0:
+                            pipe.expire(key, ttl)
+                    await pipe.execute()
+                counts["messages"] += dropped
+        async for key in self.redis.scan_iter(match=self.keys.draft("*"), count=500):
+            raw = await self.redis.get(key)
+            if raw is None:
+                continue
+            draft = DraftRecord.model_validate_json(raw)
+            if draft.persona == persona.name and draft.platform == self.platform:
+                await self.redis.delete(key)
+                await self.redis.srem(self.keys.chat_drafts(self.platform, draft.chat), draft.id)
+                counts["drafts"] += 1
+        last = "-"
+        while True:
+            entries = await self.redis.xrange(self.keys.feedback, min=f"({last}" if last != "-" else "-", count=500)
+            if not entries:
+                break
+            doomed = []
+            for entry_id, fields in entries:
+                try:
+                    event = FeedbackEvent.loads(entry_data(fields))
+                except ConvoError:
+                    continue
+                if event.persona == persona.name and event.platform == self.platform:
+                    doomed.append(entry_id)
+            if doomed:
+                counts["events"] += await self.redis.xdel(self.keys.feedback, *doomed)
+            last = entries[-1][0].decode() if isinstance(entries[-1][0], bytes) else entries[-1][0]
+        logger.info("forgot persona %s on %s: %s", persona.name, self.platform, counts)
+        return counts
+
+    # ------------------------------------------------------------ delivery
+
+    def typing_delay_s(self, text: str) -> float:
+        """Pause before sending `text` in a burst: proportional to its length, capped."""
+        return min(len(text) * self.config.typing_s_per_char, self.config.max_typing_s)
+
+    async def deliver(self, messages: Sequence[str], send: Callable[[str], Awaitable[object]],
+                      typing: Callable[[], Awaitable[object]] | None = None) -> int:
+        """Send a burst as separate messages, each after a typing pause proportional to its length."""
+        sent = 0
+        for text in messages:
+            if not text.strip():
+                continue
+            delay_s = self.typing_delay_s(text)
+            if delay_s > 0:
+                if typing is not None:
+                    await typing()
+                await asyncio.sleep(delay_s)  # pacing that looks human, not synchronisation
+            await send(text)
+            sent += 1
+        return sent
+
+
+def connect_redis(settings):
+    """An async Redis client for the bot (settings.redis url and password)."""
+    import redis.asyncio as aioredis
+
+    password = settings.redis.password.get_secret_value() if settings.redis.password else None
+    return aioredis.from_url(settings.redis.url, password=password)
+
+
+async def ping_redis(client, url: str) -> None:
+    """Check Redis answers; ConfigError with the URL when it does not (bots start with this)."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    try:
+        await client.ping()
+    except (RedisConnectionError, OSError) as e:
+        raise ConfigError(f"cannot reach Redis at {url} ({e}); start it (`make redis`) or set redis.url") from e

@@ -1,0 +1,101 @@
+"""`convo chat` through the bot core, the real Redis and a fake worker; the bot CLI commands' errors."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+
+from tests.bot_helpers import FakeWorker, bot_config, feedback_events, run
+
+
+def _lines(*lines):
+    it = iter(lines)
+
+    async def read():
+        return next(it, None)
+
+    return read
+
+
+async def _chat(redis_url, tmp_path, mode, lines, **config):
+    import redis.asyncio as aioredis
+
+    from bot.console import run_chat
+    from bot.core import BotCore, Persona
+
+    out = io.StringIO()
+    core = BotCore(aioredis.from_url(redis_url), bot_config(tmp_path, **config), "console")
+    await run_chat(core, Persona(name="alice", tag="ALICE", me_tag="ME"), mode, _lines(*lines),
+                   Console(file=out, width=200, highlight=False))
+    events = await feedback_events(core.redis)
+    history = await core.history(f"alice:{mode}")
+    await core.redis.aclose()
+    return out.getvalue(), events, history
+
+
+@pytest.mark.redis
+def test_friend_mode_reply_reactions_and_regenerate(redis_url, tmp_path):
+    async def scenario():
+        async with FakeWorker(redis_url) as worker:
+            result = await _chat(redis_url, tmp_path, "friend",
+                                 ["hey alice", "/good", "/regen", "/bad", "how are you?", "/quit"])
+        return (*result, worker.requests)
+
+    out, events, history, requests = run(scenario())
+    assert "alice: alice/friend #0 re: hey alice" in out and "alice: second msg" in out
+    assert [e.kind for e in events] == ["shown", "liked", "regenerated", "shown", "disliked", "shown"]
+    assert all(e.platform == "console" and e.target == "ALICE" for e in events)
+    assert requests[1].history == requests[0].history
+    # The regenerated reply was kept when the chat went on; the last one when the chat ended.
+    assert [(m.speaker, m.text) for m in history] == [
+        ("ME", "hey alice"), ("ALICE", "alice/friend #0 re: hey alice"), ("ALICE", "second msg"),
+        ("ME", "how are you?"), ("ALICE", "alice/friend #0 re: how are you?"), ("ALICE", "second msg")]
+
+
+@pytest.mark.redis
+def test_self_mode_send_and_own_text_and_history_carries_over(redis_url, tmp_path):
+    async def scenario():
+        async with FakeWorker(redis_url) as worker:
+            first = await _chat(redis_url, tmp_path, "self", ["are you free?", "/send 2", "/send 9", "/quit"])
+            second = await _chat(redis_url, tmp_path, "self", ["great, 7pm?", "/me yes 7 works", "/forget"])
+        return first, second, worker.requests
+
+    (out1, events1, history1), (out2, events2, history2), requests = run(scenario())
+    assert "draft 1:" in out1 and "draft 2:" in out1
+    assert "nothing to react to yet" in out1  # /send 9 after the draft was used
+    sent = [e for e in events1 if e.kind == "sent"][0]
+    assert sent.candidate_index == 1 and sent.target == "ME" and sent.mode == "self"
+    # The second session continued the stored conversation.
+    assert [m.text for m in requests[1].history][:1] == ["are you free?"]
+    assert requests[1].history[-1].text == "great, 7pm?"
+    edited = [e for e in events2 if e.kind == "edited"][0]
+    assert edited.final_text == "yes 7 works" and edited.candidate
+    assert history2 == []  # /forget
+
+
+@pytest.mark.redis
+def test_worker_timeout_is_reported_and_chat_goes_on(redis_url, tmp_path):
+    async def scenario():
+        async with FakeWorker(redis_url, answer=lambda r: None):
+            return await _chat(redis_url, tmp_path, "friend", ["hello", "/regen", "/nope"], reply_timeout_s=0.3)
+
+    out, events, history = run(scenario())
+    assert "no reply from the model worker within 0.3 s" in out
+    assert "nothing to regenerate yet" in out and "unknown command /nope" in out
+    assert events == []
+
+
+def test_cli_errors_are_one_line(cli, capsys, monkeypatch):
+    for var in ("CONVO_TELEGRAM__TOKEN", "CONVO_DISCORD__TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    assert cli(["serve", "telegram"]) == 2
+    assert "telegram.token is not set" in capsys.readouterr().err
+    assert cli(["serve", "discord"]) == 2
+    assert "discord.token is not set" in capsys.readouterr().err
+    assert cli(["chat", "--persona", "../etc"]) == 2
+    err = capsys.readouterr().err
+    assert "persona '../etc'" in err and "Traceback" not in err
+    assert cli(["chat", "--help"]) == 0
+    assert "--mode" in capsys.readouterr().out

@@ -1,0 +1,230 @@
+"""Bot core against the real Redis: history, personas, drafts, feedback events, deletion, delivery."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from tests.bot_helpers import PREFIX, FakeWorker, bot_config, feedback_events, run
+
+
+def _core(redis_url, tmp_path, platform="console", **overrides):
+    import redis.asyncio as aioredis
+
+    from bot.core import BotCore
+
+    return BotCore(aioredis.from_url(redis_url), bot_config(tmp_path, **overrides), platform)
+
+
+def write_adapter(adapters_dir: Path, persona: str, tag: str, me_tag: str, version: str | None = "v2") -> Path:
+    """A persona dir with convo_adapter.json (versioned with a `current` link when `version` is given)."""
+    from inference.adapter_meta import AdapterMeta, BaseModelRef, Speaker, write_adapter_meta
+    from inference.prompt_format import FORMAT_VERSION
+    from inference.versions import set_current
+
+    meta = AdapterMeta(persona=Speaker(name="Alice Smith", tag=tag), me=Speaker(name="Bob", tag=me_tag),
+                       base_model=BaseModelRef(id="tiny"), format_version=FORMAT_VERSION)
+    persona_dir = adapters_dir / persona
+    write_adapter_meta(persona_dir / version if version else persona_dir, meta)
+    if version:
+        set_current(persona_dir, version)
+    return persona_dir
+
+
+def test_bot_packages_never_import_torch():
+    code = "import bot.telegram_bot, bot.discord_bot, bot.console, bot.core, config.settings, sys; " \
+           "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, sorted(sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
+
+
+def test_persona_tags_come_from_adapter_metadata(tmp_path):
+    from bot.core import PersonaBook
+
+    write_adapter(tmp_path / "adapters", "alice", "ALICE_S", "BOBBY")
+    book = PersonaBook(tmp_path / "adapters")
+    alice = book.get("alice")
+    assert (alice.tag, alice.me_tag, alice.version) == ("ALICE_S", "BOBBY", "v2")
+    assert alice.target("friend") == "ALICE_S" and alice.target("self") == "BOBBY"
+    assert alice.tag_for("alice smith") == "ALICE_S" and alice.tag_for("Bob") == "BOBBY"
+    assert alice.tag_for("Zoë Li") == "ZOE_LI"
+    assert book.names() == ["alice"]
+    assert book.get("ghost").tag == "GHOST"  # no adapter here: tags made from the name
+    from convo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="persona"):
+        book.get("../etc")
+
+
+@pytest.mark.redis
+def test_history_survives_restart_and_respects_sessions_and_limits(redis_url, tmp_path):
+    from bot.core import BotCore
+    from inference.protocol import Keys, utcnow
+
+    async def scenario():
+        first = _core(redis_url, tmp_path, context_messages=3, session_gap_min=10)
+        old = utcnow() - timedelta(minutes=30)
+        await first.add_message("c1", "ALICE", "before the gap", ts=old)
+        for i in range(4):
+            await first.add_message("c1", "ALICE" if i % 2 else "ME", f"m{i}")
+        await first.redis.aclose()
+        # A new process: a new client and a new core read the same history.
+        second = _core(redis_url, tmp_path, context_messages=3, session_gap_min=10)
+        assert isinstance(second, BotCore)
+        stored = await second.history("c1")
+        context = await second.context("c1")
+        ttl = await second.redis.ttl(Keys(PREFIX).history("console", "c1"))
+        # Silence longer than the gap since the last message: a new session, no context.
+        later = await second.context("c1", now=utcnow() + timedelta(minutes=11))
+        await second.add_message("c2", "ALICE", "old", ts=old)
+        await second.add_message("c2", "ALICE", "new")
+        cut = await second.context("c2")
+        await second.redis.aclose()
+        return stored, context, ttl, later, cut
+
+    stored, context, ttl, later, cut = run(scenario())
+    assert [m.text for m in stored] == ["m1", "m2", "m3"]  # trimmed to context_messages
+    assert [(m.speaker, m.text) for m in context] == [("ALICE", "m1"), ("ME", "m2"), ("ALICE", "m3")]
+    assert 0 < ttl <= 30 * 86400
+    assert later == []
+    assert [m.text for m in cut] == ["new"]  # never crosses a session gap
+
+
+@pytest.mark.redis
+def test_draft_feedback_events_are_self_contained(redis_url, tmp_path):
+    from bot.core import Persona
+
+    alice = Persona(name="alice", tag="ALICE", me_tag="BOB")
+
+    async def scenario():
+        core = _core(redis_url, tmp_path, platform="telegram")
+        async with FakeWorker(redis_url) as worker:
+            await core.add_message("chat", "ALICE", "you coming tonight?")
+            draft = await core.generate("chat", alice, "self", n=2, refs={"chat_id": "42"})
+            stored = await core.get_draft(draft.id)
+            await core.feedback(draft, "liked", 1)
+            await core.feedback(draft, "disliked", 0)
+            new = await core.regenerate(draft, alice)
+            edited = await core.owner_wrote("chat", "yes, on my way")
+            none_left = await core.owner_wrote("chat", "another")
+        events = await feedback_events(core.redis)
+        await core.redis.aclose()
+        return draft, stored, new, edited, none_left, events, worker.requests
+
+    draft, stored, new, edited, none_left, events, requests = run(scenario())
+    assert requests[0].persona == "alice" and requests[0].mode == "self" and requests[0].n == 2
+    assert [(m.speaker, m.text) for m in requests[0].history] == [("ALICE", "you coming tonight?")]
+    assert stored == draft and draft.adapter_version == "v3" and draft.refs == {"chat_id": "42"}
+    assert requests[1].history == requests[0].history  # regenerated from the very same context
+    kinds = [e.kind for e in events]
+    assert kinds == ["shown", "shown", "liked", "disliked", "regenerated", "shown", "shown", "edited"]
+    for event in events:
+        assert event.persona == "alice" and event.mode == "self" and event.platform == "telegram"
+        assert event.adapter_version == "v3" and event.target == "BOB"
+        assert [(m.speaker, m.text) for m in event.context] == [("ALICE", "you coming tonight?")]
+    liked = events[2]
+    assert liked.draft_id == draft.id and liked.candidate == draft.candidates[1] and liked.candidate_index == 1
+    assert edited.kind == "edited" and edited.final_text == "yes, on my way" and edited.draft_id == new.id
+    assert edited.candidate == new.candidates[0]
+    assert none_left is None
+
+
+@pytest.mark.redis
+def test_owner_sending_a_candidate_as_drafted_is_sent(redis_url, tmp_path):
+    from bot.core import Persona
+
+    async def scenario():
+        core = _core(redis_url, tmp_path)
+        async with FakeWorker(redis_url):
+            await core.add_message("chat", "ALICE", "hi")
+            draft = await core.generate("chat", Persona(name="alice", tag="ALICE"), "self", n=2)
+            event = await core.owner_wrote("chat", draft.candidates[1][0])
+        await core.redis.aclose()
+        return draft, event
+
+    draft, event = run(scenario())
+    assert event.kind == "sent" and event.candidate_index == 1 and event.final_text == "\n".join(draft.candidates[1])
+
+
+@pytest.mark.redis
+def test_worker_timeout_is_a_clear_error(redis_url, tmp_path):
+    from bot.core import Persona
+    from inference.client import WorkerTimeout
+
+    async def scenario():
+        core = _core(redis_url, tmp_path, reply_timeout_s=0.3)
+        async with FakeWorker(redis_url, answer=lambda r: None):
+            with pytest.raises(WorkerTimeout, match="no worker answered"):
+                await core.generate("chat", Persona(name="alice", tag="ALICE"), "friend")
+            with pytest.raises(WorkerTimeout):
+                await core.generate("chat", Persona(name="alice", tag="ALICE"), "friend", on_partial=_noop)
+        await core.redis.aclose()
+
+    run(scenario())
+
+
+async def _noop(text):
+    return None
+
+
+@pytest.mark.redis
+def test_forget_chat_and_forget_persona(redis_url, tmp_path):
+    from bot.core import DraftExpired, Persona
+    from inference.protocol import Keys
+
+    alice = Persona(name="alice", tag="ALICE")
+
+    async def scenario():
+        core = _core(redis_url, tmp_path, platform="discord")
+        keys = Keys(PREFIX)
+        async with FakeWorker(redis_url):
+            await core.add_message("chan", "ALICE", "hello")
+            await core.add_message("chan", "CAROL", "hi alice")
+            d1 = await core.generate("chan", alice, "friend")
+            await core.add_message("other", "ALICE", "elsewhere")
+            d2 = await core.generate("other", alice, "friend")
+        counts = await core.forget_persona(alice)
+        left_history = [m.text for m in await core.history("chan")]
+        with pytest.raises(DraftExpired):
+            await core.get_draft(d1.id)
+        events_left = await feedback_events(core.redis)
+        await core.add_message("chan", "CAROL", "again")
+        deleted = await core.forget("chan")
+        gone = await core.redis.exists(keys.history("discord", "chan"))
+        await core.redis.aclose()
+        return d2, counts, left_history, events_left, deleted, gone
+
+    d2, counts, left_history, events_left, deleted, gone = run(scenario())
+    assert counts == {"messages": 2, "drafts": 2, "events": 2}
+    assert left_history == ["hi alice"]
+    assert events_left == []
+    assert deleted >= 1 and gone == 0
+
+
+def test_burst_is_delivered_as_separate_messages_with_typing(tmp_path):
+    import fakeredis.aioredis
+
+    from bot.core import BotCore
+
+    sent, typed = [], []
+
+    async def scenario():
+        core = BotCore(fakeredis.aioredis.FakeRedis(), bot_config(tmp_path, typing_s_per_char=0.001,
+                                                                  max_typing_s=0.002), "console")
+        assert core.typing_delay_s("x" * 100) == 0.002 and core.typing_delay_s("ab") == 0.002
+        n = await core.deliver(["one", " ", "two"], send=_append(sent), typing=_append(typed, ""))
+        return n
+
+    assert run(scenario()) == 2
+    assert sent == ["one", "two"] and len(typed) == 2
+
+
+def _append(into, value=None):
+    async def f(*args):
+        into.append(value if value is not None else args[0])
+
+    return f

@@ -1,0 +1,368 @@
+"""The Telegram bot: real `Update.de_json` payloads through the real PTB Application, the real Redis and a fake
+worker; every Bot API call is recorded by a request class that answers canned results and flags anything else."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import asynccontextmanager
+
+import pytest
+from telegram import Update
+from telegram.request import BaseRequest, RequestData
+
+from tests.bot_helpers import PREFIX, FakeWorker, feedback_events, run
+
+pytestmark = pytest.mark.redis
+
+OWNER, FRIEND, STRANGER, BOT_ID = 1001, 2002, 3003, 999
+CONN = "bc-conn-1"
+
+
+def _user(uid: int, name: str) -> dict:
+    return {"id": uid, "is_bot": False, "first_name": name}
+
+
+class RecordingRequest(BaseRequest):
+    """Answers Bot API calls with canned valid results, records each call, and flags any unexpected method."""
+
+    def __init__(self, can_reply: bool = True, connection_owner: int = OWNER, drafts_fail: bool = False):
+        self.drafts_fail = drafts_fail
+        self.calls: list[tuple[str, dict]] = []
+        self.unexpected: list[str] = []
+        self.can_reply = can_reply
+        self.connection_owner = connection_owner
+        self._message_id = 500
+
+    @property
+    def read_timeout(self):
+        return 1.0
+
+    async def initialize(self) -> None:
+        return None
+
+    async def shutdown(self) -> None:
+        return None
+
+    def _message(self, params: dict) -> dict:
+        self._message_id += 1
+        chat_id = int(params["chat_id"])
+        msg = {"message_id": self._message_id, "date": int(time.time()), "text": params.get("text", ""),
+               "chat": {"id": chat_id, "type": "private", "first_name": "x"},
+               "from": {"id": BOT_ID, "is_bot": True, "first_name": "Convo"}}
+        if params.get("business_connection_id"):
+            msg["business_connection_id"] = params["business_connection_id"]
+        return msg
+
+    async def do_request(self, url: str, method: str, request_data: RequestData | None = None,
+                         read_timeout=None, write_timeout=None, connect_timeout=None, pool_timeout=None):
+        name = url.rsplit("/", 1)[-1]
+        params = request_data.parameters if request_data else {}
+        self.calls.append((name, params))
+        if name == "getMe":
+            result = {"id": BOT_ID, "is_bot": True, "first_name": "Convo", "username": "convo_test_bot"}
+        elif name in ("sendMessage", "editMessageReplyMarkup"):
+            result = self._message(params) if name == "sendMessage" else True
+        elif name == "sendMessageDraft" and self.drafts_fail:
+            return 400, json.dumps({"ok": False, "error_code": 400, "description": "Bad Request: no"}).encode()
+        elif name in ("sendMessageDraft", "sendChatAction", "answerCallbackQuery"):
+            result = True
+        elif name == "getBusinessConnection":
+            result = {"id": params["business_connection_id"], "user": _user(self.connection_owner, "Owner"),
+                      "user_chat_id": self.connection_owner, "date": int(time.time()), "is_enabled": True,
+                      "rights": {"can_reply": self.can_reply}}
+        else:
+            self.unexpected.append(name)
+            return 400, json.dumps({"ok": False, "error_code": 400, "description": f"unexpected {name}"}).encode()
+        return 200, json.dumps({"ok": True, "result": result}).encode()
+
+    def named(self, name: str) -> list[dict]:
+        """The parameters of every call of one method, in order."""
+        return [p for n, p in self.calls if n == name]
+
+
+def _settings(redis_url, tmp_path, chats=None, **bot):
+    from config.settings import Settings
+
+    return Settings(
+        redis={"url": redis_url, "prefix": PREFIX},
+        bot={"adapters_dir": str(tmp_path / "adapters"), "typing_s_per_char": 0.0, "reply_timeout_s": 5.0,
+             "drafts": 2, **bot},
+        telegram={"token": "123:TEST", "owner_ids": [OWNER], "chats": chats or {str(FRIEND): "alice"},
+                  "live_draft_interval_s": 0.0},
+    )
+
+
+@asynccontextmanager
+async def telegram_app(redis_url, tmp_path, request: RecordingRequest, chats=None, **bot):
+    """A real Application on the recording request, started like run_polling starts it (without polling)."""
+    from bot.telegram_bot import build_app
+
+    app = build_app(_settings(redis_url, tmp_path, chats=chats, **bot), request=request)
+    await app.initialize()
+    await app.post_init(app)
+    try:
+        yield app
+    finally:
+        await app.post_shutdown(app)
+        await app.shutdown()
+    assert request.unexpected == [], f"unexpected Bot API calls: {request.unexpected}"
+
+
+class Updates:
+    """Update payloads as Telegram sends them."""
+
+    def __init__(self):
+        self.n = 0
+
+    def _next(self) -> int:
+        self.n += 1
+        return self.n
+
+    def message(self, text: str, user: int = OWNER) -> dict:
+        msg = {"message_id": self._next(), "date": int(time.time()), "text": text, "from": _user(user, "U"),
+               "chat": {"id": user, "type": "private", "first_name": "U"}}
+        if text.startswith("/"):
+            msg["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        return {"update_id": self.n, "message": msg}
+
+    def connection(self, user: int = OWNER, can_reply: bool = True) -> dict:
+        return {"update_id": self._next(), "business_connection": {
+            "id": CONN, "user": _user(user, "Owner"), "user_chat_id": user, "date": int(time.time()),
+            "is_enabled": True, "rights": {"can_reply": can_reply}}}
+
+    def business_message(self, text: str, sender: int = FRIEND, chat: int = FRIEND) -> dict:
+        return {"update_id": self._next(), "business_message": {
+            "message_id": self.n, "date": int(time.time()), "text": text, "business_connection_id": CONN,
+            "from": _user(sender, "Alice"), "chat": {"id": chat, "type": "private", "first_name": "Alice"}}}
+
+    def callback(self, data: str, user: int = OWNER) -> dict:
+        return {"update_id": self._next(), "callback_query": {
+            "id": f"cq{self.n}", "from": _user(user, "Owner"), "chat_instance": "ci", "data": data,
+            "message": {"message_id": 77, "date": int(time.time()), "text": "draft",
+                        "chat": {"id": user, "type": "private", "first_name": "Owner"},
+                        "from": {"id": BOT_ID, "is_bot": True, "first_name": "Convo"}}}}
+
+
+async def feed(app, payload: dict) -> None:
+    await app.process_update(Update.de_json(payload, app.bot))
+
+
+def _buttons(params: dict) -> list[str]:
+    markup = params.get("reply_markup")
+    markup = json.loads(markup) if isinstance(markup, str) else markup
+    return [b["callback_data"] for row in (markup or {}).get("inline_keyboard", []) for b in row]
+
+
+async def _all_keys(redis_url) -> list[bytes]:
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(redis_url)
+    try:
+        return await client.keys(f"{PREFIX}:*")
+    finally:
+        await client.aclose()
+
+
+def test_non_owner_is_refused_once_and_nothing_is_stored(redis_url, tmp_path):
+    request = RecordingRequest(connection_owner=STRANGER)
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.message("/simulate alice", user=STRANGER))
+            await feed(app, u.message("hello?", user=STRANGER))
+            await feed(app, u.callback(f"d|l|{'a' * 32}|0", user=STRANGER))
+            await feed(app, u.connection(user=STRANGER))
+            await feed(app, u.business_message("hi from a friend of a stranger"))
+        return worker.requests, await _all_keys(redis_url)
+
+    requests, keys = run(scenario())
+    sent = request.named("sendMessage")
+    assert [(int(p["chat_id"]), p["text"]) for p in sent] == [(STRANGER, sent[0]["text"])] * 2
+    assert "only works for its owner" in sent[0]["text"]  # once in the bot chat, once for the connection
+    assert request.named("answerCallbackQuery")[0]["text"].startswith("Sorry")
+    assert requests == [] and keys == [f"{PREFIX}:requests".encode()]  # only the fake worker's empty stream
+
+
+def test_business_message_streams_live_drafts_then_send_uses_the_connection(redis_url, tmp_path):
+    request = RecordingRequest(can_reply=True)
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.connection())
+            await feed(app, u.business_message("are you coming tonight?"))
+            drafts = [p for p in request.named("sendMessage") if p.get("reply_markup")]
+            send_data = _buttons(drafts[1])[0]
+            await feed(app, u.callback(send_data))
+            await feed(app, u.callback(send_data))  # a second tap: already used
+            events = await feedback_events(app.bot_data["convo"].redis)
+            history = await app.bot_data["convo"].core.history(f"biz:{FRIEND}")
+        return worker.requests, drafts, events, history
+
+    requests, drafts, events, history = run(scenario())
+    names = [n for n, _ in request.calls]
+    first_final = next(i for i, (n, p) in enumerate(request.calls) if n == "sendMessage" and p.get("reply_markup"))
+    live = [i for i, n in enumerate(names) if n == "sendMessageDraft"]
+    assert live and max(live) < first_final  # the live draft streams before the final message replaces it
+    assert all(int(p["chat_id"]) == OWNER for p in request.named("sendMessageDraft"))
+    assert requests[0].mode == "self" and requests[0].persona == "alice" and requests[0].stream
+    assert [(m.speaker, m.text) for m in requests[0].history] == [("ALICE", "are you coming tonight?")]
+    assert len(drafts) == 2 and all(int(p["chat_id"]) == OWNER for p in drafts)
+    for p in drafts:
+        data = _buttons(p)
+        assert len(data) == 4 and all(len(d.encode()) <= 64 for d in data)
+    to_friend = [p for p in request.named("sendMessage") if int(p["chat_id"]) == FRIEND]
+    assert [p["text"] for p in to_friend] == ["alice/self #1 re: are you coming tonight?", "second msg"]
+    assert all(p["business_connection_id"] == CONN for p in to_friend)
+    assert request.named("getBusinessConnection")[0]["business_connection_id"] == CONN
+    answers = [p.get("text") for p in request.named("answerCallbackQuery")]
+    assert answers == ["Sent ✅", "This draft was already used."]
+    assert [e.kind for e in events] == ["shown", "shown", "sent"]
+    sent = events[-1]
+    assert sent.candidate_index == 1 and sent.final_text == "alice/self #1 re: are you coming tonight?\nsecond msg"
+    assert [(m.speaker, m.text) for m in sent.context] == [("ALICE", "are you coming tonight?")]
+    assert sent.target == "ME" and sent.platform == "telegram" and sent.adapter_version == "v3"
+    assert [m.speaker for m in history] == ["ALICE", "ME", "ME"]
+
+
+def test_send_refused_with_a_reason_when_the_connection_cannot_reply(redis_url, tmp_path):
+    request = RecordingRequest(can_reply=False)
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url), telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.business_message("hey"))
+            drafts = [p for p in request.named("sendMessage") if p.get("reply_markup")]
+            await feed(app, u.callback(_buttons(drafts[0])[0]))
+            return await feedback_events(app.bot_data["convo"].redis)
+
+    events = run(scenario())
+    answer = request.named("answerCallbackQuery")[-1]
+    assert "isn't allowed to reply" in answer["text"] and answer["show_alert"] is True
+    assert not [p for p in request.named("sendMessage") if int(p["chat_id"]) == FRIEND]
+    assert "sent" not in [e.kind for e in events]
+
+
+def test_owner_text_after_a_draft_is_an_edited_event_and_buttons_give_feedback(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.business_message("dinner at 8?"))
+            drafts = [p for p in request.named("sendMessage") if p.get("reply_markup")]
+            send, like, dislike, regen = _buttons(drafts[0])
+            await feed(app, u.callback(like))
+            await feed(app, u.callback(dislike))
+            await feed(app, u.callback(regen))
+            await feed(app, u.callback(f"d|l|{'0' * 32}|0"))  # expired or unknown draft
+            await feed(app, u.callback("garbage"))
+            await feed(app, u.business_message("sure, see you at 8", sender=OWNER, chat=FRIEND))
+            return worker.requests, await feedback_events(app.bot_data["convo"].redis)
+
+    requests, events = run(scenario())
+    assert [e.kind for e in events] == ["shown", "shown", "liked", "disliked", "regenerated", "shown", "shown",
+                                        "edited"]
+    assert requests[1].history == requests[0].history  # 🔄 drafts again from the same context
+    edited = events[-1]
+    assert edited.final_text == "sure, see you at 8" and edited.candidate  # both texts
+    assert [(m.speaker, m.text) for m in edited.context] == [("ALICE", "dinner at 8?")]
+    answers = [p.get("text") for p in request.named("answerCallbackQuery")]
+    assert answers == ["Noted 👍", "Noted 👎", "Drafting again…", "This draft has expired.", "Unknown button."]
+
+
+def test_worker_timeout_tells_the_owner_in_chat(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url, answer=lambda r: None), \
+                telegram_app(redis_url, tmp_path, request, reply_timeout_s=0.3) as app:
+            await feed(app, u.business_message("hello?"))
+            await feed(app, u.message("/simulate alice"))
+            await feed(app, u.message("hi"))
+
+    run(scenario())
+    texts = [p["text"] for p in request.named("sendMessage")]
+    assert sum("No reply from the model worker within 0.3 s" in t for t in texts) == 2
+    assert all("Traceback" not in t for t in texts)
+
+
+def test_simulate_session_bursts_and_forget_deletes(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.message("hi"))  # no session yet
+            await feed(app, u.message("/simulate alice"))
+            await feed(app, u.message("hi alice"))
+            await feed(app, u.message("/stop"))
+            await feed(app, u.message("/draft alice"))
+            await feed(app, u.message("can you bring the cake?"))
+            await feed(app, u.business_message("hello"))
+            before = sorted(k.decode() for k in await _all_keys(redis_url) if b":history:" in k or b":draft" in k)
+            await feed(app, u.message("/forget alice"))
+            after = sorted(k.decode() for k in await _all_keys(redis_url) if b":history:" in k or b":draft" in k)
+        return worker.requests, before, after
+
+    requests, before, after = run(scenario())
+    texts = [p["text"] for p in request.named("sendMessage")]
+    assert texts[0].startswith("Pick someone first")
+    assert "alice/friend #0 re: hi alice" in texts and "second msg" in texts  # a burst: separate messages
+    assert requests[0].mode == "friend" and [m.speaker for m in requests[0].history] == ["ME"]
+    assert requests[1].mode == "self" and [m.speaker for m in requests[1].history] == ["ALICE"]
+    assert any(k.endswith(f":history:telegram:biz:{FRIEND}") for k in before)
+    assert any(f":history:telegram:sim:{OWNER}:alice" in k for k in before)
+    assert any(":draft:" in k for k in before)
+    assert after == []
+    assert texts[-1].startswith("Forgot alice:")
+
+
+def test_history_survives_a_bot_restart(redis_url, tmp_path):
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker:
+            async with telegram_app(redis_url, tmp_path, RecordingRequest()) as app:
+                await feed(app, u.business_message("first message"))
+            async with telegram_app(redis_url, tmp_path, RecordingRequest()) as app:
+                await feed(app, u.business_message("second message"))
+        return worker.requests
+
+    requests = run(scenario())
+    assert [m.text for m in requests[1].history] == ["first message", "second message"]
+
+
+def test_unmapped_chats_store_nothing_and_failures_keep_the_bot_running(redis_url, tmp_path):
+    request = RecordingRequest(drafts_fail=True)
+    u = Updates()
+    chats = {str(FRIEND): "alice", "4004": "broken"}
+    broken = tmp_path / "adapters" / "broken"
+    broken.mkdir(parents=True)
+    (broken / "convo_adapter.json").write_text("{not json")  # an adapter replaced by something unreadable
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request, chats=chats) as app:
+            await feed(app, u.business_message("who is this?", sender=5005, chat=5005))  # not mapped
+            keys_unmapped = await _all_keys(redis_url)
+            await feed(app, u.business_message("hi", sender=4004, chat=4004))  # its adapter metadata is broken
+            await feed(app, u.business_message("still there?"))  # live previews fail; drafts still arrive
+            return worker.requests, keys_unmapped
+
+    requests, keys_unmapped = run(scenario())
+    assert keys_unmapped == [f"{PREFIX}:requests".encode()] and len(requests) == 1
+    texts = [p["text"] for p in request.named("sendMessage")]
+    assert texts[0].startswith("Couldn't draft a reply to a message in a connected chat")
+    assert len(request.named("sendMessageDraft")) == 1  # failed once, then no more previews
+    assert sum(1 for p in request.named("sendMessage") if p.get("reply_markup")) == 2
+
+
+def test_a_bad_persona_name_in_the_config_is_refused_at_start(redis_url, tmp_path):
+    from bot.telegram_bot import build_app
+    from convo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"telegram.chats\[4004\] 'not/a/persona'"):
+        build_app(_settings(redis_url, tmp_path, chats={"4004": "not/a/persona"}), request=RecordingRequest())
