@@ -73,6 +73,7 @@ class ComposeVar:
     name: str
     default: str | None  # after ":-" / "-"
     required: bool  # ":?" / "?"
+    description: str  # from the `#   NAME  description` lines of the file's header
 
 
 # ---------------------------------------------------------------- reading the model
@@ -199,13 +200,16 @@ def compose_variables(compose_file: Path) -> list[ComposeVar]:
     """The `${VAR}` variables docker-compose.yml interpolates, in order of first use ($$ escapes skipped)."""
     if not compose_file.is_file():
         return []
+    text = compose_file.read_text(encoding="utf-8")
+    described = dict(re.findall(r"^#\s+([A-Za-z_][A-Za-z0-9_]*)\s{2,}(\S.*)$", text, re.M))
     seen: dict[str, ComposeVar] = {}
-    for line in compose_file.read_text(encoding="utf-8").splitlines():
+    for line in text.splitlines():
         line = line.split(" #", 1)[0] if not line.lstrip().startswith("#") else ""
         for m in _COMPOSE_VAR.finditer(line.replace("$$", "")):
             name, op, arg = m.group(1), m.group(2) or "", m.group(3)
             if name not in seen:
-                seen[name] = ComposeVar(name, arg if op.endswith("-") else None, op.endswith("?"))
+                seen[name] = ComposeVar(name, arg if op.endswith("-") else None, op.endswith("?"),
+                                        described.get(name, "").strip())
     return list(seen.values())
 
 
@@ -304,11 +308,15 @@ def render_env(secs: list[SectionDoc], compose_vars: list[ComposeVar]) -> str:
                 note += ", secret"
             lines.append(f"# {f.description} ({note})" if f.description else f"# ({note})")
             lines.append(f"# {f.env}={_env_value(f.default)}")
-    if compose_vars:
+    settings_env = {f.env for sec in secs for f in sec.fields}
+    compose_only = [v for v in compose_vars if v.name not in settings_env]  # a setting is listed once, above
+    if compose_only:
         lines += ["", "# ---- docker compose only: variables docker-compose.yml interpolates (not convo settings)"]
-        for v in compose_vars:
+        for v in compose_only:
+            if v.description:
+                lines.append(f"# {v.description}")
             if v.required:
-                lines.append(f"# required by docker-compose.yml\n{v.name}=")
+                lines.append(f"# (required by docker-compose.yml)\n{v.name}=")
             else:
                 lines.append(f"# {v.name}={v.default or ''}")
     return "\n".join(lines) + "\n"

@@ -141,6 +141,7 @@ def test_compose_variables_are_listed(tmp_path):
     got = reference.compose_variables(tmp_path / "docker-compose.yml")
     assert [(v.name, v.default, v.required) for v in got] == [("TAG", "latest", False), ("Q", "4bit", False),
                                                               ("NEED", None, True)]
+    assert got[0].description == ""
     env = reference.render_env([], got)
     assert "# TAG=latest" in env and "\nNEED=\n" in env
 
@@ -156,3 +157,12 @@ def test_check_command_exits_1_on_stale_and_names_the_file(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert again.returncode == 0, again.stderr
+
+
+def test_compose_variables_of_the_real_file_are_described():
+    got = reference.compose_variables(ROOT / "docker-compose.yml")
+    assert {"WORKER_QUANTIZE", "REDIS_URL", "WORKER_GPU"} <= {v.name for v in got}
+    assert not [v.name for v in got if not v.description], "describe them in docker-compose.yml's header"
+    env = (ROOT / reference.ENV_PATH).read_text(encoding="utf-8")
+    for v in got:
+        assert re.search(rf"^#? ?{v.name}=", env, re.M), v.name
