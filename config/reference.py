@@ -14,6 +14,7 @@ Import-light: pydantic only (config/ never imports torch).
 from __future__ import annotations
 
 import argparse
+import enum
 import inspect
 import io
 import json
@@ -220,6 +221,8 @@ def _env_value(value: Any) -> str:
     """A default as it is written in a .env file (lists and maps as JSON)."""
     if value is None or isinstance(value, SecretStr):
         return ""
+    if isinstance(value, enum.Enum):
+        value = value.value
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple, dict, set)):
@@ -237,6 +240,8 @@ def _md_value(f: FieldDoc) -> str:
         return "unset"
     if isinstance(f.default, BaseModel):
         return f"`{f.default.model_dump_json()}`"
+    if isinstance(f.default, enum.Enum):
+        return f"`{json.dumps(f.default.value)}`"
     return f"`{json.dumps(f.default) if isinstance(f.default, (str, list, dict, bool)) else f.default}`"
 
 
