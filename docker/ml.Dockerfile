@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
 # CUDA image with torch: the inference worker and the retraining scheduler (`pip install .[ml]`).
-# The base image brings CUDA, cuDNN and a CUDA build of torch; pip keeps that torch (the ml extra asks for
-# torch>=2.4) and adds transformers, peft, trl, bitsandbytes (4-bit NF4 on the GPU), ...
+# The base image brings CUDA, cuDNN, Python 3.11 and a CUDA build of torch; pip keeps that torch (the ml extra
+# asks for torch>=2.4) and adds transformers, peft, trl, bitsandbytes (4-bit NF4 on the GPU), ... Should a
+# dependency ever need a newer torch, pip installs it from PyPI, whose Linux wheels are CUDA builds too; the
+# check after the install fails the build if the torch that ends up importable has no CUDA.
 # Build: docker build -f docker/ml.Dockerfile -t convo-ml .   (docker compose builds it for you)
 # Another torch/CUDA: docker build --build-arg TORCH_IMAGE=pytorch/pytorch:<tag> ...
 ARG TORCH_IMAGE=pytorch/pytorch:2.7.1-cuda12.8-cudnn9-runtime

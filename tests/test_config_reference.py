@@ -116,6 +116,37 @@ def test_generator_follows_the_model_it_is_given(tmp_path):
     assert reference.stale(tmp_path, Extended) == [reference.ENV_PATH]
 
 
+def test_env_example_round_trips_every_kind_of_default(tmp_path, clean_env):
+    """Paths, maps, lists, enums, literals, floats and secrets: uncommented example lines load as the defaults."""
+    import enum
+    from pathlib import Path as P
+    from typing import Literal
+
+    class Colour(enum.Enum):
+        RED = "red"
+
+    class Kinds(BaseModel):
+        """Every kind of default another section may add."""
+
+        where: P = P("adapters")  # a path
+        names: dict[str, str] = Field(default_factory=lambda: {"123": "alice bob"})  # a map
+        ids: list[int] = Field(default_factory=lambda: [1, 2])  # a list
+        colour: Colour = Colour.RED  # an enum
+        mode: Literal["a", "b c"] = "b c"  # a literal with a space
+        ratio: float = 1e-4  # a float
+        text: str = "has # hash and 'quotes'"  # awkward text
+        token: SecretStr | None = None  # a secret
+
+    class WithKinds(Settings):
+        kinds: Kinds = Field(default_factory=Kinds)
+
+    env = reference.render_env(reference.sections(WithKinds), [])
+    lines = [m.group(1) for m in re.finditer(r"^# (CONVO_KINDS__[A-Z0-9_]+=.+)$", env, re.M)]
+    assert len(lines) == 7, lines  # all but the unset secret
+    (tmp_path / ".env").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    assert WithKinds(_env_file=tmp_path / ".env").kinds == Kinds()
+
+
 def test_comments_above_and_inside_multiline_fields():
     class Commented(BaseModel):
         """Comment styles."""
