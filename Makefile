@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 REDIS_PORT ?= 6379
 
-.PHONY: install test demo redis browser lint clean
+.PHONY: install test demo redis browser compose docs lint clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -41,8 +41,21 @@ browser:
 		&& echo "browser: installed chromium" || echo "browser: could not install chromium; the report test will skip"; \
 	else echo "browser: no chromium (apt-get install chromium); the report test will skip"; fi
 
-test: install redis browser
+# tests/test_deploy.py also runs `docker-compose config -q` (Debian's docker-compose) when it is installed; the
+# schema check against the Compose specification runs either way (jsonschema, from the test extra).
+compose:
+	@if command -v docker-compose >/dev/null 2>&1; then echo "compose: docker-compose present"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker-compose >/dev/null) \
+		&& echo "compose: installed docker-compose" || echo "compose: could not install docker-compose; that check will skip"; \
+	else echo "compose: no docker-compose (apt-get install docker-compose); that check will skip"; fi
+
+test: install redis browser compose
 	$(BIN)/python -m pytest -q
+
+# Regenerate docs/configuration.md and .env.example from config/settings.py (a test fails while they are stale).
+docs: install
+	$(BIN)/python -m config.reference
 
 lint: install
 	$(BIN)/ruff check .

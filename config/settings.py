@@ -38,68 +38,68 @@ class DatasetSettings(BaseModel):
     context_messages: int = Field(16, ge=1)  # max messages of history per sample
     max_tokens: int | None = None  # with a tokenizer: drop oldest messages to fit
     tokenizer: str | None = None  # model name or local dir counting tokens (--max-tokens, tokenizer-report)
-    mode: Literal["friend", "self", "both"] = "both"
-    val_fraction: float = 0.1
+    mode: Literal["friend", "self", "both"] = "both"  # targets: the persona's bursts (friend), yours (self) or both
+    val_fraction: float = 0.1  # share of samples for validation, taken from the newest sessions
     role_tags: bool = False  # use [ME]/[FRIEND] instead of name tags
 
 
 class TrainSettings(BaseModel):
     """`convo train` (LoRA / QLoRA with TRL)."""
 
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.05, ge=0, le=1)
-    learning_rate: float = Field(2e-4, gt=0)
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    epochs: float = 3.0
-    max_steps: int = -1
-    batch_size: int = Field(8, ge=1)
+    lora_r: int = Field(16, ge=1)  # LoRA rank
+    lora_alpha: int = Field(32, ge=1)  # LoRA scaling (alpha / r multiplies the update)
+    lora_dropout: float = Field(0.05, ge=0, le=1)  # dropout on the LoRA path
+    learning_rate: float = Field(2e-4, gt=0)  # peak learning rate
+    lr_scheduler: str = "cosine"  # schedule after warmup (transformers names: cosine, linear, constant, ...)
+    warmup_ratio: float = 0.05  # share of the steps spent warming up
+    epochs: float = 3.0  # passes over the training set
+    max_steps: int = -1  # stop after this many optimizer steps (overrides epochs; -1: off)
+    batch_size: int = Field(8, ge=1)  # samples per device per step
     grad_accum: int = Field(4, ge=1)  # effective batch = batch_size * grad_accum (kept <= 32)
-    max_length: int = 512
-    eval_steps: int = Field(50, ge=1)
-    early_stopping_patience: int = 3
+    max_length: int = 512  # max tokens per sample; the oldest context is dropped first
+    eval_steps: int = Field(50, ge=1)  # validate, sample and checkpoint every N steps
+    early_stopping_patience: int = 3  # evaluations without a better validation loss before stopping
     sample_prompts: int = 4  # validation prompts generated at every evaluation
-    sample_seed: int = 0
-    seed: int = 42
-    group_by_length: bool = True
+    sample_seed: int = 0  # seed choosing the sample prompts (a private RNG)
+    seed: int = 42  # training seed (LoRA init, shuffling)
+    group_by_length: bool = True  # batch samples of similar length (less padding)
 
 
 class GenerateSettings(BaseModel):
     """Sampling for `convo simulate`, evaluation and the worker."""
 
-    n: int = Field(3, ge=1)
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(64, ge=1)
+    n: int = Field(3, ge=1)  # candidate replies sampled per request
+    temperature: float = Field(0.8, ge=0)  # sampling temperature (0: greedy)
+    top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling mass
+    max_new_tokens: int = Field(64, ge=1)  # max new tokens per candidate
 
 
 class EvalSettings(BaseModel):
     """`convo eval`."""
 
-    methods: str = "base,incontext,retrieval,adapter,adapter+retrieval"
-    context_budget_tokens: int = 256
-    samples_per_prompt: int = 2
-    max_prompts: int = 100
-    seed: int = 0
-    api_base: str | None = None
-    api_model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    methods: str = "base,incontext,retrieval,adapter,adapter+retrieval"  # comma-separated; api is also available
+    context_budget_tokens: int = 256  # tokens of examples or retrieved exchanges every context method gets
+    samples_per_prompt: int = 2  # sampled replies per validation prompt (style, AUC, degeneration)
+    max_prompts: int = 100  # validation prompts evaluated at most
+    seed: int = 0  # sampling seed; every prompt gets its own seed derived from it
+    api_base: str | None = None  # OpenAI-compatible endpoint for the api method, e.g. https://host/v1
+    api_model: str | None = None  # model name at api_base
+    api_key_env: str = "OPENAI_API_KEY"  # env var holding the api key (the key itself is never a setting)
 
 
 class BaseModelSettings(BaseModel):
     """`convo base tiny`: the offline demo base model."""
 
-    minutes: float = 3.0
-    corpus: str = "chitchat"
-    vocab_size: int = 4096
+    minutes: float = 3.0  # training time budget
+    corpus: str = "chitchat"  # chitchat (the chitchat-dataset package) or a messages.jsonl from convo ingest
+    vocab_size: int = 4096  # byte-level BPE vocabulary size
 
 
 class RedisSettings(BaseModel):
     """The queue between bots and the inference worker."""
 
-    url: str = "redis://127.0.0.1:6379/0"
-    password: SecretStr | None = None
+    url: str = "redis://127.0.0.1:6379/0"  # redis://[user@]host:port/db (rediss:// for TLS)
+    password: SecretStr | None = None  # kept out of the url so it is never logged with it
     prefix: str = "convo"  # every Redis key and stream name starts with "{prefix}:" (inference/protocol.py)
 
 
