@@ -46,8 +46,10 @@ STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "ev
 
 # Training numbers for each base: (adapter steps, batch size, learning rate, retrain steps, eval prompts).
 PRESETS = {
-    "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, retrain_steps=30, prompts=40, max_length=256),
-    "smollm2": dict(steps=40, batch_size=4, lr=5e-4, lora_r=8, retrain_steps=10, prompts=16, max_length=256),
+    "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, retrain_steps=30, prompts=40, max_length=256,
+                 val_samples=96),
+    "smollm2": dict(steps=40, batch_size=4, lr=5e-4, lora_r=8, retrain_steps=10, prompts=16, max_length=256,
+                    val_samples=48),
 }
 
 console = Console(highlight=False)
@@ -90,6 +92,23 @@ def cli(argv: list[str]) -> None:
     code = run(argv)
     if code != 0:
         raise DemoFailed(f"`convo {' '.join(argv)}` exited with {code}")
+
+
+def trim_validation(data_dir: Path, keep: int) -> tuple[int, int] | None:
+    """Keep `keep` evenly spread samples of val.jsonl (temp file + rename; meta counts updated); None when smaller."""
+    val = data_dir / "val.jsonl"
+    lines = val.read_text(encoding="utf-8").splitlines(keepends=True)
+    if keep <= 0 or len(lines) <= keep:
+        return None
+    kept = [lines[i * len(lines) // keep] for i in range(keep)]
+    meta_path = data_dir / "meta.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    meta.setdefault("counts", {})["val"] = keep
+    for path, text in ((val, "".join(kept)), (meta_path, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    return keep, len(lines)
 
 
 def build_base(kind: str, models_dir: Path, minutes: float) -> Path:
@@ -155,7 +174,8 @@ def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metric
     grid.add_row("retrain gate", f"val NLL {outcome.parent} {cur.get('val_nll')} -> {outcome.candidate} "
                                  f"{cand.get('val_nll')}")
     color = "green" if outcome.status == "promoted" else "yellow"
-    grid.add_row("decision", f"[{color}]{outcome.status}[/]: {escape(outcome.reason)}")
+    reason = outcome.reason if outcome.reason.startswith(outcome.status) else f"{outcome.status}: {outcome.reason}"
+    grid.add_row("decision", f"[{color}]{escape(reason)}[/]")
     if outcome.kto is None:
         grid.add_row("KTO", "skipped (too few 👍/👎 labels of both kinds for a KTO pass)")
     if after_version:
@@ -182,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, help="adapter training steps (default: by base)")
     ap.add_argument("--retrain-steps", type=int, help="SFT steps of the retrain (default: by base)")
     ap.add_argument("--prompts", type=int, help="validation prompts for the evaluation (default: by base)")
+    ap.add_argument("--val-samples", type=int,
+                    help="validation samples kept for training's eval and the retrain gate (0: all; default: by base)")
     ap.add_argument("--redis", choices=("auto", "local", "redis-server", "embedded"), default="auto",
                     help="auto: the local Redis (redis.url) if it answers, else redis-server, else embedded")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
@@ -216,7 +238,7 @@ def run_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     base_kind = default_base_kind() if args.base == "auto" else args.base
     preset = dict(PRESETS[base_kind])
-    for key in ("steps", "retrain_steps", "prompts"):
+    for key in ("steps", "retrain_steps", "prompts", "val_samples"):
         if getattr(args, key) is not None:
             preset[key] = getattr(args, key)
     if args.threads > 0:
@@ -238,11 +260,18 @@ def run_demo(args) -> int:
     with stages.stage("dataset", f"persona {PERSONA_NAME}"):
         cli(["dataset", str(out / "messages.jsonl"), "--persona", PERSONA_NAME, "--out", str(out / "dataset")])
 
+        kept = trim_validation(out / "dataset", preset["val_samples"])
+        if kept:
+            console.print(f"validation: kept {kept[0]} of {kept[1]} samples, evenly spread (--val-samples) so "
+                          "evaluation and the retrain gate fit the demo's time")
+
     with stages.stage("base model", f"{base_kind}, built once in {args.models}"):
         base = build_base(base_kind, args.models.resolve(), args.minutes)
 
     adapters = out / "adapters"
     pdir = adapters / PERSONA
+    for stale in ("feedback.db", "feedback.db-wal", "feedback.db-shm"):  # a fresh persona: no feedback of old runs
+        (out / stale).unlink(missing_ok=True)
     with stages.stage("adapter v1", f"LoRA, {preset['steps']} steps"):
         shutil.rmtree(pdir, ignore_errors=True)  # a fresh persona each run; the base is what is reused
         train_args = ["train", "--data", str(out / "dataset"), "--base", str(base), "--out", str(pdir / "v1"),
@@ -265,7 +294,6 @@ def run_demo(args) -> int:
         metrics = read_eval(out / "eval")
 
     prefix = f"demo-{uuid.uuid4().hex[:8]}"
-    settings, r = None, None
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="convo-demo-")))
         try:
@@ -278,6 +306,8 @@ def run_demo(args) -> int:
                 settings = demo_settings(user_settings, out_dir=out, redis_url=r.url, prefix=prefix, base=str(base),
                                          local_redis=r.kind == "local", retrain_max_steps=preset["retrain_steps"])
                 console.print(f"{r.kind} at {escape(r.url)}, keys under {prefix}:*")
+                if r.kind == "local":  # runs after the worker stopped (LIFO): the user's Redis keeps nothing of ours
+                    stack.callback(cleanup_prefix, settings)
 
             with stages.stage("worker", "base + jordan/current, reading the requests stream"):
                 worker = stack.enter_context(running_worker(settings, str(base)))
@@ -303,14 +333,14 @@ def run_demo(args) -> int:
                 if outcome.status == "promoted":
                     wait_until(lambda: worker.serving(PERSONA) == outcome.candidate, 30,
                                 f"the worker to load {outcome.candidate}")
-                    again = scripted_conversation(settings, PERSONA, console,
-                                                  scripts=(("friend", (AFTER_RETRAIN_LINE, "/quit")),))
-                    after_version = ", ".join(sorted(again.versions)) or None
+                    for _ in range(3):  # a sampled reply can come out empty on a small model: ask again
+                        again = scripted_conversation(settings, PERSONA, console,
+                                                      scripts=(("friend", (AFTER_RETRAIN_LINE, "/quit")),))
+                        after_version = ", ".join(sorted(again.versions)) or None
+                        if after_version:
+                            break
         except ConvoError as e:
             raise DemoFailed(str(e)) from e
-        finally:
-            if settings is not None and r is not None and r.kind == "local":
-                cleanup_prefix(settings)  # the user's own Redis keeps nothing of the demo
 
     with stages.stage("summary"):
         console.print(summary_panel(out, base, base_kind, r.kind, metrics, conversation, stored, outcome,
@@ -320,5 +350,9 @@ def run_demo(args) -> int:
 
 
 if __name__ == "__main__":
+    import warnings
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # PEFT's note when the worker swaps v1 for v2 on a reload: expected here, not a problem.
+    warnings.filterwarnings("ignore", message=r"Adapter .* was active which is now deleted")
     sys.exit(main())
