@@ -96,11 +96,12 @@ def retrain(
     started = datetime.now(UTC)
     with retrain_lock(adapters_dir):
         parent = current_version(pdir)
-        if parent is None:
-            raise ConfigError(f"{pdir}: no `current` version to continue from; `convo adapters promote {persona} v1`")
         version = next_version(pdir)
         work = pdir / f".work-{version}"
         try:
+            if parent is None:
+                raise ConfigError(f"{pdir}: no `current` version to continue from; "
+                                  f"`convo adapters promote {persona} VERSION` first")
             outcome = _retrain(settings, persona, store, pdir, parent, version, work, data_dir, base,
                                train_overrides or {}, console, started)
         except BaseException as e:
