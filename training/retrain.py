@@ -264,7 +264,7 @@ def run_kto(base: str, adapter_dir: Path, rows: list[dict], settings, work: Path
         seed=settings.train.seed,
         use_cpu=not cuda,
         bf16=bf16,
-        gradient_checkpointing=cuda,
+        activation_checkpointing=cuda,
     )
     # With a PeftModel and no ref_model, TRL copies the adapter into a frozen "ref" adapter: the reference policy
     # is the SFT'd candidate, not the bare base.
