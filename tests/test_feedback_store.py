@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import redis
@@ -149,3 +150,41 @@ def test_sqlite_runs_in_wal_mode(tmp_path):
     with s.engine.connect() as conn:
         assert conn.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
     s.close()
+
+
+def test_serve_feedback_process_stores_events_and_stops_on_sigterm(client, keys, redis_url, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    db = tmp_path / "data" / "feedback.db"
+    env = {**os.environ, "CONVO_REDIS__URL": redis_url, "CONVO_REDIS__PREFIX": keys.prefix,
+           "CONVO_FEEDBACK__DB_URL": f"sqlite:///{db}", "CONVO_FEEDBACK__BLOCK_MS": "100",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    events = [event(kind=k) for k in ("shown", "sent", "liked")]
+    for ev in events:
+        client.xadd(keys.feedback, entry_payload(ev))
+    proc = subprocess.Popen([sys.executable, "-m", "convo", "serve", "feedback", "--consumer", "t1"], env=env,
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        store = FeedbackStore(f"sqlite:///{db}")
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:  # wait on the condition, with a timeout
+            try:
+                if store.count_events() == 3:
+                    break
+            except sa.exc.OperationalError:  # tables not created yet
+                pass
+            time.sleep(0.1)
+        assert store.count_events() == 3
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out
+        assert "stopping after the current batch" in out and "you coming" not in out  # events, never chat text
+        assert client.xpending(keys.feedback, FEEDBACK_GROUP)["pending"] == 0
+        store.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -270,6 +270,9 @@ def run_kto(base: str, adapter_dir: Path, rows: list[dict], settings, work: Path
     # is the SFT'd candidate, not the bare base.
     trainer = KTOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
                          processing_class=tokenizer)
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # the metrics come back in the summary instead of printed dicts
     start = time.monotonic()
     with console.status(f"KTO on {len(rows)} labels ({n_pos} 👍 / {len(rows) - n_pos} 👎)"):
         trainer.train()
