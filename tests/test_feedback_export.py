@@ -132,3 +132,43 @@ def test_exported_files_pass_trls_dataset_preprocessing(events, tmp_path, tiny_b
     r = json.loads(paths["sft"].read_text().splitlines()[0])
     p_ids = tok(r["prompt"])["input_ids"]
     assert tok(r["prompt"] + r["completion"])["input_ids"][: len(p_ids)] == p_ids
+
+
+def test_stats_and_export_commands(events, tmp_path, cli, capsys, monkeypatch):
+    from training.feedback.store import FeedbackStore
+
+    monkeypatch.setenv("CONVO_FEEDBACK__DB_URL", f"sqlite:///{tmp_path}/fb.db")
+    monkeypatch.setenv("CONVO_FEEDBACK__ADAPTERS_DIR", str(tmp_path / "adapters"))
+    store = FeedbackStore(f"sqlite:///{tmp_path}/fb.db")
+    store.create()
+    for e in events:
+        store.add(e)
+    store.add(ev("sent", draft="b1", persona="bob"))
+    store.close()
+
+    assert cli(["feedback", "stats", "--persona", "alice", "--json", "--plot", str(tmp_path / "acc.png")]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["counts"] == {"alice": {"shown": 2, "sent": 2, "edited": 1, "liked": 2, "disliked": 2,
+                                         "regenerated": 1}}
+    assert (stats["acceptance"]["shown"], stats["acceptance"]["accepted"]) == (3, 2)
+    assert (tmp_path / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli(["feedback", "stats"]) == 0
+    out = capsys.readouterr().out
+    assert "bob" in out and "acceptance" in out
+
+    # Without an adapter for alice the target tags of friend/self drafts are unknown: skipped, with the reason.
+    assert cli(["feedback", "export", "--persona", "alice", "--out", str(tmp_path / "x"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["sft"] == 0 and any("no target tag" in r for r in summary["skipped"])
+    # With one, names map to its tags.
+    from inference.adapter_meta import write_adapter_meta
+    from inference.versions import set_current
+
+    write_adapter_meta(tmp_path / "adapters" / "alice" / "v1", meta())
+    set_current(tmp_path / "adapters" / "alice", "v1")
+    assert cli(["feedback", "export", "--persona", "alice", "--out", str(tmp_path / "x"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["sft"], summary["kto"], summary["pairs"], summary["skipped"]) == (3, 5, 1, {})
+    assert len((tmp_path / "x" / "kto.jsonl").read_text().splitlines()) == 5
+    assert cli(["feedback", "export", "--persona", "nobody", "--out", str(tmp_path / "y")]) == 2
+    assert "no feedback stored for persona 'nobody'" in capsys.readouterr().err

@@ -208,3 +208,22 @@ def test_a_failed_retrain_leaves_current_serving_and_is_recorded(adapters, store
     assert current_version(adapters / "alice") == "v1" and list_versions(adapters / "alice") == ["v1"]
     runs = store.list_runs("alice")
     assert [r.status for r in runs] == ["failed"] and "meta.json" in runs[0].reason or "not there" in runs[0].reason
+
+
+def test_retrain_command_exits_0_and_prints_the_reason_when_the_candidate_is_rejected(
+    adapters, store, data, tmp_path, cli, capsys, monkeypatch
+):
+    for name, value in {"ADAPTERS_DIR": str(adapters), "DB_URL": store.db_url, "HELDOUT_FRACTION": "0.3",
+                        "MIN_KTO_LABELS": "1000"}.items():
+        monkeypatch.setenv(f"CONVO_FEEDBACK__{name}", value)
+    monkeypatch.setenv("CONVO_REDIS__URL", "redis://127.0.0.1:1/0")  # nobody listening: nothing to publish anyway
+    for name, value in {**TRAIN, "eval_steps": 20}.items():
+        monkeypatch.setenv(f"CONVO_TRAIN__{name.upper()}", str(value))
+    shuffled = shuffled_copy(data, tmp_path / "shuffled")
+    code = cli(["retrain", "--persona", "alice", "--data", str(shuffled), "--max-steps", "20", "--json"])
+    assert code == 0
+    outcome = json.loads(capsys.readouterr().out)
+    assert outcome["status"] == "rejected" and outcome["reason"].startswith("rejected: validation NLL")
+    assert current_version(adapters / "alice") == "v1"
+    assert store.list_runs("alice")[-1].reason == outcome["reason"]
+    assert cli(["retrain", "--persona", "nobody"]) == 2
