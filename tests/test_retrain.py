@@ -227,3 +227,23 @@ def test_retrain_command_exits_0_and_prints_the_reason_when_the_candidate_is_rej
     assert current_version(adapters / "alice") == "v1"
     assert store.list_runs("alice")[-1].reason == outcome["reason"]
     assert cli(["retrain", "--persona", "nobody"]) == 2
+
+
+def test_training_can_start_from_an_existing_adapters_weights(v1, data, tiny_base, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "cont"
+    settings = TrainSettings(**{**TRAIN, "learning_rate": 1e-12}, max_steps=1, eval_steps=1)
+    train(TrainOptions.from_settings(settings, data_dir=data, base=str(tiny_base), out_dir=out, init_adapter=v1),
+          console=_quiet())
+    start, cont = load_file(v1 / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
+    assert start.keys() == cont.keys()
+    # One step at lr 1e-12 leaves v1's weights: training began from them, not from a fresh B = 0 LoRA.
+    assert all(torch_allclose(start[k], cont[k]) for k in start)
+    assert any(float(abs(t).max()) > 0 for k, t in cont.items() if "lora_B" in k)
+
+
+def torch_allclose(a, b) -> bool:
+    import torch
+
+    return torch.allclose(a, b, atol=1e-6)
