@@ -233,7 +233,7 @@ def test_training_can_start_from_an_existing_adapters_weights(v1, data, tiny_bas
     from safetensors.torch import load_file
 
     out = tmp_path / "cont"
-    settings = TrainSettings(**{**TRAIN, "learning_rate": 1e-12}, max_steps=1, eval_steps=1)
+    settings = TrainSettings(**{**TRAIN, "learning_rate": 1e-12, "lora_r": 16}, max_steps=1, eval_steps=1)
     train(TrainOptions.from_settings(settings, data_dir=data, base=str(tiny_base), out_dir=out, init_adapter=v1),
           console=_quiet())
     start, cont = load_file(v1 / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
@@ -241,6 +241,7 @@ def test_training_can_start_from_an_existing_adapters_weights(v1, data, tiny_bas
     # One step at lr 1e-12 leaves v1's weights: training began from them, not from a fresh B = 0 LoRA.
     assert all(torch_allclose(start[k], cont[k]) for k in start)
     assert any(float(abs(t).max()) > 0 for k, t in cont.items() if "lora_B" in k)
+    assert read_adapter_meta(out).training_args["lora_r"] == 8  # v1's rank, not TrainSettings' default 16
 
 
 def torch_allclose(a, b) -> bool:

@@ -21,7 +21,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +425,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
             warnings.simplefilter("ignore", FutureWarning)
             model = PeftModel.from_pretrained(model, str(opts.init_adapter), is_trainable=True)
         lora = None
+        loaded = model.peft_config["default"]  # record what is really trained, not the unused rank options
+        opts = replace(opts, lora_r=loaded.r, lora_alpha=loaded.lora_alpha, lora_dropout=loaded.lora_dropout)
 
     steps_per_epoch = math.ceil(len(train_ds) / (opts.batch_size * opts.grad_accum))
     total_steps = opts.max_steps if opts.max_steps > 0 else math.ceil(steps_per_epoch * opts.epochs)
