@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from config.settings import TrainSettings
     from training.dataset import build_dataset
     from training.evaluate.run import EvalConfig, metrics_table, run_eval
     from training.train import TrainOptions, train
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                                 context_messages=args.context)
         print(f"{sp}: {n_msgs} messages -> {summary.counts}")
         t0 = time.monotonic()
-        res = train(TrainOptions(
+        res = train(TrainOptions.from_settings(TrainSettings(),
             data_dir=d / "data", base=base, out_dir=d / "adapter", lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
             learning_rate=args.lr, max_steps=args.train_steps, batch_size=8, grad_accum=1,
             max_length=args.seq_len, eval_steps=args.train_steps, sample_prompts=2, seed=args.seed,

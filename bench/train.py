@@ -97,6 +97,7 @@ def main() -> None:
     from rich.console import Console
     from transformers import TrainerCallback
 
+    from config.settings import TrainSettings
     from training.tiny_base import build_tiny_base, chitchat_texts
     from training.train import TrainOptions, train
 
@@ -128,7 +129,8 @@ def main() -> None:
         timer = StepTimer()
         out = work / f"run-{'grouped' if grouped else 'random'}-{steps}"
         result = train(
-            TrainOptions(
+            TrainOptions.from_settings(
+                TrainSettings(),
                 data_dir=data, base=base, out_dir=out, max_steps=steps, eval_steps=steps, batch_size=args.batch_size,
                 grad_accum=1, max_length=args.max_length, sample_prompts=0, group_by_length=grouped,
             ),

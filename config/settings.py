@@ -145,6 +145,34 @@ class DiscordSettings(BaseModel):
 class FeedbackSettings(BaseModel):
     """Feedback store, versioned adapters, retraining and its scheduler (issue: learning loop)."""
 
+    # Store (`convo serve feedback`): any SQLAlchemy URL; SQLite runs in WAL mode.
+    db_url: str = "sqlite:///data/feedback.db"  # e.g. postgresql+psycopg://user@host/db
+    table_prefix: str = "convo_"  # tables are {prefix}feedback_events, {prefix}retrain_runs
+    consumer: str | None = None  # consumer name in the stream's group; default: the host name (stable across restarts)
+    batch_size: int = Field(64, ge=1)  # stream entries read per XREADGROUP
+    block_ms: int = Field(2000, ge=1)  # how long one read waits for new entries
+    claim_idle_s: float = Field(60.0, gt=0)  # take over entries another consumer left pending this long
+    backoff_max_s: float = Field(30.0, gt=0)  # Redis or database down: retry with backoff up to this
+    small_edit_ratio: float = Field(0.8, ge=0, le=1)  # an edit this similar (difflib ratio) still counts as accepted
+    # Versioned adapters.
+    adapters_dir: str = "adapters"  # adapters/NAME/vN + `current`
+    # `convo retrain`.
+    heldout_fraction: float = Field(0.2, ge=0, lt=1)  # share of drafts (by id) kept out of training for the gate
+    min_kto_labels: int = Field(20, ge=2)  # labelled drafts (both 👍 and 👎 present) before a KTO pass runs
+    tolerance: float = Field(0.02, ge=0)  # the candidate's validation NLL may be worse by this many nats/token
+    retrain_epochs: float = Field(1.0, gt=0)  # SFT passes over the new training set
+    retrain_max_steps: int = -1  # cap on SFT steps (-1: epochs decide)
+    kto_beta: float = Field(0.1, gt=0)
+    kto_learning_rate: float = Field(5e-5, gt=0)
+    kto_epochs: float = Field(1.0, gt=0)
+    kto_max_steps: int = -1
+    kto_batch_size: int = Field(8, ge=2)  # KTO's KL estimate needs at least 2 per batch
+    # `convo serve scheduler`.
+    retrain_min_events: int = Field(50, ge=1)  # new labelled events (sent/edited/liked/disliked) since the last version
+    retrain_interval_h: float = Field(24.0, ge=0)  # at most one retrain per persona in this many hours
+    scheduler_poll_s: float = Field(300.0, gt=0)
+    metrics_port: int | None = None  # Prometheus metrics of the scheduler (and store) on this port
+
 
 class Settings(BaseSettings):
     """Everything configurable; see the module docstring for where values come from."""

@@ -84,3 +84,27 @@ def torch_threads(n: int):
         yield
     finally:
         torch.set_num_threads(before)
+
+
+POSTGRES_URL = os.environ.get("CONVO_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture
+def postgres_url() -> str:
+    """URL of a real PostgreSQL for store tests; skips when none answers, unless CONVO_REQUIRE_POSTGRES=1.
+
+    Tests sharing it use a unique table prefix per test (parallel runs must not collide) and drop their tables.
+    """
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(POSTGRES_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("select 1"))
+    except Exception as e:  # noqa: BLE001 - any failure to connect means "no server here"
+        if os.environ.get("CONVO_REQUIRE_POSTGRES") == "1":
+            pytest.fail(f"CONVO_REQUIRE_POSTGRES=1 but no PostgreSQL answers at {POSTGRES_URL}: {e}")
+        pytest.skip(f"no PostgreSQL at {POSTGRES_URL}: {str(e).splitlines()[0]}")
+    finally:
+        engine.dispose()
+    return POSTGRES_URL

@@ -15,6 +15,7 @@ from convo.errors import AdapterMismatch, ConfigError, TrainError
 from tests.conftest import torch_threads
 from tests.fixtures.train.make_dataset import write_dataset
 from inference.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
+from config.settings import TrainSettings
 from training.train import TRAIN_LOG, TrainOptions, choose_sample_indices, train
 
 pytestmark = pytest.mark.slow
@@ -33,7 +34,7 @@ def _opts(data: Path, base: Path, out: Path, **kw) -> TrainOptions:
         warmup_ratio=0.0, early_stopping_patience=10,
     )
     values.update(kw)
-    return TrainOptions(**values)
+    return TrainOptions.from_settings(TrainSettings(), **values)
 
 
 @pytest.fixture(scope="module")

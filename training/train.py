@@ -21,7 +21,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,47 +42,47 @@ TENSORBOARD = "tensorboard"
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Everything one training run needs; defaults match config.settings.TrainSettings."""
+    """Everything one training run needs. The fields named like config.settings.TrainSettings have no defaults
+    here: build options with `TrainOptions.from_settings(settings.train, **overrides)` so defaults live once."""
 
     data_dir: Path
     base: str
     out_dir: Path
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
-    learning_rate: float = 2e-4
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.05
-    epochs: float = 3.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 4
-    max_length: int = 512
-    eval_steps: int = 50
-    early_stopping_patience: int = 3
-    sample_prompts: int = 4
-    sample_seed: int = 0
+    # From TrainSettings (no defaults of their own).
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    learning_rate: float
+    lr_scheduler: str
+    warmup_ratio: float
+    epochs: float
+    max_steps: int
+    batch_size: int
+    grad_accum: int
+    max_length: int
+    eval_steps: int
+    early_stopping_patience: int
+    sample_prompts: int
+    sample_seed: int
+    seed: int
+    group_by_length: bool
+    # Per run, not settings.
     sample_max_new_tokens: int = 48
-    seed: int = 42
-    group_by_length: bool = True
     qlora: bool = False
     gradient_checkpointing: bool | None = None  # None: on with CUDA (memory), off on CPU (it only costs time there)
     resume: bool = False
     force: bool = False
     logging_steps: int = 5
+    init_adapter: Path | None = None  # continue from this adapter's weights (and its LoRA config) instead of B = 0
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> TrainOptions:
-        """Options from `settings.train`, with the given non-None overrides (the CLI flags) on top."""
-        t = settings.train
-        values = {
-            "lora_r": t.lora_r, "lora_alpha": t.lora_alpha, "lora_dropout": t.lora_dropout,
-            "learning_rate": t.learning_rate, "lr_scheduler": t.lr_scheduler, "warmup_ratio": t.warmup_ratio,
-            "epochs": t.epochs, "max_steps": t.max_steps, "batch_size": t.batch_size, "grad_accum": t.grad_accum,
-            "max_length": t.max_length, "eval_steps": t.eval_steps,
-            "early_stopping_patience": t.early_stopping_patience, "sample_prompts": t.sample_prompts,
-            "sample_seed": t.sample_seed, "seed": t.seed, "group_by_length": t.group_by_length,
-        }
+        """Options from TrainSettings (or a whole Settings' `.train`), with the non-None overrides on top."""
+        train_settings = getattr(settings, "train", settings)
+        values = train_settings.model_dump()
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:  # a new TrainSettings field must become an option too
+            raise TypeError(f"TrainSettings fields without a TrainOptions field: {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -412,6 +412,21 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         task_type="CAUSAL_LM",
         init_lora_weights=True,  # B = 0: no PiSSA/OLoRA, which would rewrite the shared base weights
     )
+    if opts.init_adapter is not None:
+        # Continue from an existing adapter (`convo retrain`): its weights and its own LoRA config (rank, targets)
+        # carry on; the rank options above do not apply.
+        import warnings
+
+        from peft import PeftModel
+
+        if not (Path(opts.init_adapter) / "adapter_config.json").is_file():
+            raise TrainError(f"{opts.init_adapter}: no adapter_config.json; --init-adapter needs a PEFT adapter dir")
+        with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+            warnings.simplefilter("ignore", FutureWarning)
+            model = PeftModel.from_pretrained(model, str(opts.init_adapter), is_trainable=True)
+        lora = None
+        loaded = model.peft_config["default"]  # record what is really trained, not the unused rank options
+        opts = replace(opts, lora_r=loaded.r, lora_alpha=loaded.lora_alpha, lora_dropout=loaded.lora_dropout)
 
     steps_per_epoch = math.ceil(len(train_ds) / (opts.batch_size * opts.grad_accum))
     total_steps = opts.max_steps if opts.max_steps > 0 else math.ceil(steps_per_epoch * opts.epochs)

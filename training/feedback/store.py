@@ -1,0 +1,288 @@
+"""The feedback database: every FeedbackEvent once (keyed by event id), and every retrain run with its reason.
+
+SQLAlchemy Core, one code path for SQLite and PostgreSQL (`feedback.db_url`). SQLite runs in WAL mode so
+`convo feedback stats` can read while `convo serve feedback` writes. Idempotence comes from the primary key: a
+second insert of the same event id fails with IntegrityError and counts as a duplicate, on either database.
+Timestamps are stored as naive UTC (SQLite keeps no offset) and come back aware. Import-light: no torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError, OperationalError
+
+from convo.errors import ConfigError
+from inference.protocol import FeedbackEvent
+
+LABELLED_KINDS = ("sent", "edited", "liked", "disliked")  # what can become training data
+
+
+def to_db_ts(ts: datetime) -> datetime:
+    """Aware -> naive UTC (what goes into the database)."""
+    if ts.tzinfo is not None:
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
+    return ts
+
+
+def from_db_ts(ts: datetime | None) -> datetime | None:
+    """Naive UTC from the database -> aware UTC."""
+    if ts is None:
+        return None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """One row of the events table: the event and when the store received it."""
+
+    event: FeedbackEvent
+    received_at: datetime
+    stream_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RetrainRun:
+    """One `convo retrain` attempt: what it decided and why."""
+
+    persona: str
+    status: str  # promoted | rejected | failed | skipped
+    reason: str
+    started_at: datetime
+    finished_at: datetime
+    parent_version: str | None = None
+    candidate_version: str | None = None
+    data_until: datetime | None = None  # received_at of the newest event it saw
+    metrics: dict[str, Any] | None = None
+    id: int | None = None
+
+
+def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
+    md = sa.MetaData()
+    events = sa.Table(
+        f"{prefix}feedback_events", md,
+        sa.Column("event_id", sa.String(128), primary_key=True),
+        sa.Column("persona", sa.String(64), nullable=False, index=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("draft_id", sa.String(128), nullable=False, index=True),
+        sa.Column("mode", sa.String(8), nullable=False),
+        sa.Column("adapter_version", sa.String(64)),
+        sa.Column("platform", sa.String(32), nullable=False),
+        sa.Column("ts", sa.DateTime(), nullable=False),
+        sa.Column("received_at", sa.DateTime(), nullable=False, index=True),
+        sa.Column("stream_id", sa.String(64)),
+        sa.Column("payload", sa.Text(), nullable=False),  # the event's JSON, as it came off the stream
+    )
+    runs = sa.Table(
+        f"{prefix}retrain_runs", md,
+        sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
+        sa.Column("persona", sa.String(64), nullable=False, index=True),
+        sa.Column("status", sa.String(16), nullable=False),
+        sa.Column("reason", sa.Text(), nullable=False),
+        sa.Column("started_at", sa.DateTime(), nullable=False),
+        sa.Column("finished_at", sa.DateTime(), nullable=False),
+        sa.Column("parent_version", sa.String(64)),
+        sa.Column("candidate_version", sa.String(64)),
+        sa.Column("data_until", sa.DateTime()),
+        sa.Column("metrics", sa.Text()),
+    )
+    return md, events, runs
+
+
+def make_engine(db_url: str) -> sa.Engine:
+    """An Engine for `db_url`; SQLite gets its folder created, WAL mode and a busy timeout."""
+    try:
+        url = sa.make_url(db_url)
+    except sa.exc.ArgumentError as e:
+        raise ConfigError(f"feedback.db_url {db_url!r}: not a database URL (e.g. sqlite:///data/feedback.db)") from e
+    if url.get_backend_name() == "sqlite":
+        if url.database and url.database != ":memory:":
+            Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(url, connect_args={"timeout": 30})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn, _record):
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cur.execute("PRAGMA synchronous=NORMAL")  # durable at checkpoints; WAL keeps it consistent
+            cur.close()
+
+        return engine
+    try:
+        return sa.create_engine(url, pool_pre_ping=True)
+    except (ImportError, sa.exc.NoSuchModuleError) as e:
+        raise ConfigError(f"feedback.db_url: no driver for {url.drivername} ({e}); use postgresql+psycopg://...") from e
+
+
+class FeedbackStore:
+    """The events and retrain-runs tables of one database."""
+
+    def __init__(self, db_url: str, table_prefix: str = "convo_"):
+        self.db_url = db_url
+        self.engine = make_engine(db_url)
+        self.metadata, self.events, self.runs = _tables(table_prefix)
+
+    @classmethod
+    def from_settings(cls, feedback_settings) -> FeedbackStore:
+        """The store `feedback.db_url` names, tables created if missing."""
+        store = cls(feedback_settings.db_url, feedback_settings.table_prefix)
+        store.create()
+        return store
+
+    def create(self) -> None:
+        """Create the tables if they do not exist; ConfigError when the database does not answer."""
+        try:
+            self.metadata.create_all(self.engine)
+        except OperationalError as e:
+            raise ConfigError(f"feedback database {self.safe_url}: {str(e.orig).strip().splitlines()[0]}") from e
+
+    def drop(self) -> None:
+        """Drop this store's tables (tests)."""
+        self.metadata.drop_all(self.engine)
+
+    def close(self) -> None:
+        """Close pooled connections."""
+        self.engine.dispose()
+
+    @property
+    def safe_url(self) -> str:
+        """The URL with any password hidden (for messages and logs)."""
+        return self.engine.url.render_as_string(hide_password=True)
+
+    # ------------------------------------------------------------ events
+
+    def add(self, event: FeedbackEvent, stream_id: str | None = None, received_at: datetime | None = None) -> bool:
+        """Insert one event; False when its event id is already stored (a redelivery)."""
+        row = {
+            "event_id": event.event_id, "persona": event.persona, "kind": event.kind, "draft_id": event.draft_id,
+            "mode": event.mode, "adapter_version": event.adapter_version, "platform": event.platform,
+            "ts": to_db_ts(event.ts), "received_at": to_db_ts(received_at or datetime.now(UTC)),
+            "stream_id": stream_id, "payload": event.dumps(),
+        }
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(self.events.insert().values(**row))
+        except IntegrityError:
+            return False
+        return True
+
+    def add_many(self, items: Iterable[tuple[FeedbackEvent, str | None]]) -> tuple[int, int]:
+        """Insert (event, stream id) pairs; returns (new, duplicates)."""
+        new = dup = 0
+        for event, stream_id in items:
+            if self.add(event, stream_id):
+                new += 1
+            else:
+                dup += 1
+        return new, dup
+
+    def iter_events(
+        self, persona: str | None = None, kinds: Sequence[str] | None = None, since: datetime | None = None
+    ) -> list[StoredEvent]:
+        """Stored events, oldest first (by event time), filtered by persona, kind and received_at > since."""
+        t = self.events
+        q = sa.select(t.c.payload, t.c.received_at, t.c.stream_id).order_by(t.c.ts, t.c.event_id)
+        if persona is not None:
+            q = q.where(t.c.persona == persona)
+        if kinds:
+            q = q.where(t.c.kind.in_(list(kinds)))
+        if since is not None:
+            q = q.where(t.c.received_at > to_db_ts(since))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        return [StoredEvent(FeedbackEvent.loads(r.payload), from_db_ts(r.received_at), r.stream_id) for r in rows]
+
+    def count_events(self, persona: str | None = None) -> int:
+        """How many events are stored (for one persona or all)."""
+        q = sa.select(sa.func.count()).select_from(self.events)
+        if persona is not None:
+            q = q.where(self.events.c.persona == persona)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def counts(self, persona: str | None = None) -> dict[str, dict[str, int]]:
+        """persona -> kind -> number of events."""
+        t = self.events
+        q = sa.select(t.c.persona, t.c.kind, sa.func.count()).group_by(t.c.persona, t.c.kind)
+        if persona is not None:
+            q = q.where(t.c.persona == persona)
+        out: dict[str, dict[str, int]] = {}
+        with self.engine.connect() as conn:
+            for p, kind, n in conn.execute(q):
+                out.setdefault(p, {})[kind] = int(n)
+        return out
+
+    def labelled_since(self, persona: str, since: datetime | None) -> int:
+        """Labelled events (sent/edited/liked/disliked) of `persona` received after `since` (all when None)."""
+        t = self.events
+        q = sa.select(sa.func.count()).select_from(t).where(t.c.persona == persona, t.c.kind.in_(LABELLED_KINDS))
+        if since is not None:
+            q = q.where(t.c.received_at > to_db_ts(since))
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def latest_received(self, persona: str) -> datetime | None:
+        """received_at of the persona's newest event."""
+        t = self.events
+        q = sa.select(sa.func.max(t.c.received_at)).where(t.c.persona == persona)
+        with self.engine.connect() as conn:
+            return from_db_ts(conn.execute(q).scalar_one())
+
+    def draft_ids(self, persona: str) -> list[str]:
+        """Every draft id the persona's events mention."""
+        t = self.events
+        with self.engine.connect() as conn:
+            return [r[0] for r in conn.execute(sa.select(t.c.draft_id).where(t.c.persona == persona).distinct())]
+
+    def personas(self) -> list[str]:
+        """Personas with stored events."""
+        with self.engine.connect() as conn:
+            return sorted(r[0] for r in conn.execute(sa.select(self.events.c.persona).distinct()))
+
+    # ------------------------------------------------------------ retrain runs
+
+    def record_run(self, run: RetrainRun) -> int:
+        """Store a retrain run; returns its id."""
+        row = {
+            "persona": run.persona, "status": run.status, "reason": run.reason,
+            "started_at": to_db_ts(run.started_at), "finished_at": to_db_ts(run.finished_at),
+            "parent_version": run.parent_version, "candidate_version": run.candidate_version,
+            "data_until": to_db_ts(run.data_until) if run.data_until else None,
+            "metrics": json.dumps(run.metrics) if run.metrics is not None else None,
+        }
+        with self.engine.begin() as conn:
+            result = conn.execute(self.runs.insert().values(**row))
+            return int(result.inserted_primary_key[0])
+
+    def list_runs(self, persona: str | None = None) -> list[RetrainRun]:
+        """Retrain runs, oldest first."""
+        t = self.runs
+        q = sa.select(t).order_by(t.c.started_at, t.c.id)
+        if persona is not None:
+            q = q.where(t.c.persona == persona)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).mappings().all()
+        return [
+            RetrainRun(
+                persona=r["persona"], status=r["status"], reason=r["reason"], started_at=from_db_ts(r["started_at"]),
+                finished_at=from_db_ts(r["finished_at"]), parent_version=r["parent_version"],
+                candidate_version=r["candidate_version"], data_until=from_db_ts(r["data_until"]),
+                metrics=json.loads(r["metrics"]) if r["metrics"] else None, id=r["id"],
+            )
+            for r in rows
+        ]
+
+    # ------------------------------------------------------------ forget
+
+    def delete_persona(self, persona: str) -> dict[str, int]:
+        """Delete every event and retrain run of `persona`; returns the row counts deleted."""
+        with self.engine.begin() as conn:
+            events = conn.execute(self.events.delete().where(self.events.c.persona == persona)).rowcount
+            runs = conn.execute(self.runs.delete().where(self.runs.c.persona == persona)).rowcount
+        return {"events": int(events or 0), "runs": int(runs or 0)}
