@@ -44,12 +44,14 @@ EVAL_METHODS = "base,incontext,retrieval,adapter"
 STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "evaluation", "redis", "worker",
           "conversation", "feedback store", "retrain", "summary")
 
-# Training numbers for each base: (adapter steps, batch size, learning rate, retrain steps, eval prompts).
+# Numbers for each base: adapter training (steps, batch, lr, rank, sample length), the retrain's SFT steps, the
+# evaluation (prompts, replies per prompt, reply length, context budget) and the validation samples kept. SmolLM2's
+# are sized to keep the whole demo under 10 minutes on 2 CPU cores; the tiny base is a quick pipeline check.
 PRESETS = {
-    "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, retrain_steps=30, prompts=40, max_length=256,
-                 val_samples=96),
-    "smollm2": dict(steps=40, batch_size=4, lr=5e-4, lora_r=8, retrain_steps=10, prompts=16, max_length=256,
-                    val_samples=48),
+    "smollm2": dict(steps=16, batch_size=4, lr=1e-3, lora_r=8, max_length=96, retrain_steps=8, prompts=6,
+                    eval_n=1, eval_new_tokens=24, context_budget=128, val_samples=32, chat_new_tokens=32),
+    "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, max_length=256, retrain_steps=30, prompts=40,
+                 eval_n=2, eval_new_tokens=48, context_budget=256, val_samples=96, chat_new_tokens=48),
 }
 
 console = Console(highlight=False)
@@ -92,6 +94,12 @@ def cli(argv: list[str]) -> None:
     code = run(argv)
     if code != 0:
         raise DemoFailed(f"`convo {' '.join(argv)}` exited with {code}")
+
+
+def train_section(preset: dict) -> dict:
+    """The `train` settings of the demo: what v1 is trained with, and the retrain and its gate after it."""
+    return dict(batch_size=preset["batch_size"], grad_accum=1, lora_r=preset["lora_r"], learning_rate=preset["lr"],
+                max_length=preset["max_length"], sample_prompts=1)
 
 
 def trim_validation(data_dir: Path, keep: int) -> tuple[int, int] | None:
@@ -206,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="validation samples kept for training's eval and the retrain gate (0: all; default: by base)")
     ap.add_argument("--redis", choices=("auto", "local", "redis-server", "embedded"), default="auto",
                     help="auto: the local Redis (redis.url) if it answers, else redis-server, else embedded")
+    ap.add_argument("--services-only", action="store_true",
+                    help="reuse stages 2-6 (dataset, adapter v1, evaluation) of an earlier run in --out and run "
+                         "the service half again")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     args = ap.parse_args(argv)
     try:
@@ -216,6 +227,69 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         console.print("[yellow]demo interrupted; the worker and any Redis it started were stopped[/]")
         return 130
+
+
+def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict, stages: Stages) -> Path:
+    """Stages 2-6: ingest, dataset, base (built once), adapter v1 with `current`, evaluation; returns the base dir."""
+    with stages.stage("ingest", "both exports into one message log"):
+        cli(["ingest", *map(str, EXAMPLES), "--out", str(out / "messages.jsonl"), "--me", ME])
+
+    with stages.stage("dataset", f"persona {PERSONA_NAME}"):
+        cli(["dataset", str(out / "messages.jsonl"), "--persona", PERSONA_NAME, "--out", str(out / "dataset")])
+
+        kept = trim_validation(out / "dataset", preset["val_samples"])
+        if kept:
+            console.print(f"validation: kept {kept[0]} of {kept[1]} samples, evenly spread (--val-samples) so "
+                          "evaluation and the retrain gate fit the demo's time")
+
+    with stages.stage("base model", f"{base_kind}, built once in {args.models}"):
+        base = build_base(base_kind, args.models.resolve(), args.minutes)
+
+    with stages.stage("adapter v1", f"LoRA, {preset['steps']} steps"):
+        shutil.rmtree(pdir, ignore_errors=True)  # a fresh persona each run; the base is what is reused
+        t = train_section(preset)
+        train_args = ["train", "--data", str(out / "dataset"), "--base", str(base), "--out", str(pdir / "v1"),
+                      "--force", "--max-steps", str(preset["steps"]), "--batch-size", str(t["batch_size"]),
+                      "--grad-accum", str(t["grad_accum"]), "--lora-r", str(t["lora_r"]), "--lr", str(t["learning_rate"]),
+                      "--max-length", str(t["max_length"]), "--eval-steps", str(preset["steps"]),
+                      "--sample-prompts", str(t["sample_prompts"])]
+        if args.threads:
+            train_args += ["--threads", str(args.threads)]
+        cli(train_args)
+        from inference.versions import set_current
+
+        shutil.rmtree(pdir / "v1" / "checkpoints", ignore_errors=True)
+        set_current(pdir, "v1")
+        console.print(f"{escape(str(pdir))}/current -> v1")
+
+    with stages.stage("evaluation", f"{EVAL_METHODS} on {preset['prompts']} validation prompts"):
+        cli(["eval", "--data", str(out / "dataset"), "--adapter", str(pdir / "v1"), "--methods", EVAL_METHODS,
+             "--max-prompts", str(preset["prompts"]), "--n", str(preset["eval_n"]),
+             "--max-new-tokens", str(preset["eval_new_tokens"]), "--context-budget", str(preset["context_budget"]),
+             "--out", str(out / "eval"), "--report", str(out / "report.html")])
+
+    return base
+
+
+def reuse_training(out: Path, pdir: Path, stages: Stages) -> Path:
+    """--services-only: take stages 2-6 from an earlier run in `out`; later versions are removed, current -> v1."""
+    from inference.adapter_meta import read_adapter_meta
+    from inference.versions import list_versions, set_current
+
+    needed = (out / "dataset" / "meta.json", pdir / "v1" / "convo_adapter.json", out / "eval" / "metrics.json")
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        raise DemoFailed(f"--services-only needs an earlier full run in {out}; missing {', '.join(missing)}")
+    for name in ("ingest", "dataset", "base model", "adapter v1", "evaluation"):
+        with stages.stage(name, "reused from the earlier run (--services-only)"):
+            pass
+    for version in list_versions(pdir):
+        if version != "v1":
+            shutil.rmtree(pdir / version)
+    set_current(pdir, "v1")
+    base = Path(read_adapter_meta(pdir / "v1").base_model.id)
+    console.print(f"base {escape(str(base))}, {escape(str(pdir))}/current -> v1")
+    return base
 
 
 def run_demo(args) -> int:
@@ -254,44 +328,15 @@ def run_demo(args) -> int:
                 raise DemoFailed(f"{path}: missing (regenerate with `python examples/make_examples.py`)")
             console.print(f"{escape(str(path.relative_to(ROOT)))} ({path.stat().st_size / 1e3:.0f} kB)")
 
-    with stages.stage("ingest", "both exports into one message log"):
-        cli(["ingest", *map(str, EXAMPLES), "--out", str(out / "messages.jsonl"), "--me", ME])
-
-    with stages.stage("dataset", f"persona {PERSONA_NAME}"):
-        cli(["dataset", str(out / "messages.jsonl"), "--persona", PERSONA_NAME, "--out", str(out / "dataset")])
-
-        kept = trim_validation(out / "dataset", preset["val_samples"])
-        if kept:
-            console.print(f"validation: kept {kept[0]} of {kept[1]} samples, evenly spread (--val-samples) so "
-                          "evaluation and the retrain gate fit the demo's time")
-
-    with stages.stage("base model", f"{base_kind}, built once in {args.models}"):
-        base = build_base(base_kind, args.models.resolve(), args.minutes)
-
     adapters = out / "adapters"
     pdir = adapters / PERSONA
     for stale in ("feedback.db", "feedback.db-wal", "feedback.db-shm"):  # a fresh persona: no feedback of old runs
         (out / stale).unlink(missing_ok=True)
-    with stages.stage("adapter v1", f"LoRA, {preset['steps']} steps"):
-        shutil.rmtree(pdir, ignore_errors=True)  # a fresh persona each run; the base is what is reused
-        train_args = ["train", "--data", str(out / "dataset"), "--base", str(base), "--out", str(pdir / "v1"),
-                      "--force", "--max-steps", str(preset["steps"]), "--batch-size", str(preset["batch_size"]),
-                      "--grad-accum", "1", "--lora-r", str(preset["lora_r"]), "--lr", str(preset["lr"]),
-                      "--max-length", str(preset["max_length"]), "--eval-steps", str(max(preset["steps"] // 2, 1)),
-                      "--sample-prompts", "2"]
-        if args.threads:
-            train_args += ["--threads", str(args.threads)]
-        cli(train_args)
-        from inference.versions import set_current
-
-        shutil.rmtree(pdir / "v1" / "checkpoints", ignore_errors=True)
-        set_current(pdir, "v1")
-        console.print(f"{escape(str(pdir))}/current -> v1")
-
-    with stages.stage("evaluation", f"{EVAL_METHODS} on {preset['prompts']} validation prompts"):
-        cli(["eval", "--data", str(out / "dataset"), "--adapter", str(pdir / "v1"), "--methods", EVAL_METHODS,
-             "--max-prompts", str(preset["prompts"]), "--out", str(out / "eval"), "--report", str(out / "report.html")])
-        metrics = read_eval(out / "eval")
+    if args.services_only:
+        base = reuse_training(out, pdir, stages)
+    else:
+        base = train_and_evaluate(args, out, pdir, base_kind, preset, stages)
+    metrics = read_eval(out / "eval")
 
     prefix = f"demo-{uuid.uuid4().hex[:8]}"
     with contextlib.ExitStack() as stack:
@@ -304,7 +349,8 @@ def run_demo(args) -> int:
                 if r.warning:
                     console.print(f"[yellow]warning:[/] {escape(r.warning)}")
                 settings = demo_settings(user_settings, out_dir=out, redis_url=r.url, prefix=prefix, base=str(base),
-                                         local_redis=r.kind == "local", retrain_max_steps=preset["retrain_steps"])
+                                         local_redis=r.kind == "local", max_new_tokens=preset["chat_new_tokens"],
+                                         train=train_section(preset), retrain_max_steps=preset["retrain_steps"])
                 console.print(f"{r.kind} at {escape(r.url)}, keys under {prefix}:*")
                 if r.kind == "local":  # runs after the worker stopped (LIFO): the user's Redis keeps nothing of ours
                     stack.callback(cleanup_prefix, settings)
@@ -324,11 +370,8 @@ def run_demo(args) -> int:
                 console.print(f"{stored.stored} events stored ({stored.duplicates} duplicates, {stored.dead} dead)")
 
             with stages.stage("retrain", "SFT from current on dataset + feedback, then the gate"):
-                overrides = dict(batch_size=preset["batch_size"], grad_accum=1, learning_rate=preset["lr"],
-                                 max_length=preset["max_length"], eval_steps=max(preset["retrain_steps"], 1),
-                                 sample_prompts=0)
                 outcome = retrain_once(settings, PERSONA, store, data_dir=out / "dataset", base=str(base),
-                                       console=console, train_overrides=overrides)
+                                       console=console, train_overrides={"eval_steps": preset["retrain_steps"]})
                 after_version = None
                 if outcome.status == "promoted":
                     wait_until(lambda: worker.serving(PERSONA) == outcome.candidate, 30,

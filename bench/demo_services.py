@@ -44,8 +44,9 @@ AFTER_RETRAIN_LINE = "so what are you doing tonight?"
 
 
 def demo_settings(settings, *, out_dir: Path, redis_url: str, prefix: str, base: str, local_redis: bool = False,
-                  **feedback):
-    """`settings` with the demo's Redis (url, unique prefix), adapters dir, feedback database and worker options."""
+                  max_new_tokens: int | None = None, train: dict | None = None, **feedback):
+    """`settings` with the demo's Redis (url, unique prefix), adapters dir, feedback database and worker options;
+    `train` overrides the training section (the retrain and its gate use the numbers v1 was trained with)."""
     adapters = str(Path(out_dir) / "adapters")
 
     def section(section_name: str, /, **values):
@@ -54,7 +55,10 @@ def demo_settings(settings, *, out_dir: Path, redis_url: str, prefix: str, base:
     return settings.model_copy(update={
         "redis": section("redis", url=redis_url, prefix=prefix,
                          password=settings.redis.password if local_redis else None),
-        "bot": section("bot", adapters_dir=adapters, typing_s_per_char=0.0),
+        "train": section("train", **(train or {})),
+        "generate": section("generate", max_new_tokens=max_new_tokens or settings.generate.max_new_tokens),
+        "bot": section("bot", adapters_dir=adapters, typing_s_per_char=0.0,
+                       reply_timeout_s=max(settings.bot.reply_timeout_s, 180.0)),  # 3 drafts on a busy CPU
         "worker": section("worker", adapters_dir=adapters, base=base, quantize="none", metrics_port=0,
                           name=f"{prefix}-worker", watch_interval_s=0, heartbeat_interval_s=0.5),
         "feedback": section("feedback", adapters_dir=adapters, db_url=f"sqlite:///{Path(out_dir) / 'feedback.db'}",
@@ -212,7 +216,9 @@ async def _conversation(settings, persona_name: str, scripts: Sequence[tuple[str
     config = BotConfig.from_settings(settings)
     persona = PersonaBook(config.adapters_dir).get(persona_name)
     password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    client = aioredis.from_url(settings.redis.url, password=password)
+    # socket_timeout=None: redis-py 8 reads time out after 5 s by default, but a reply on a CPU can take longer and
+    # BLPOP already bounds the wait (bot.reply_timeout_s).
+    client = aioredis.from_url(settings.redis.url, password=password, socket_timeout=None)
     conv = Conversation()
     try:
         await ping_redis(client, settings.redis.url)
@@ -248,10 +254,10 @@ def _s(value) -> str:
 def store_feedback(settings):
     """Drain the feedback stream into the feedback database; returns (BatchResult totals, FeedbackStore)."""
     import redis
-    from training.feedback.consumer import FeedbackConsumer
-    from training.feedback.store import FeedbackStore
 
     from inference.protocol import Keys
+    from training.feedback.consumer import FeedbackConsumer
+    from training.feedback.store import FeedbackStore
 
     fs = settings.feedback
     store = FeedbackStore.from_settings(fs)
