@@ -92,6 +92,8 @@ def cli(argv: list[str]) -> None:
 
     console.print(f"[dim]$ convo {escape(' '.join(argv))}[/]")
     code = run(argv)
+    if code == 130:  # the command caught Ctrl-C and stopped cleanly: stop the demo the same way
+        raise KeyboardInterrupt
     if code != 0:
         raise DemoFailed(f"`convo {' '.join(argv)}` exited with {code}")
 

@@ -186,3 +186,19 @@ def test_worker_and_conversation_on_the_embedded_redis(tiny_base, adapters_v1, t
             conv = scripted_conversation(settings, "alice", Console(file=io.StringIO()),
                                          scripts=(("friend", ("hey you coming?", "/good", "/quit")),))
         assert conv.replies == 1 and conv.events == {"shown": 1, "liked": 1}
+
+
+@needs_services
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server not installed")
+def test_ctrl_c_stops_the_worker_and_the_redis_server_it_started(tiny_base, adapters_v1, tmp_path):
+    from bench.demo_services import running_worker
+
+    with pytest.raises(KeyboardInterrupt):
+        with demo_redis(UNREACHABLE, tmp_path, kind="redis-server") as r:
+            settings = _settings(adapters_v1, r.url)
+            with torch_threads(1), running_worker(settings, str(tiny_base)) as handle:
+                assert handle.heartbeat_seen()
+                raise KeyboardInterrupt
+    assert handle._thread is None and handle.worker.stopping.is_set()  # stopped and joined
+    assert not redis_answers(r.url, timeout_s=0.3)  # the server it started is gone
