@@ -31,7 +31,8 @@ def test_mixed_folder_exact_log_and_meta(tmp_path):
     out = tmp_path / "messages.jsonl"
     result = ingest([MIXED], out)
     log = read_log(out)
-    assert [list(r) for r in log] == [["chat", "ts", "speaker", "speaker_id", "text", "reply_to", "source"]] * 11
+    assert [list(r) for r in log] == [["chat", "ts", "speaker", "speaker_id", "text", "reply_to", "source", "id",
+                                         "chat_id"]] * 11
     assert [(r["chat"], r["speaker"], r["text"], r["source"]) for r in log] == [
         ("Alice Smith", "Alice Smith", "lunch?", "telegram"),
         ("Alice Smith", "Riya", "yes, 12:30", "telegram"),

@@ -16,6 +16,12 @@ range it occupies in the staging file and whether it stayed in time order in one
   re-read and put through a bounded external merge sort (chunks of `SORT_CHUNK_LINES` sorted in memory and
   spilled to temp files, then `heapq.merge`), so memory stays bounded whatever the input.
 
+De-duplication (dedup.py) rides on that sort: a message can only have a copy if its chat occurs in more than
+one run, and copies share a timestamp, so they meet in the merged stream, one (chat, time) group at a time.
+Every staging line remembers which input it came from (by its byte offset) for the occurrence numbers.
+`append=True` streams the existing log in as input 0, so the log and the new exports are merged the same way;
+the meta sidecar keeps the earlier inputs and adds the new ones, each with its date range and duplicates.
+
 "me" is `--me` (a speaker name or id), else the exporting account from a Telegram full export's
 `personal_information`, else the one speaker present in every chat; otherwise ingest stops and asks for
 `--me`, listing the speakers.
@@ -23,6 +29,7 @@ range it occupies in the staging file and whether it stayed in time order in one
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import importlib
 import json
@@ -38,12 +45,15 @@ from typing import Any
 
 from convo.errors import ConfigError, IngestError
 from training.ingest.base import HEAD_BYTES, ParseContext, Parser
+from training.ingest.dedup import ChatTitles, GroupDedup
 from training.ingest.records import Message
 
 # Parser modules in sniffing order: the JSON formats have distinctive keys, WhatsApp lines a distinctive
 # header, and JSONL is the catch-all schema.
 PARSER_MODULES = ("telegram", "discord_export", "whatsapp", "jsonl")
 FORMATS = ("auto", "telegram", "whatsapp", "discord", "jsonl")
+DATE_ORDERS = ("dmy", "mdy")
+MAX_WARNINGS_PER_FILE = 20
 SORT_CHUNK_LINES = 200_000
 PROGRESS_EVERY = 5_000
 _OFFSET_RE = re.compile(r"(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?")
@@ -178,48 +188,71 @@ def _sort_key(line: bytes) -> tuple[str, float]:
     return d["chat"], datetime.fromisoformat(d["ts"]).timestamp()
 
 
-def _sorted_lines(staging: Path, chats: set[str], tmpdir: Path) -> Iterator[bytes]:
-    """Lines of `chats` from the staging file ordered by (chat, time), stable; bounded memory."""
+def _tagged(run: Iterator[bytes]) -> Iterator[tuple[tuple[str, float], int, dict, bytes]]:
+    """(sort key, input number, record, line) for each `input<TAB>line` of a spilled run."""
+    for tagged in run:
+        idx, line = tagged.split(b"\t", 1)
+        d = json.loads(line)
+        yield (d["chat"], datetime.fromisoformat(d["ts"]).timestamp()), int(idx), d, line
+
+
+def _sorted_lines(
+    staging: Path, chats: set[str], tmpdir: Path, bounds: list[int]
+) -> Iterator[tuple[tuple[str, float], int, dict, bytes]]:
+    """(key, input number, record, line) of `chats`' lines in the staging file, ordered by (chat, time),
+    stable; bounded memory. `bounds[i]` is the staging offset where input i starts."""
     runs: list[Path] = []
-    chunk: list[tuple[tuple[str, float], bytes]] = []
+    chunk: list[tuple[tuple[str, float], int, bytes]] = []
 
     def spill() -> None:
         chunk.sort(key=lambda kv: kv[0])
         run = tmpdir / f"run{len(runs)}.jsonl"
         with run.open("wb") as f:
-            f.writelines(line for _, line in chunk)
+            f.writelines(b"%d\t%s" % (idx, line) for _, idx, line in chunk)
         runs.append(run)
         chunk.clear()
 
+    offset, idx, next_bound = 0, -1, 0
     with staging.open("rb") as f:
         for line in f:
-            key = _sort_key(line)
-            if key[0] in chats:
-                chunk.append((key, line))
+            while next_bound is not None and offset >= next_bound:
+                idx += 1
+                next_bound = bounds[idx + 1] if idx + 1 < len(bounds) else None
+            offset += len(line)
+            d = json.loads(line)
+            if d["chat"] in chats:
+                chunk.append(((d["chat"], datetime.fromisoformat(d["ts"]).timestamp()), idx, line))
                 if len(chunk) >= SORT_CHUNK_LINES:
                     spill()
     if not runs:
         chunk.sort(key=lambda kv: kv[0])
-        yield from (line for _, line in chunk)
+        for key, i, line in chunk:
+            yield key, i, json.loads(line), line
         return
     if chunk:
         spill()
     files = [run.open("rb") for run in runs]
     try:
-        yield from heapq.merge(*files, key=_sort_key)
+        yield from heapq.merge(*(_tagged(f) for f in files), key=lambda t: t[0])
     finally:
         for f in files:
             f.close()
 
 
-def _finalize(staging: Path, chats: dict[str, _Chat], order: list[str], out_tmp: Path) -> Path:
-    """The file holding the ordered log: `staging` itself when already ordered, else `out_tmp`."""
+def _finalize(
+    staging: Path, chats: dict[str, _Chat], order: list[str], out_tmp: Path, bounds: list[int],
+    on_copy: Callable[[int, dict], None],
+) -> Path:
+    """The file holding the ordered, de-duplicated log: `staging` itself when already ordered, else `out_tmp`.
+
+    `on_copy(input number, record)` is called for every line dropped as a copy of an earlier one.
+    """
     titles = sorted(chats)
     unordered = {c for c, st in chats.items() if not st.ordered}
     if not unordered and titles == order:
         return staging
     with tempfile.TemporaryDirectory(dir=out_tmp.parent, prefix=f".{out_tmp.name}.sort") as tmp:
-        bad = _sorted_lines(staging, unordered, Path(tmp)) if unordered else iter(())
+        bad = _sorted_lines(staging, unordered, Path(tmp), bounds) if unordered else iter(())
         pending = next(bad, None)
         with staging.open("rb") as src, out_tmp.open("wb") as dst:
             for title in titles:
@@ -231,10 +264,17 @@ def _finalize(staging: Path, chats: dict[str, _Chat], order: list[str], out_tmp:
                         block = src.read(min(remaining, 1 << 20))
                         dst.write(block)
                         remaining -= len(block)
-                else:
-                    while pending is not None and json.loads(pending)["chat"] == title:
-                        dst.write(pending)
-                        pending = next(bad, None)
+                    continue
+                group_key, group = None, GroupDedup()
+                while pending is not None and pending[0][0] == title:
+                    key, idx, record, line = pending
+                    if key != group_key:
+                        group_key, group = key, GroupDedup()
+                    if group.is_copy(idx, record):
+                        on_copy(idx, record)
+                    else:
+                        dst.write(line)
+                    pending = next(bad, None)
     return out_tmp
 
 
@@ -297,20 +337,75 @@ def meta_path_for(out: Path) -> Path:
     return out.with_name(f"{out.stem}.meta.json")
 
 
+def _read_previous(out: Path, meta_path: Path) -> dict[str, Any]:
+    """The sidecar of the log that `--append` extends ({} when it has none or it is unreadable)."""
+    if not out.is_file():
+        raise ConfigError(f"--append: {out} does not exist; leave out --append to create it")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _log_messages(path: Path) -> Iterator[Message]:
+    """The messages of an existing canonical log, strictly validated (bad lines raise `file:line: ...`)."""
+    from training.ingest.jsonl import read_messages
+
+    for msg in read_messages(path):
+        yield msg
+
+
+def _check_append(previous: dict[str, Any], tz: str | None, scrub: bool, out: Path) -> str:
+    """The zone to read new exports in; ConfigError when the new run would not match how the log was made.
+
+    WhatsApp copies are recognised by their timestamps and text, so a different --tz or --scrub than the
+    log was written with would make every copy look new.
+    """
+    old_tz = previous.get("tz")
+    if tz is None:
+        tz = old_tz if isinstance(old_tz, str) else "UTC"
+    elif isinstance(old_tz, str) and resolve_tz(tz) != resolve_tz(old_tz):
+        raise ConfigError(
+            f"--tz {tz}: {out} was written with --tz {old_tz}; append with the same zone so that copies are found"
+        )
+    if "scrubbed" in previous and (previous["scrubbed"] is not None) != scrub:
+        was = "with" if previous["scrubbed"] is not None else "without"
+        raise ConfigError(f"{out} was written {was} --scrub; append {was} it too so that copies are found")
+    return tz
+
+
 def ingest(
     inputs: Sequence[Path],
     out: Path,
     *,
     fmt: str = "auto",
     me: str | None = None,
-    tz: str = "UTC",
+    tz: str | None = None,
     scrub: bool = False,
+    append: bool = False,
+    date_order: str | None = None,
+    phone_regions: Sequence[str] = ("US",),
     on_file: Callable[[Path, str], None] | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> IngestResult:
-    """Parse every export in `inputs` into the ordered canonical log `out` plus its `.meta.json` sidecar."""
+    """Parse every export in `inputs` into the ordered, de-duplicated log `out` plus its `.meta.json` sidecar.
+
+    `append=True` keeps the messages already in `out` and adds the new ones; `tz=None` means UTC, or the
+    log's zone when appending. `date_order` ("dmy"/"mdy") reads WhatsApp files whose dates fit both orders.
+    """
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if date_order is not None and date_order not in DATE_ORDERS:
+        raise ConfigError(f"--date-order {date_order!r}: expected dmy (31/12) or mdy (12/31)")
+    out = Path(out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: is a folder; expected a file path such as {out / 'messages.jsonl'}")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
+    meta_path = meta_path_for(out)
+    previous = _read_previous(out, meta_path) if append else {}
+    tz = _check_append(previous, tz, scrub, out) if append else (tz or "UTC")
     zone = resolve_tz(tz)
     parsers = load_parsers()
     if fmt != "auto" and fmt not in parsers:
@@ -318,30 +413,31 @@ def ingest(
     scrubber = None
     if scrub:
         try:
-            from training.ingest.scrub import Scrubber
+            from training.ingest.scrub import Scrubber, check_regions
         except ModuleNotFoundError as e:
             raise ConfigError("--scrub: the scrubber (training/ingest/scrub.py) is not available") from e
-        scrubber = Scrubber()
+        scrubber = Scrubber(check_regions(phone_regions))
 
-    out = Path(out)
-    if out.is_dir():
-        raise ConfigError(f"--out {out}: is a folder; expected a file path such as {out / 'messages.jsonl'}")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
-    meta_path = meta_path_for(out)
     files = expand_inputs(inputs, skip={out.resolve(), meta_path.resolve()})
     if not files:
         raise IngestError(f"{', '.join(map(str, inputs))}: no files found; expected chat exports")
 
     warnings: list[str] = []
-    ctx = ParseContext(tz=zone)
+    ctx = ParseContext(tz=zone, date_order=date_order)
+    prev_me = previous.get("me")
+    if isinstance(prev_me, dict):
+        ctx.me_hints.update(str(i) for i in prev_me.get("ids") or [] if isinstance(i, (str, int)))
+    titles = ChatTitles()
     chats: dict[str, _Chat] = {}
     order: list[str] = []  # chats in staging order
     speakers: dict[str, Speaker] = {}
     formats: Counter = Counter()
-    files_used: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []  # one per input (the existing log first when appending)
+    bounds: list[int] = []  # staging offset where each input starts
     first_ts = last_ts = None
     total = 0
+
+    sources = ([(out, True)] if append else []) + files  # (path, named explicitly); the log itself first
 
     serialize = Message.__pydantic_serializer__.to_json
     staging = _temp_beside(out, ".staging")
@@ -349,27 +445,37 @@ def ingest(
     try:
         with staging.open("wb") as dst:
             offset = 0
-            for path, explicit in files:
-                head = _head(path)
-                if fmt != "auto":
-                    parser = parsers[fmt]
+            for i, (path, explicit) in enumerate(sources):
+                if append and i == 0:
+                    name, messages = "log", _log_messages(path)
                 else:
-                    parser = None if _looks_binary(head) else detect(path, head, parsers)
-                    if parser is None:
-                        reason = _unknown_reason(path, head, [n for n in parsers])
-                        if explicit:
-                            raise IngestError(reason)
-                        warnings.append(f"skipped {reason}")
-                        continue
+                    head = _head(path)
+                    if fmt != "auto":
+                        parser = parsers[fmt]
+                    else:
+                        parser = None if _looks_binary(head) else detect(path, head, parsers)
+                        if parser is None:
+                            reason = _unknown_reason(path, head, [n for n in parsers])
+                            if explicit:
+                                raise IngestError(reason)
+                            warnings.append(f"skipped {reason}")
+                            continue
+                    name, messages = parser.name, parser.parse(path, ctx)
                 if on_file:
-                    on_file(path, parser.name)
+                    on_file(path, name)
                 current = None  # chat of the previous message of this file
                 file_count = 0
-                for msg in parser.parse(path, ctx):
-                    if scrubber is not None:
+                file_first = file_last = None
+                bounds.append(offset)
+                before = len(ctx.warnings)
+                for msg in messages:
+                    if scrubber is not None and name != "log":
                         text = scrubber.scrub(msg.text)
                         if text != msg.text:
                             msg = msg.model_copy(update={"text": text})
+                    chat = titles.title(msg.source, msg.chat_id, msg.chat)
+                    if chat != msg.chat:
+                        msg = msg.model_copy(update={"chat": chat})
                     try:
                         line = serialize(msg) + b"\n"  # what Message.to_json() gives, as bytes
                     except ValueError as e:  # e.g. a lone surrogate from a "\ud800" escape
@@ -377,7 +483,7 @@ def ingest(
                             f"{path}: message of {msg.speaker!r} at {msg.ts.isoformat()} in chat {msg.chat!r}: "
                             f"text is not valid Unicode ({str(e).splitlines()[0]}); fix or drop that message"
                         ) from e
-                    chat, ts = msg.chat, msg.ts
+                    ts = msg.ts
                     if chat != current:
                         st = chats.get(chat)
                         if st is None:
@@ -398,46 +504,84 @@ def ingest(
                         sp = speakers[sid] = Speaker(id=sid, name=msg.speaker)
                     sp.count += 1
                     st.speakers.add(sid)
-                    if first_ts is None or ts < first_ts:
-                        first_ts = ts
-                    if last_ts is None or ts > last_ts:
-                        last_ts = ts
+                    if file_first is None or ts < file_first:
+                        file_first = ts
+                    if file_last is None or ts > file_last:
+                        file_last = ts
                     file_count += 1
                     if on_progress and file_count % PROGRESS_EVERY == 0:
                         on_progress(PROGRESS_EVERY)
                 if on_progress:
                     on_progress(file_count % PROGRESS_EVERY)
-                formats[parser.name] += file_count
+                new_warnings = ctx.warnings[before:]
+                warnings += new_warnings[:MAX_WARNINGS_PER_FILE]
+                if len(new_warnings) > MAX_WARNINGS_PER_FILE:
+                    warnings.append(f"{path}: {len(new_warnings) - MAX_WARNINGS_PER_FILE} more warnings like these")
+                if file_first is not None:
+                    first_ts = file_first if first_ts is None else min(first_ts, file_first)
+                    last_ts = file_last if last_ts is None else max(last_ts, file_last)
+                formats[name] += file_count
                 total += file_count
-                files_used.append({"path": str(path), "format": parser.name, "messages": file_count})
+                runs.append({
+                    "path": str(path), "format": name, "messages": file_count, "duplicates": 0,
+                    "date_range": {"first": file_first.isoformat(), "last": file_last.isoformat()}
+                    if file_first is not None else None,
+                })
         if total == 0:
             skipped = ", ".join(f"{k} {v}" for k, v in sorted(ctx.skipped.items())) or "nothing"
             raise IngestError(
-                f"{', '.join(str(f['path']) for f in files_used) or 'inputs'}: no messages with text found "
+                f"{', '.join(str(f['path']) for f in runs) or 'inputs'}: no messages with text found "
                 f"(skipped: {skipped}); is --format right?"
             )
         me_info = _identify_me(me, ctx.me_hints, speakers, chats)
-        final = _finalize(staging, chats, order, out_tmp)
+
+        def on_copy(idx: int, record: dict) -> None:
+            runs[idx]["duplicates"] += 1
+            formats[runs[idx]["format"]] -= 1
+            speakers[record["speaker_id"]].count -= 1
+
+        final = _finalize(staging, chats, order, out_tmp, bounds, on_copy)
         os.replace(final, out)
     finally:
         staging.unlink(missing_ok=True)
         out_tmp.unlink(missing_ok=True)
 
+    duplicates = sum(r["duplicates"] for r in runs)
+    shared = {t: sorted(finals) for t, finals in sorted(titles.shared.items())}
+    for title, finals in shared.items():
+        warnings.append(f"{len(finals)} different chats are titled {title!r}; kept apart as "
+                        + ", ".join(repr(f) for f in finals))
+    new_runs = runs[1:] if append else runs
+    if append:
+        prev_files = previous.get("files") if isinstance(previous.get("files"), list) else []
+        prev_skipped = previous.get("skipped") if isinstance(previous.get("skipped"), dict) else {}
+        skipped_all = Counter({k: v for k, v in prev_skipped.items() if isinstance(v, int)}) + ctx.skipped
+        prev_dups = previous.get("duplicates") if isinstance(previous.get("duplicates"), int) else 0
+        for fmt_name, n in Counter(previous.get("formats") or {}).items():
+            if isinstance(n, int):
+                formats[fmt_name] += n
+    else:
+        prev_files, skipped_all, prev_dups = [], ctx.skipped, 0
     meta = {
         "out": str(out),
-        "messages": total,
+        "messages": total - duplicates,
+        "duplicates": prev_dups + duplicates,
         "me": me_info,
         "speakers": [
             {"name": s.name, "id": s.id, "count": s.count}
-            for s in sorted(speakers.values(), key=lambda s: (-s.count, s.name, s.id))
+            for s in sorted(speakers.values(), key=lambda s: (-s.count, s.name, s.id)) if s.count > 0
         ],
         "chats": len(chats),
-        "formats": dict(sorted(formats.items())),
+        "shared_titles": shared,
+        "formats": {k: v for k, v in sorted(formats.items()) if v > 0 and k != "log"},
         "date_range": {"first": first_ts.isoformat(), "last": last_ts.isoformat()},
-        "skipped": dict(sorted(ctx.skipped.items())),
+        "skipped": dict(sorted(skipped_all.items())),
         "scrubbed": dict(sorted(scrubber.counts.items())) if scrubber is not None else None,
         "tz": tz,
-        "files": files_used,
+        "files": prev_files + new_runs,
+        "appended": {"log_messages": runs[0]["messages"], "new_messages": sum(r["messages"] for r in new_runs),
+                     "duplicates": duplicates, "added": total - duplicates - runs[0]["messages"]}
+        if append else None,
         "warnings": warnings,
     }
     _write_json_atomic(meta_path, meta)
