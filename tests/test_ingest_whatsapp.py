@@ -258,3 +258,59 @@ def test_round_trip_of_random_messages_in_every_locale(fmt, start, msgs):
         path = Path(d) / "chat.txt"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
         assert parse(path, date_order="mdy" if fmt.endswith("_us") else "dmy")[0] == expected
+
+
+LOCALES = sorted(p.stem for p in (WA / "locales").glob("*.txt"))
+
+
+@pytest.mark.parametrize("name", LOCALES)
+def test_locale_shape_fixture(name):
+    """Each fixture is written by hand in one locale's shape; its .expected.json lists the messages."""
+    path = WA / "locales" / f"{name}.txt"
+    want = json.loads((WA / "locales" / f"{name}.expected.json").read_text("utf-8"))
+    assert PARSER.sniff(path, path.read_bytes()[:HEAD_BYTES])
+    rows, ctx = parse(path, date_order=want["date_order"])
+    assert [list(r) for r in rows] == want["messages"]
+    assert len(ctx.warnings) == len(want["warnings"])
+    for got, expected in zip(ctx.warnings, want["warnings"], strict=True):
+        assert got.startswith(f"{path}{expected}")
+    assert dict(ctx.skipped) == want["skipped"]
+    assert {m.chat for m in PARSER.parse(path, ParseContext(tz=UTC, date_order=want["date_order"]))} == {name}
+
+
+def test_locale_fixtures_cover_the_shapes_the_issue_names():
+    text = "".join((WA / "locales" / f"{n}.txt").read_text("utf-8") for n in LOCALES)
+    for shape in ("31. 12. 21", "ص", "م", "午前", "午後", "오전", "오후", "a.\u202fm.", "p.\u00a0m.", "\u202f", "\u200e[",
+                  "\u200f", "/", "-", "."):
+        assert shape in text, shape
+
+
+def test_impossible_time_is_an_error_with_file_and_line(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text("31/12/2021, 21:05 - A: hi\n31/12/2021, 21:75 - A: what\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"chat\.txt:2: time 21:75 is no time of day"):
+        list(PARSER.parse(path, ParseContext(tz=UTC)))
+
+
+def test_ambiguous_file_uses_date_order_and_evidence_beats_it(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text("01/02/2021, 10:00 - A: one\n01/03/2021, 10:00 - A: two\n", encoding="utf-8")
+    assert [r[2][:10] for r in parse(path, date_order="dmy")[0]] == ["2021-02-01", "2021-03-01"]
+    assert [r[2][:10] for r in parse(path, date_order="mdy")[0]] == ["2021-01-02", "2021-01-03"]
+    path.write_text("01/02/2021, 10:00 - A: one\n13/02/2021, 10:00 - A: two\n", encoding="utf-8")
+    assert [r[2][:10] for r in parse(path, date_order="mdy")[0]] == ["2021-02-01", "2021-02-13"]  # 13 decides
+
+
+def test_cli_date_order_option_and_error(tmp_path, capsys):
+    from convo.cli import run
+
+    src = WA / "locales" / "us_ios_ltr_nnbsp_ambiguous.txt"
+    out = tmp_path / "m.jsonl"
+    assert run(["ingest", str(src), "--out", str(out), "--me", "Riya"]) == 2
+    err = capsys.readouterr().err
+    assert "--date-order dmy (31/12) or --date-order mdy (12/31)" in err and "Traceback" not in err
+    assert not out.exists()
+    assert run(["ingest", str(src), "--out", str(out), "--me", "Riya", "--date-order", "mdy"]) == 0
+    assert json.loads(out.read_text("utf-8").splitlines()[0])["ts"] == "2022-01-02T21:05:40Z"
+    assert run(["ingest", str(src), "--out", str(out), "--date-order", "ymd"]) == 2
+    assert "--date-order 'ymd': expected dmy (31/12) or mdy (12/31)" in capsys.readouterr().err

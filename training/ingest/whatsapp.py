@@ -26,7 +26,8 @@ lines). Otherwise, if time runs forward under one order and backwards under the 
 for --date-order.
 
 A header with odd values is read leniently and reported in `ctx.warnings` with file and line: an hour 00 on
-a 12-hour clock (00:15 AM = 00:15, 00:15 PM = 12:15) or 13-23 with AM/PM (read as 24-hour). A header with
+an AM/PM clock (00:15 AM = 00:15, 00:15 PM = 12:15; normal, so not reported, with 午前/午後 and 上午/下午)
+or 13-23 with AM/PM (read as 24-hour). A header with
 impossible values (minute 75, month 13 in both orders) is an IngestError with file and line. A line that
 starts like a timestamp but is no header (no ` - ` / `]` after the time) is kept as a continuation line
 and reported in `ctx.warnings`, never merged silently.
@@ -157,8 +158,9 @@ def _stamp(m: re.Match, where: str) -> _Stamp:
     ampm = m["ampm1"] or m["ampm2"]
     odd = None
     if ampm:
-        if hour == 0:
-            odd = f"hour 00 on a 12-hour clock ({ampm}) read as {12 if _is_pm(ampm) else 0:02d}:{minute:02d}"
+        if hour == 0:  # Japanese and Chinese clocks count 0-11 (午前0:05); on an AM/PM clock it is odd
+            if ampm[0] in "AaPp":
+                odd = f"hour 00 on a 12-hour clock ({ampm}) read as {12 if _is_pm(ampm) else 0:02d}:{minute:02d}"
             hour = 12 if _is_pm(ampm) else 0
         elif hour > 12:
             odd = f"hour {hour} with {ampm} read as a 24-hour time"
