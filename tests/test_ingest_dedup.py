@@ -220,3 +220,20 @@ def test_chat_titles():
     assert t.title("whatsapp", None, "Alex") == "Alex (whatsapp)"
     assert t.title("telegram", None, "Alex") == "Alex"  # no id: joins the telegram chat of that title
     assert t.shared == {"Alex": ["Alex", "Alex (2)", "Alex (whatsapp)"]}
+
+
+def test_cli_append_prints_what_was_added(tmp_path, capsys):
+    from convo.cli import run
+
+    march, june = tg_chat(tmp_path / "march.json", MARCH), tg_chat(tmp_path / "june.json", JUNE)
+    out = tmp_path / "m.jsonl"
+    assert run(["ingest", str(march), str(june), "--out", str(out), "--me", "Riya"]) == 0
+    assert "2 skipped (already in another input)" in capsys.readouterr().out
+    assert run(["ingest", str(march), "--out", str(out), "--me", "Riya"]) == 0
+    capsys.readouterr()
+    assert run(["ingest", str(june), "--out", str(out), "--append"]) == 0
+    shown = capsys.readouterr().out
+    assert "2 new to the 4 in the log (4 read, 2 already there)" in shown
+    assert len(log(out)) == 6
+    assert run(["ingest", str(june), "--out", str(tmp_path / "none.jsonl"), "--append"]) == 2
+    assert "does not exist; leave out --append to create it" in capsys.readouterr().err
