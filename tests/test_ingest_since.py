@@ -89,6 +89,7 @@ def test_since_errors_and_cli(tmp_path, capsys):
     assert "does not record its newest training message" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_training_records_the_newest_training_message(tmp_path, tiny_base):
     from training.train import TrainOptions, train
 
