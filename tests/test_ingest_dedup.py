@@ -237,3 +237,13 @@ def test_cli_append_prints_what_was_added(tmp_path, capsys):
     assert len(log(out)) == 6
     assert run(["ingest", str(june), "--out", str(tmp_path / "none.jsonl"), "--append"]) == 2
     assert "does not exist; leave out --append to create it" in capsys.readouterr().err
+
+
+def test_append_onto_a_damaged_log_names_the_line(tmp_path):
+    out = tmp_path / "m.jsonl"
+    ingest([tg_chat(tmp_path / "a.json", MARCH)], out, me="Riya")
+    lines = out.read_text("utf-8").splitlines()
+    lines[2] = lines[2].replace('"ts":', '"when":')
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"m\.jsonl:3: field ts: missing; is it a log written by `convo ingest`"):
+        ingest([tg_chat(tmp_path / "b.json", JUNE)], out, append=True)

@@ -29,7 +29,6 @@ the meta sidecar keeps the earlier inputs and adds the new ones, each with its d
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import importlib
 import json
@@ -40,8 +39,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone, tzinfo
+from json.decoder import scanstring as _scanstring
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from convo.errors import ConfigError, IngestError
 from training.ingest.base import HEAD_BYTES, ParseContext, Parser
@@ -184,23 +184,33 @@ def _temp_beside(target: Path, suffix: str) -> Path:
 
 
 def _sort_key(line: bytes) -> tuple[str, float]:
-    d = json.loads(line)
-    return d["chat"], datetime.fromisoformat(d["ts"]).timestamp()
+    """(chat, POSIX time) of a staging line, read without parsing the rest of it.
+
+    Staging lines are written by Message's own serializer, so they always start `{"chat":"...","ts":"...",`.
+    """
+    text = line.decode("utf-8")
+    chat, end = _scanstring(text, 9)  # 9 = len('{"chat":"')
+    ts_end = text.index('"', end + 7)  # 7 = len(',"ts":"')
+    return chat, datetime.fromisoformat(text[end + 7 : ts_end]).timestamp()
 
 
-def _tagged(run: Iterator[bytes]) -> Iterator[tuple[tuple[str, float], int, dict, bytes]]:
-    """(sort key, input number, record, line) for each `input<TAB>line` of a spilled run."""
+def _chat_of(line: bytes) -> str:
+    """The chat of a staging line (see _sort_key)."""
+    return _scanstring(line.decode("utf-8"), 9)[0]
+
+
+def _tagged(run: Iterator[bytes]) -> Iterator[tuple[tuple[str, float], int, bytes]]:
+    """(sort key, input number, line) for each `input<TAB>line` of a spilled run."""
     for tagged in run:
         idx, line = tagged.split(b"\t", 1)
-        d = json.loads(line)
-        yield (d["chat"], datetime.fromisoformat(d["ts"]).timestamp()), int(idx), d, line
+        yield _sort_key(line), int(idx), line
 
 
 def _sorted_lines(
     staging: Path, chats: set[str], tmpdir: Path, bounds: list[int]
-) -> Iterator[tuple[tuple[str, float], int, dict, bytes]]:
-    """(key, input number, record, line) of `chats`' lines in the staging file, ordered by (chat, time),
-    stable; bounded memory. `bounds[i]` is the staging offset where input i starts."""
+) -> Iterator[tuple[tuple[str, float], int, bytes]]:
+    """(key, input number, line) of `chats`' lines in the staging file, ordered by (chat, time), stable;
+    bounded memory. `bounds[i]` is the staging offset where input i starts."""
     runs: list[Path] = []
     chunk: list[tuple[tuple[str, float], int, bytes]] = []
 
@@ -219,15 +229,13 @@ def _sorted_lines(
                 idx += 1
                 next_bound = bounds[idx + 1] if idx + 1 < len(bounds) else None
             offset += len(line)
-            d = json.loads(line)
-            if d["chat"] in chats:
-                chunk.append(((d["chat"], datetime.fromisoformat(d["ts"]).timestamp()), idx, line))
+            if _chat_of(line) in chats:
+                chunk.append((_sort_key(line), idx, line))
                 if len(chunk) >= SORT_CHUNK_LINES:
                     spill()
     if not runs:
         chunk.sort(key=lambda kv: kv[0])
-        for key, i, line in chunk:
-            yield key, i, json.loads(line), line
+        yield from chunk
         return
     if chunk:
         spill()
@@ -237,6 +245,20 @@ def _sorted_lines(
     finally:
         for f in files:
             f.close()
+
+
+def _write_group(dst: BinaryIO, group: list[tuple[int, bytes]], on_copy: Callable[[int, dict], None]) -> None:
+    """Write the lines of one (chat, time) group, dropping copies (dedup.py); most groups are one line."""
+    if len(group) == 1:
+        dst.write(group[0][1])
+        return
+    dedup = GroupDedup()
+    for idx, line in group:
+        record = json.loads(line)
+        if dedup.is_copy(idx, record):
+            on_copy(idx, record)
+        else:
+            dst.write(line)
 
 
 def _finalize(
@@ -265,16 +287,17 @@ def _finalize(
                         dst.write(block)
                         remaining -= len(block)
                     continue
-                group_key, group = None, GroupDedup()
+                group_key, group = None, []
                 while pending is not None and pending[0][0] == title:
-                    key, idx, record, line = pending
+                    key, idx, line = pending
                     if key != group_key:
-                        group_key, group = key, GroupDedup()
-                    if group.is_copy(idx, record):
-                        on_copy(idx, record)
-                    else:
-                        dst.write(line)
+                        if group:
+                            _write_group(dst, group, on_copy)
+                        group_key, group = key, []
+                    group.append((idx, line))
                     pending = next(bad, None)
+                if group:
+                    _write_group(dst, group, on_copy)
     return out_tmp
 
 
@@ -350,10 +373,19 @@ def _read_previous(out: Path, meta_path: Path) -> dict[str, Any]:
 
 def _log_messages(path: Path) -> Iterator[Message]:
     """The messages of an existing canonical log, strictly validated (bad lines raise `file:line: ...`)."""
-    from training.ingest.jsonl import read_messages
+    from pydantic import ValidationError
 
-    for msg in read_messages(path):
-        yield msg
+    from training.ingest.base import utf8_lines
+    from training.ingest.jsonl import _problem
+
+    validate = Message.model_validate_json
+    for number, line in utf8_lines(path, f"is {path} a log written by `convo ingest`?"):
+        if not line.strip():
+            continue
+        try:
+            yield validate(line)
+        except ValidationError as e:
+            raise IngestError(f"{path}:{number}: {_problem(e)}; is it a log written by `convo ingest`?") from e
 
 
 def _check_append(previous: dict[str, Any], tz: str | None, scrub: bool, out: Path) -> str:
