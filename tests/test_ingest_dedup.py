@@ -247,3 +247,13 @@ def test_append_onto_a_damaged_log_names_the_line(tmp_path):
     out.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(IngestError, match=r"m\.jsonl:3: field ts: missing; is it a log written by `convo ingest`"):
         ingest([tg_chat(tmp_path / "b.json", JUNE)], out, append=True)
+
+
+def test_every_input_given_twice_gives_the_same_log(tmp_path):
+    mixed = Path(__file__).parent / "fixtures" / "ingest" / "mixed"
+    once, twice = tmp_path / "once.jsonl", tmp_path / "twice.jsonl"
+    a = ingest([mixed], once, date_order="mdy")
+    b = ingest([mixed, mixed], twice, date_order="mdy")
+    assert once.read_bytes() == twice.read_bytes()
+    assert b.meta["duplicates"] == a.meta["messages"] == b.meta["messages"]
+    assert b.meta["speakers"] == a.meta["speakers"] and b.meta["formats"] == a.meta["formats"]
