@@ -4,7 +4,8 @@ Kept: message types `Default` and `Reply`; other types (joins, pins, calls, rena
 as "system", messages whose `content` is empty but that carry attachments, stickers or embeds as
 "media_only", and the rest with empty content as "empty". The speaker is the author's `nickname` (the
 name shown in that server) when present, else `name`; `speaker_id` is the author's id. `reply_to` is
-`reference.messageId`, `id` the message id and `chat_id` the channel id. The chat is "guild / channel" (e.g. "My Server / general", "Direct Messages / alice").
+`reference.messageId`, `id` the message id and `chat_id` the channel id. The chat is "guild / channel"
+(e.g. "My Server / general", "Direct Messages / alice").
 Timestamps carry their offset and are kept as exported. Streaming: ijson's C `items` over `messages`.
 """
 
