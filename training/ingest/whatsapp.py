@@ -73,7 +73,7 @@ _AMPM = rf"(?:{_LATIN_AMPM}|{_WORDS})"
 _SEP = "|".join(re.escape(s) for s in sorted(SEPARATORS, key=len, reverse=True))
 _CONNECT = "|".join(re.escape(c) for c in sorted(CONNECTORS, key=len, reverse=True))
 _DATE = rf"(?P<d1>\d{{1,4}}){_M}(?P<sep>{_SEP}){_M}(?P<d2>\d{{1,2}}){_M}(?P=sep){_M}(?P<d3>\d{{1,4}}){_M}\.?"
-_TIME = rf"(?P<hh>\d{{1,2}})[:.](?P<mm>\d{{2}})(?:[:.](?P<ss>\d{{2}}))?"
+_TIME = r"(?P<hh>\d{1,2})[:.](?P<mm>\d{2})(?:[:.](?P<ss>\d{2}))?"
 _BETWEEN = rf"(?:,{_M}\s*|\s+)(?:(?:{_CONNECT})\s+)?{_M}"
 _START = rf"^{_M}(?P<bracket>\[)?{_M}{_DATE}{_BETWEEN}(?:(?P<ampm1>{_AMPM}){_M}\s?{_M})?{_TIME}"
 _HEADER = re.compile(
