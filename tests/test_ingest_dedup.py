@@ -102,6 +102,7 @@ def test_append_equals_ingesting_both_and_is_idempotent(tmp_path):
     assert out.read_bytes() == both.read_bytes()
     m = meta(out)
     assert m["messages"] == 6 and m["duplicates"] == 2 and m["me"]["id"] == "user777"
+    assert m["me"]["how"] == "m.meta.json of the log appended to"
     assert [Path(f["path"]).name for f in m["files"]] == ["march.json", "june.json"]
     assert m["appended"] == {"log_messages": 4, "new_messages": 4, "duplicates": 2, "added": 2}
     assert m["formats"] == {"telegram": 6}
@@ -220,6 +221,11 @@ def test_chat_titles():
     assert t.title("whatsapp", None, "Alex") == "Alex (whatsapp)"
     assert t.title("telegram", None, "Alex") == "Alex"  # no id: joins the telegram chat of that title
     assert t.shared == {"Alex": ["Alex", "Alex (2)", "Alex (whatsapp)"]}
+    old = ChatTitles()  # a log without chat ids read back first: the first chat with an id joins it, once
+    assert old.title("telegram", None, "Sam") == "Sam"
+    assert old.title("telegram", "7", "Sam") == "Sam"
+    assert old.title("telegram", "8", "Sam") == "Sam (8)"
+    assert old.title("telegram", None, "Sam") == "Sam"
 
 
 def test_cli_append_prints_what_was_added(tmp_path, capsys):

@@ -60,6 +60,8 @@ class ChatTitles:
         if other is None or other[0] != key[0] or (other[1] is None) == (key[1] is None):
             return None
         self.by_key[key] = title
+        if key[1] is not None:  # the chat with the id owns the title now: a second chat with an id gets its own
+            self.owner[title] = key
         return title
 
 

@@ -457,8 +457,7 @@ def ingest(
     warnings: list[str] = []
     ctx = ParseContext(tz=zone, date_order=date_order)
     prev_me = previous.get("me")
-    if isinstance(prev_me, dict):
-        ctx.me_hints.update(str(i) for i in prev_me.get("ids") or [] if isinstance(i, (str, int)))
+    me_from_log = prev_me.get("name") if me is None and isinstance(prev_me, dict) else None
     titles = ChatTitles()
     chats: dict[str, _Chat] = {}
     order: list[str] = []  # chats in staging order
@@ -565,7 +564,11 @@ def ingest(
                 f"{', '.join(str(f['path']) for f in runs) or 'inputs'}: no messages with text found "
                 f"(skipped: {skipped}); is --format right?"
             )
-        me_info = _identify_me(me, ctx.me_hints, speakers, chats)
+        if isinstance(me_from_log, str) and me_from_log:  # appending: the log's "me" unless --me says otherwise
+            me_info = _identify_me(me_from_log, ctx.me_hints, speakers, chats)
+            me_info["how"] = f"{meta_path.name} of the log appended to"
+        else:
+            me_info = _identify_me(me, ctx.me_hints, speakers, chats)
 
         def on_copy(idx: int, record: dict) -> None:
             runs[idx]["duplicates"] += 1
