@@ -42,7 +42,8 @@ def ingest(
     tz: Annotated[
         str | None,
         typer.Option("--tz", help="Time zone for timestamps without one (WhatsApp) and for Telegram times: "
-                     "IANA name (Europe/Berlin), UTC or +02:00. Default from settings: UTC."),
+                     "IANA name (Europe/Berlin), UTC or +02:00. Default from settings: UTC; with --append, the "
+                     "zone the log was written with."),
     ] = None,
     scrub: Annotated[
         bool,
@@ -69,8 +70,7 @@ def ingest(
 ) -> None:
     """Read chat exports and write one canonical JSONL message log, ordered by chat then time.
 
-    Every message is written once, however many overlapping exports hold it (March and June exports of one
-    chat, a single chat and a full account export); --append adds new exports to an existing log.
+    Every message is written once, however many overlapping exports hold it (March and June exports of one chat, a single chat and a full account export); --append adds new exports to an existing log.
     """
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
