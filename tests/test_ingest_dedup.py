@@ -174,15 +174,23 @@ def test_append_errors_leave_the_log_untouched(tmp_path):
     assert ok.meta["tz"] == "Europe/Berlin" and ok.meta["messages"] == 6
 
 
-def test_bounded_sort_dedups_across_spilled_runs(tmp_path, monkeypatch):
-    monkeypatch.setattr(pipeline, "SORT_CHUNK_LINES", 3)  # copies land in different runs of the merge sort
+def test_both_merge_paths_dedup_alike(tmp_path, monkeypatch):
     march = tg_chat(tmp_path / "march.json", [(i, i * 10, "Alice" if i % 2 else "Riya", f"m{i}") for i in range(20)])
     june = tg_chat(tmp_path / "june.json", [(i, i * 10, "Alice" if i % 2 else "Riya", f"m{i}") for i in range(10, 30)])
-    out = tmp_path / "m.jsonl"
-    result = ingest([june, march], out, me="Riya")
-    assert [r["text"] for r in log(out)] == [f"m{i}" for i in range(30)]
-    assert result.meta["duplicates"] == 10
-    assert [f["duplicates"] for f in result.meta["files"]] == [0, 10]  # the later input's copies are dropped
+    wa = tmp_path / "WhatsApp Chat with Ben.txt"
+    wa.write_text("31/03/2023, 10:00 - Ben: ok\n31/03/2023, 10:00 - Ben: ok\n", encoding="utf-8")
+    outputs = []
+    for path in ("merge of ordered runs", "external sort"):
+        if path == "external sort":
+            monkeypatch.setattr(pipeline, "MAX_MERGE_RUNS", 0)  # every unordered chat takes the external sort
+            monkeypatch.setattr(pipeline, "SORT_CHUNK_LINES", 3)  # copies land in different spilled runs
+        out = tmp_path / f"{path}.jsonl"
+        result = ingest([june, wa, march, wa], out, me="Riya")
+        assert [r["text"] for r in log(out)] == [f"m{i}" for i in range(30)] + ["ok", "ok"], path
+        assert result.meta["duplicates"] == 12
+        assert [f["duplicates"] for f in result.meta["files"]] == [0, 0, 10, 2]  # the later input's copies go
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
 
 
 def test_discord_overlap_by_message_id(tmp_path):

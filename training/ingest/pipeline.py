@@ -55,6 +55,7 @@ FORMATS = ("auto", "telegram", "whatsapp", "discord", "jsonl")
 DATE_ORDERS = ("dmy", "mdy")
 MAX_WARNINGS_PER_FILE = 20
 SORT_CHUNK_LINES = 200_000
+MAX_MERGE_RUNS = 64  # a chat in more time-ordered runs than this goes through the external sort instead
 PROGRESS_EVERY = 5_000
 _OFFSET_RE = re.compile(r"(?:UTC|GMT)?([+-])(\d{1,2})(?::?(\d{2}))?")
 
@@ -113,6 +114,7 @@ class _Chat:
     last_ts: datetime
     ordered: bool = True  # one contiguous run in time order
     speakers: set[str] = field(default_factory=set)
+    runs: list[list[Any]] = field(default_factory=list)  # [start, end, input number, in time order] per run
 
 
 @dataclass
@@ -194,9 +196,13 @@ def _sort_key(line: bytes) -> tuple[str, float]:
     return chat, datetime.fromisoformat(text[end + 7 : ts_end]).timestamp()
 
 
-def _chat_of(line: bytes) -> str:
-    """The chat of a staging line (see _sort_key)."""
-    return _scanstring(line.decode("utf-8"), 9)[0]
+def _speaker_id(line: bytes) -> str:
+    """The speaker_id of a staging line, the fourth key (see _sort_key), without parsing the rest."""
+    text = line.decode("utf-8")
+    end = _scanstring(text, 9)[1]
+    end = text.index('"', end + 7) + 1  # past the ts
+    end = _scanstring(text, end + 12)[1]  # 12 = len(',"speaker":"')
+    return _scanstring(text, end + 15)[0]  # 15 = len(',"speaker_id":"')
 
 
 def _tagged(run: Iterator[bytes]) -> Iterator[tuple[tuple[str, float], int, bytes]]:
@@ -229,7 +235,7 @@ def _sorted_lines(
                 idx += 1
                 next_bound = bounds[idx + 1] if idx + 1 < len(bounds) else None
             offset += len(line)
-            if _chat_of(line) in chats:
+            if _scanstring(line.decode("utf-8"), 9)[0] in chats:
                 chunk.append((_sort_key(line), idx, line))
                 if len(chunk) >= SORT_CHUNK_LINES:
                     spill()
@@ -247,35 +253,100 @@ def _sorted_lines(
             f.close()
 
 
-def _write_group(dst: BinaryIO, group: list[tuple[int, bytes]], on_copy: Callable[[int, dict], None]) -> None:
+def _run_items(f: BinaryIO, size: int, idx: int) -> Iterator[tuple[float, int, bytes]]:
+    """(POSIX time, input number, line) for the `size` bytes of one chat's run from `f`'s position on.
+
+    Every line of a chat starts with the same bytes `{"chat":"<title>","ts":"`, so the time is found at a
+    fixed offset, measured on the first line.
+    """
+    at = 0
+    while size > 0:
+        line = f.readline()
+        size -= len(line)
+        if not at:
+            end = _scanstring(line.decode("utf-8"), 9)[1]
+            at = len(line.decode("utf-8")[: end + 7].encode("utf-8"))
+        yield datetime.fromisoformat(line[at : line.index(b'"', at)].decode()).timestamp(), idx, line
+
+
+def _merged_runs(staging: Path, runs: list[list[Any]]) -> Iterator[tuple[float, int, bytes]]:
+    """The lines of one chat's time-ordered runs merged by time; ties keep staging order (as a stable sort)."""
+    files: list[BinaryIO] = []
+    try:
+        items = []
+        for start, end, idx, _ in runs:
+            f = staging.open("rb")
+            files.append(f)
+            f.seek(start)
+            items.append(_run_items(f, end - start, idx))
+        yield from heapq.merge(*items, key=lambda t: t[0])
+    finally:
+        for f in files:
+            f.close()
+
+
+def _write_deduped(
+    dst: BinaryIO, items: Iterator[tuple[Any, int, bytes]], on_copy: Callable[[int, str], None]
+) -> None:
+    """Write one chat's (key, input number, line) items, in order, dropping copies within each equal-key group."""
+    group_key, group = None, []
+    for key, idx, line in items:
+        if key != group_key:
+            if group:
+                _write_group(dst, group, on_copy)
+            group_key, group = key, []
+        group.append((idx, line))
+    if group:
+        _write_group(dst, group, on_copy)
+
+
+def _write_group(dst: BinaryIO, group: list[tuple[int, bytes]], on_copy: Callable[[int, str], None]) -> None:
     """Write the lines of one (chat, time) group, dropping copies (dedup.py); most groups are one line."""
     if len(group) == 1:
         dst.write(group[0][1])
+        return
+    (first_idx, first), (second_idx, second) = group[0], group[1]
+    if len(group) == 2 and first == second and first_idx != second_idx:
+        # The usual copy: one message in two inputs, byte for byte (same id, or first of its text in each).
+        dst.write(first)
+        on_copy(second_idx, _speaker_id(second))
         return
     dedup = GroupDedup()
     for idx, line in group:
         record = json.loads(line)
         if dedup.is_copy(idx, record):
-            on_copy(idx, record)
+            on_copy(idx, record["speaker_id"])
         else:
             dst.write(line)
 
 
 def _finalize(
     staging: Path, chats: dict[str, _Chat], order: list[str], out_tmp: Path, bounds: list[int],
-    on_copy: Callable[[int, dict], None],
+    on_copy: Callable[[int, str], None],
 ) -> Path:
     """The file holding the ordered, de-duplicated log: `staging` itself when already ordered, else `out_tmp`.
 
-    `on_copy(input number, record)` is called for every line dropped as a copy of an earlier one.
+    A chat in several runs that are each in time order (the usual case: the same chat in several exports, or
+    a log and the export appended to it) is merged straight from the staging file; any other unordered chat
+    goes through the bounded external sort. `on_copy(input number, speaker_id)` is called for every line
+    dropped as a copy of an earlier one.
     """
     titles = sorted(chats)
     unordered = {c for c, st in chats.items() if not st.ordered}
     if not unordered and titles == order:
         return staging
+    mergeable = {c for c in unordered if len(chats[c].runs) <= MAX_MERGE_RUNS and all(r[3] for r in chats[c].runs)}
+    hard = unordered - mergeable
     with tempfile.TemporaryDirectory(dir=out_tmp.parent, prefix=f".{out_tmp.name}.sort") as tmp:
-        bad = _sorted_lines(staging, unordered, Path(tmp), bounds) if unordered else iter(())
+        bad = _sorted_lines(staging, hard, Path(tmp), bounds) if hard else iter(())
         pending = next(bad, None)
+
+        def take(title: str) -> Iterator[tuple[Any, int, bytes]]:
+            nonlocal pending
+            while pending is not None and pending[0][0] == title:
+                yield pending
+                pending = next(bad, None)
+
         with staging.open("rb") as src, out_tmp.open("wb") as dst:
             for title in titles:
                 st = chats[title]
@@ -286,18 +357,10 @@ def _finalize(
                         block = src.read(min(remaining, 1 << 20))
                         dst.write(block)
                         remaining -= len(block)
-                    continue
-                group_key, group = None, []
-                while pending is not None and pending[0][0] == title:
-                    key, idx, line = pending
-                    if key != group_key:
-                        if group:
-                            _write_group(dst, group, on_copy)
-                        group_key, group = key, []
-                    group.append((idx, line))
-                    pending = next(bad, None)
-                if group:
-                    _write_group(dst, group, on_copy)
+                elif title in mergeable:
+                    _write_deduped(dst, _merged_runs(staging, st.runs), on_copy)
+                else:
+                    _write_deduped(dst, take(title), on_copy)
     return out_tmp
 
 
@@ -498,6 +561,7 @@ def ingest(
                 file_count = 0
                 file_first = file_last = None
                 bounds.append(offset)
+                input_no = len(bounds) - 1
                 before = len(ctx.warnings)
                 for msg in messages:
                     if scrubber is not None and name != "log":
@@ -522,12 +586,17 @@ def ingest(
                             order.append(chat)
                         else:
                             st.ordered = False  # a second run of the same chat
+                        run = [offset, offset, input_no, True]
+                        st.runs.append(run)
+                        run_last = ts
                         current = chat
                     if ts < st.last_ts:
                         st.ordered = False
-                    st.last_ts = ts
+                    if ts < run_last:
+                        run[3] = False
+                    st.last_ts = run_last = ts
                     offset += len(line)
-                    st.end = offset
+                    st.end = run[1] = offset
                     dst.write(line)
                     sid = msg.speaker_id
                     sp = speakers.get(sid)
@@ -570,10 +639,10 @@ def ingest(
         else:
             me_info = _identify_me(me, ctx.me_hints, speakers, chats)
 
-        def on_copy(idx: int, record: dict) -> None:
+        def on_copy(idx: int, speaker_id: str) -> None:
             runs[idx]["duplicates"] += 1
             formats[runs[idx]["format"]] -= 1
-            speakers[record["speaker_id"]].count -= 1
+            speakers[speaker_id].count -= 1
 
         final = _finalize(staging, chats, order, out_tmp, bounds, on_copy)
         os.replace(final, out)
