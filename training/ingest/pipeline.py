@@ -16,7 +16,10 @@ range it occupies in the staging file and whether it stayed in time order in one
   re-read and put through a bounded external merge sort (chunks of `SORT_CHUNK_LINES` sorted in memory and
   spilled to temp files, then `heapq.merge`), so memory stays bounded whatever the input.
 
-De-duplication (dedup.py) rides on that sort: a message can only have a copy if its chat occurs in more than
+A chat in several runs that are each in time order (one chat in several exports; a log and what is appended
+to it) skips the sort: its runs are merged straight from the staging file with `heapq.merge`.
+
+De-duplication (dedup.py) rides on that merge: a message can only have a copy if its chat occurs in more than
 one run, and copies share a timestamp, so they meet in the merged stream, one (chat, time) group at a time.
 Every staging line remembers which input it came from (by its byte offset) for the occurrence numbers.
 `append=True` streams the existing log in as input 0, so the log and the new exports are merged the same way;
