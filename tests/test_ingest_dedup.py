@@ -90,6 +90,9 @@ def test_two_single_chat_exports_with_one_title_stay_apart(tmp_path):
     assert result.meta["duplicates"] == 0
     assert result.meta["shared_titles"] == {"Alex": ["Alex", "Alex (2)"]}
     assert "2 different chats are titled 'Alex'; kept apart as 'Alex', 'Alex (2)'" in result.warnings
+    again = ingest([b], out, append=True)  # chat 2 is found again by its id; the sidecar still says it
+    assert [r["chat"] for r in log(out)] == ["Alex"] * 4 + ["Alex (2)"] * 4
+    assert again.meta["duplicates"] == 4 and again.meta["shared_titles"] == {"Alex": ["Alex", "Alex (2)"]}
 
 
 def test_append_equals_ingesting_both_and_is_idempotent(tmp_path):

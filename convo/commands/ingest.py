@@ -125,7 +125,7 @@ def _summary(result, console) -> None:
                      f"({a['new_messages']:,} read, {a['duplicates']:,} already there)")
     else:
         grid.add_row("duplicates", f"{meta['duplicates']:,} skipped (already in another input)")
-    for title, finals in meta["shared_titles"].items():
+    for title, finals in meta["shared_titles"].items():  # the log's, earlier appends included
         grid.add_row("same title", f"{len(finals)} chats titled {title!r}: " + ", ".join(finals))
     grid.add_row("formats", ", ".join(f"{k} {v:,}" for k, v in meta["formats"].items()))
     grid.add_row("me", f"{me['name']} (id {', '.join(me['ids'])}; {me['how']})")

@@ -654,8 +654,16 @@ def ingest(
         out_tmp.unlink(missing_ok=True)
 
     duplicates = sum(r["duplicates"] for r in runs)
-    shared = {t: sorted(finals) for t, finals in sorted(titles.shared.items())}
+    shared_all: dict[str, set[str]] = {}
+    prev_shared = previous.get("shared_titles")
+    for title, finals in (prev_shared.items() if isinstance(prev_shared, dict) else ()):  # earlier runs' too
+        shared_all.setdefault(title, set()).update(f for f in finals if isinstance(f, str))
+    for title, finals in titles.shared.items():
+        shared_all.setdefault(title, set()).update(finals)
+    shared = {t: sorted(finals) for t, finals in sorted(shared_all.items())}
     for title, finals in shared.items():
+        if title not in titles.shared:
+            continue  # found by an earlier run; the sidecar keeps saying so, the summary need not repeat it
         warnings.append(f"{len(finals)} different chats are titled {title!r}; kept apart as "
                         + ", ".join(repr(f) for f in finals))
     new_runs = runs[1:] if append else runs
