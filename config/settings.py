@@ -29,6 +29,8 @@ class IngestSettings(BaseModel):
     tz: str = "UTC"  # zone for exports whose timestamps have none (WhatsApp)
     me: str | None = None  # name or id of the exporting user; detected when unset
     out: str = "messages.jsonl"  # the canonical log written by `convo ingest`
+    date_order: Literal["dmy", "mdy"] | None = None  # WhatsApp files whose dates fit both orders; None: ask
+    phone_regions: list[str] = Field(default_factory=lambda: ["US"])  # --scrub: national numbers of these
 
 
 class DatasetSettings(BaseModel):
