@@ -119,6 +119,15 @@ class WorkerClient:
             await pubsub.aclose()
 
 
+def connect(url: str, password=None):
+    """A redis.asyncio client for `url` (`password`: a SecretStr or str, or None to use the URL's)."""
+    import redis.asyncio as aioredis
+
+    if password is not None and hasattr(password, "get_secret_value"):
+        password = password.get_secret_value()
+    return aioredis.from_url(url, password=password) if password else aioredis.from_url(url)
+
+
 async def ask(redis_url: str, request: GenerateRequest, timeout_s: float, prefix: str = "convo"
               ) -> GenerateResponse:
     """One request, one response, on a fresh connection (`convo ask`)."""
