@@ -510,6 +510,26 @@ async def queue_state(redis, keys: Keys) -> tuple[int, int]:
     return int(await redis.xlen(keys.requests)), 0
 
 
+async def read_status(redis, keys: Keys) -> dict:
+    """Workers alive (by heartbeat), queue depth, pending and dead letters: what `convo serve status` prints."""
+    workers = []
+    async for key in redis.scan_iter(match=keys.heartbeat_pattern, count=100):
+        raw = await redis.get(key)
+        if raw is None:
+            continue
+        try:
+            beat = Heartbeat.loads(raw)
+        except ProtocolError:
+            continue
+        info = beat.model_dump(mode="json")
+        info["age_s"] = max((utcnow() - beat.ts).total_seconds(), 0.0)
+        workers.append(info)
+    depth, pending = await queue_state(redis, keys)
+    dead = int(await redis.xlen(keys.dead))
+    return {"workers": sorted(workers, key=lambda w: w["worker"]), "queue_depth": depth, "pending": pending,
+            "dead": dead}
+
+
 def _entries(got) -> list[Entry]:
     """Entries of an XREADGROUP reply (RESP2 list or RESP3 dict); deleted entries (no fields) are skipped."""
     if not got:
