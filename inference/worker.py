@@ -174,6 +174,7 @@ class Worker:
 
     async def shutdown(self) -> None:
         """Stop the background tasks and remove this worker's heartbeat."""
+        self.stopping.set()  # the loops below also end on their own: redis-py can swallow a cancellation
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -191,8 +192,12 @@ class Worker:
     async def _backoff(self, error: Exception) -> None:
         self._backoff_s = min(max(self._backoff_s * 2, 0.1), 10.0)
         logger.warning("redis unreachable (%s): retrying in %.1f s", type(error).__name__, self._backoff_s)
+        await self._pause(self._backoff_s)
+
+    async def _pause(self, seconds: float) -> None:
+        """Wait `seconds`, or less when the worker is told to stop."""
         try:
-            await asyncio.wait_for(self.stopping.wait(), self._backoff_s)
+            await asyncio.wait_for(self.stopping.wait(), seconds)
         except TimeoutError:
             pass
 
@@ -373,14 +378,14 @@ class Worker:
         await self._write_reply(entry.entry_id, request_id, reply_to, response)
 
     async def _answer(self, entry: Entry, request: GenerateRequest, response: GenerateResponse) -> None:
-        """Reply (once) and ack; for stream requests, then publish the final partial."""
-        fresh = await self._write_reply(entry.entry_id, request.id, request.reply_to, response)
-        if fresh and request.stream and response.ok:
+        """For stream requests publish the final partial (done), then reply (once) and ack."""
+        if request.stream and response.ok:
             from inference.batching import final_text
 
             await self._drain_partials()
             await self._publish_partial(request.id, final_text(response.candidates[0]), done=True)
         self._partial_seq.pop(request.id, None)
+        await self._write_reply(entry.entry_id, request.id, request.reply_to, response)
 
     async def _write_reply(self, entry_id: str, request_id: str, reply_to: str | None,
                            response: GenerateResponse) -> bool:
@@ -438,7 +443,7 @@ class Worker:
     async def _heartbeat_loop(self) -> None:
         """Write this worker's heartbeat and refresh the queue gauges every heartbeat_interval_s."""
         s = self.settings
-        while True:
+        while not self.stopping.is_set():
             try:
                 beat = Heartbeat(
                     worker=self.name, pid=os.getpid(), base=str(self.base)[:200],
@@ -451,15 +456,15 @@ class Worker:
                 self.metrics.pending.set(pending)
             except (RedisConnectionError, RedisTimeoutError, OSError, ResponseError) as e:
                 logger.debug("heartbeat failed: %s", type(e).__name__)
-            await asyncio.sleep(s.heartbeat_interval_s)  # a period, not synchronisation
+            await self._pause(s.heartbeat_interval_s)
 
     async def _reload_listener(self) -> None:
         """Queue a reload for every ReloadMessage on the reload channel (applied between batches)."""
-        while True:
+        while not self.stopping.is_set():
             pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(self.keys.reload)
-                while True:
+                while not self.stopping.is_set():
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is None or message.get("type") != "message":
                         continue
@@ -472,7 +477,7 @@ class Worker:
                     logger.info("reload requested persona=%s", reload.persona or "*")
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 logger.warning("reload channel lost (%s): resubscribing", type(e).__name__)
-                await asyncio.sleep(1.0)  # backoff before resubscribing
+                await self._pause(1.0)
             finally:
                 try:
                     await pubsub.aclose()
