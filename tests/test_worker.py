@@ -134,9 +134,24 @@ def sync_redis(redis_url):
 
 
 def test_round_trip_and_batching_with_echo(redis_url, sync_redis):
+    import socket
+    import urllib.request
+
     backend = CountingEcho(delay_s=0.2)
-    with running(make_worker(redis_url, backend, max_batch=8, max_wait_ms=300)):
+    with socket.socket() as sock:  # a free port for /metrics
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = make_worker(redis_url, backend, max_batch=8, max_wait_ms=300)
+    worker.settings = worker.settings.model_copy(update={"metrics_port": port})
+    with running(worker):
         responses = ask_many(redis_url, [req(f"msg {i}") for i in range(6)])
+        ask(redis_url, req(deadline=utcnow() - timedelta(seconds=1)))
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    assert "convo_worker_batch_size_count" in metrics and "convo_worker_generate_seconds_bucket" in metrics
+    assert 'convo_worker_errors_total{code="expired"} 1.0' in metrics
+    assert 'convo_worker_requests_total{outcome="ok"} 6.0' in metrics
+    for name in ("queue_depth", "pending", "tokens_per_second", "adapters_loaded", "queue_wait_seconds_count"):
+        assert f"convo_worker_{name}" in metrics
     assert [r.candidates for r in responses] == [[[f"msg {i}"]] for i in range(6)]
     assert all(r.ok and r.queue_ms is not None and r.worker for r in responses)
     assert max(backend.batches) > 1  # requests arriving together share one generate

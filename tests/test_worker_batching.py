@@ -131,3 +131,84 @@ def test_partial_text_holds_back_unfinished_pieces():
     assert partial_text(" hi\n[ALI", "ALICE") == "hi"
     assert partial_text(" a\\", "ALICE") == "a"  # half an escape
     assert partial_text(" ok \ufffd", "ALICE") == "ok"  # half a UTF-8 sequence
+
+
+@pytest.fixture(scope="module")
+def base_192(tmp_path_factory):
+    """A tiny base whose linear widths are multiples of bitsandbytes' 64-value block (hidden 192, MLP 512)."""
+    import random
+
+    from tests.conftest import _TINY_LINES
+    from training.tiny_base import build_tiny_base, render_conversation
+
+    rng = random.Random(0)
+    texts = [render_conversation([(str(i % 2), rng.choice(_TINY_LINES)) for i in range(rng.randint(2, 6))], rng)
+             for _ in range(100)]
+    out = tmp_path_factory.mktemp("base192") / "model"
+    with torch_threads(1):
+        build_tiny_base(out, texts, vocab_size=300, hidden_size=192, num_layers=2, num_heads=2, max_steps=5,
+                        max_minutes=1.0, seed=0, seq_len=32, batch_size=4)
+    return out
+
+
+@pytest.mark.slow
+def test_4bit_quantized_base_serves_mixed_adapters(base_192, tmp_path):
+    """--quantize 4bit on the CPU: NF4 linear layers, per-row adapters, batch rows equal to rows run alone."""
+    import bitsandbytes as bnb
+
+    from inference.adapter_meta import base_model_ref
+    from inference.adapters import AdapterRegistry, load_base, random_adapter
+    from inference.batching import PeftBackend
+
+    ref = base_model_ref(base_192)
+    random_adapter(base_192, tmp_path / "alice", "Alice", seed=1, me="Riya", base_model=ref)
+    random_adapter(base_192, tmp_path / "bob", "Bob", seed=2, me="Riya", base_model=ref)
+    model, tokenizer, device = load_base(base_192, "4bit", "cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    registry = AdapterRegistry(model, tmp_path, base_192, max_loaded=4)
+    registry.scan()
+    backend = PeftBackend(registry, tokenizer, device)
+    greedy = dict(temperature=0, max_new_tokens=12)
+    items = [_item(backend, "alice", HIST_LONG, **greedy), _item(backend, "bob", HIST_SHORT, **greedy),
+             _item(backend, "__base__", HIST_SHORT, **greedy), _item(backend, "alice", HIST_SHORT, **greedy)]
+    batched = backend.generate(items)
+    assert [r.candidates for r in batched] == [backend.generate([i])[0].candidates for i in items]
+    assert len({repr(r.candidates) for r in batched[1:]}) == 3
+
+
+def test_registry_lru_disk_watch_and_rejections(tiny_base, tmp_path):
+    import json
+
+    from inference.adapter_meta import base_model_ref
+    from inference.adapters import AdapterRegistry, UnknownPersona, load_base, random_adapter
+    from inference.versions import set_current
+
+    ref = base_model_ref(tiny_base)
+    random_adapter(tiny_base, tmp_path / "alice" / "v1", "Alice", seed=1, base_model=ref)
+    set_current(tmp_path / "alice", "v1")
+    random_adapter(tiny_base, tmp_path / "bob", "Bob", seed=2, base_model=ref)
+    random_adapter(tiny_base, tmp_path / "old", "Old", seed=3, base_model=ref)
+    meta_path = tmp_path / "old" / "convo_adapter.json"
+    meta_path.write_text(json.dumps(dict(json.loads(meta_path.read_text()), format_version=0)))
+    model, _, _ = load_base(tiny_base, "none", "cpu")
+    registry = AdapterRegistry(model, tmp_path, tiny_base, max_loaded=1)
+    registry.scan()
+    assert sorted(registry.available) == ["alice", "bob"] and "prompt format v0" in registry.rejected["old"]
+    with pytest.raises(UnknownPersona, match="prompt format v0"):
+        registry.acquire("old")
+    with pytest.raises(UnknownPersona, match="no adapter dir"):
+        registry.acquire("zed")
+    registry.acquire("alice")
+    registry.acquire("bob")  # max_loaded=1: alice is evicted
+    assert registry.loaded_names == ["bob@-"] and set(registry.model.peft_config) == {registry.current["bob"].name}
+    # A batch using more personas than max_loaded keeps every one of them.
+    first = registry.acquire("alice")
+    registry.acquire("bob", pinned={first.name})
+    assert sorted(registry.loaded_names) == ["alice@v1", "bob@-"]
+    # A new `current` on disk is noticed and loaded beside, then the old version is dropped.
+    random_adapter(tiny_base, tmp_path / "alice" / "v2", "Alice", seed=4, base_model=ref)
+    set_current(tmp_path / "alice", "v2")
+    assert registry.changed_on_disk() == ["alice"]
+    assert registry.reload("alice") == ["alice"]
+    assert "alice@v2" in registry.loaded_names and "alice@v1" not in registry.loaded_names
+    assert registry.changed_on_disk() == []
