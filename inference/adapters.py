@@ -23,11 +23,11 @@ from pathlib import Path
 
 from convo.errors import AdapterMismatch, ConfigError, ConvoError
 from inference.adapter_meta import AdapterMeta, check_compatible, local_model_sha256, read_adapter_meta
+from inference.batching import BASE_ADAPTER  # noqa: F401 - re-exported: the registry names rows with it
 from inference.versions import discover, resolve
 
 logger = logging.getLogger("convo.worker.adapters")
 
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row" in a mixed batch
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,18 +52,24 @@ logger = logging.getLogger("convo.worker")
 
 BASE_PERSONA = "__base__"  # a request for this persona runs on the bare base model (no adapter)
 
-# KEYS: answered marker, reply list, requests stream. ARGV: worker name, response JSON, ttl s, group, entry id.
-# Marker, reply and ack in one step: a request is answered once however often it is delivered, and an entry is
-# acked only once its reply is written.
+# KEYS: the requests stream, then per answer its answered marker and reply list.
+# ARGV: worker name, ttl s, group, then per answer its response JSON and entry id. Returns 1/0 per answer (fresh?).
+# Marker, reply and ack in one atomic step per entry, one round trip per batch: a request is answered once however
+# often it is delivered, and an entry is acked only once its reply is written.
 _REPLY_AND_ACK = """
-local fresh = redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[3])
-if fresh then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
-  redis.call('EXPIRE', KEYS[2], ARGV[3])
+local out = {}
+for i = 1, (#KEYS - 1) / 2 do
+  local fresh = redis.call('SET', KEYS[2 * i], ARGV[1], 'NX', 'EX', ARGV[2])
+  if fresh then
+    redis.call('LPUSH', KEYS[2 * i + 1], ARGV[2 + 2 * i])
+    redis.call('EXPIRE', KEYS[2 * i + 1], ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+  redis.call('XACK', KEYS[1], ARGV[3], ARGV[3 + 2 * i])
 end
-redis.call('XACK', KEYS[3], ARGV[4], ARGV[5])
-if fresh then return 1 end
-return 0
+return out
 """
 
 
@@ -274,54 +280,98 @@ class Worker:
 
     async def run_batch(self, entries: Sequence[Entry]) -> None:
         """Answer every entry: errors without the model, the rest with one backend generate; reply and ack each."""
+        answers: list[tuple[Entry, GenerateRequest, GenerateResponse]] = []
+        requests = await self._validate(entries, answers)
+        if requests:
+            # Acquiring an adapter may load it from disk: off the event loop (not needed without a registry).
+            if self.registry is None:
+                items, failures = self._prepare(requests)
+            else:
+                items, failures = await asyncio.to_thread(self._prepare, requests)
+                self.metrics.adapters_loaded.set(len(self.registry.loaded_names))
+            answers += failures
+            if items:
+                answers += await self._generate(items)
+        await self._send(answers)
+
+    async def _validate(self, entries: Sequence[Entry], answers: list) -> list[tuple[Entry, GenerateRequest]]:
+        """Requests worth generating; the rest are dead-lettered, acked as duplicates or answered `expired`."""
+        parsed = []
+        for entry in entries:
+            try:
+                request = GenerateRequest.loads(entry_data(entry.fields))
+            except ProtocolError as e:
+                await self._dead_letter(entry, str(e))
+                continue
+            if entry.deliveries > self.settings.max_deliveries:
+                await self._dead_letter(entry, f"delivered {entry.deliveries} times (max_deliveries "
+                                               f"{self.settings.max_deliveries})", request)
+                continue
+            parsed.append((entry, request))
+        if not parsed:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for _, request in parsed:
+                pipe.exists(self.keys.answered(request.id))
+            answered = await pipe.execute()
+        duplicates = [entry.entry_id for (entry, _), done in zip(parsed, answered, strict=True) if done]
+        if duplicates:  # delivered again after being answered: ack, never answer twice
+            await self.redis.xack(self.keys.requests, WORKERS_GROUP, *duplicates)
+            self.metrics.requests.labels("duplicate").inc(len(duplicates))
+        fresh = []
+        for (entry, request), done in zip(parsed, answered, strict=True):
+            if done:
+                continue
+            if request.expired():
+                answers.append((entry, request, GenerateResponse.failure(
+                    request.id, "expired", f"deadline {request.deadline.isoformat()} passed before generation",
+                    worker=self.name)))
+            else:
+                fresh.append((entry, request))
+        return fresh
+
+    def _prepare(self, requests: list[tuple[Entry, GenerateRequest]]):
+        """(batch items with their adapter refs, failure answers): adapters acquired, prompts built."""
+        from inference.adapters import BASE_ADAPTER, UnknownPersona
         from inference.batching import BatchItem, PromptError, build_prompt
 
-        requests: list[tuple[Entry, GenerateRequest]] = []
-        for entry in entries:
-            request = await self._validate(entry)
-            if request is not None:
-                requests.append((entry, request))
-        if not requests:
-            return
+        items, failures, pinned = [], [], set()
+        for entry, request in requests:
+            code = None
+            try:
+                if self.registry is None or request.persona == BASE_PERSONA:
+                    adapter, meta, ref = BASE_ADAPTER, None, AdapterRef(persona=request.persona)
+                else:
+                    loaded = self.registry.acquire(request.persona, frozenset(pinned))
+                    pinned.add(loaded.name)
+                    adapter, meta = loaded.name, loaded.info.meta
+                    ref = AdapterRef(persona=request.persona, version=loaded.info.version)
+                prompt, target = build_prompt(request, meta)
+                items.append((entry, BatchItem(request, prompt, target, adapter), ref))
+            except UnknownPersona as e:
+                code, message = "unknown_persona", str(e)
+            except (PromptError, ProtocolError, ValueError) as e:
+                code, message = "invalid", str(e)
+            if code is not None:
+                failures.append((entry, request, GenerateResponse.failure(request.id, code, message,
+                                                                          worker=self.name)))
+        return items, failures
 
-        def prepare():  # in a thread: acquiring an adapter may load it from disk
-            from inference.adapters import BASE_ADAPTER, UnknownPersona
-
-            items, failures, pinned = [], [], set()
-            for entry, request in requests:
-                try:
-                    if self.registry is None or request.persona == BASE_PERSONA:
-                        adapter, meta, ref = BASE_ADAPTER, None, AdapterRef(persona=request.persona)
-                    else:
-                        loaded = self.registry.acquire(request.persona, frozenset(pinned))
-                        pinned.add(loaded.name)
-                        adapter, meta = loaded.name, loaded.info.meta
-                        ref = AdapterRef(persona=request.persona, version=loaded.info.version)
-                    prompt, target = build_prompt(request, meta)
-                    items.append((entry, BatchItem(request, prompt, target, adapter), ref))
-                except UnknownPersona as e:
-                    failures.append((entry, request, "unknown_persona", str(e)))
-                except (PromptError, ProtocolError, ValueError) as e:
-                    failures.append((entry, request, "invalid", str(e)))
-            return items, failures
-
-        items, failures = await asyncio.to_thread(prepare)
-        for entry, request, code, message in failures:
-            await self._answer(entry, request, GenerateResponse.failure(request.id, code, message, worker=self.name))
-        if self.registry is not None:
-            self.metrics.adapters_loaded.set(len(self.registry.loaded_names))
-        if not items:
-            return
+    async def _generate(self, items) -> list[tuple[Entry, GenerateRequest, GenerateResponse]]:
+        """One backend generate for the batch, off the event loop; a response per item."""
         started = utcnow()
         t0 = time.perf_counter()
         try:
-            results = await asyncio.to_thread(self.backend.generate, [i for _, i, _ in items], self._on_partial)
+            batch = [i for _, i, _ in items]
+            if getattr(self.backend, "blocking", True):  # a model: off the event loop
+                results = await asyncio.to_thread(self.backend.generate, batch, self._on_partial)
+            else:
+                results = self.backend.generate(batch, self._on_partial_inline)
         except Exception as e:  # a bug or the device failing: every request of the batch learns of it
             logger.exception("batch of %d failed", len(items))
-            for entry, item, _ in items:
-                await self._answer(entry, item.request, GenerateResponse.failure(
-                    item.request.id, "internal", f"generation failed ({type(e).__name__})", worker=self.name))
-            return
+            return [(entry, item.request, GenerateResponse.failure(
+                item.request.id, "internal", f"generation failed ({type(e).__name__})", worker=self.name))
+                for entry, item, _ in items]
         generate_s = time.perf_counter() - t0
         new_tokens = sum(r.new_tokens for r in results)
         self.batches += 1
@@ -330,39 +380,33 @@ class Worker:
         m.generate_latency.observe(generate_s)
         m.tokens.inc(new_tokens)
         m.tokens_per_s.set(new_tokens / generate_s if generate_s > 0 else 0.0)
+        out = []
         for (entry, item, ref), result in zip(items, results, strict=True):
             request = item.request
             queue_ms = max((started - request.enqueued_at).total_seconds() * 1000, 0.0)
             m.queue_wait.observe(queue_ms / 1000)
-            response = GenerateResponse(
+            out.append((entry, request, GenerateResponse(
                 id=request.id, candidates=result.candidates, adapter=ref, queue_ms=round(queue_ms, 2),
-                generate_ms=round(generate_s * 1000, 2), worker=self.name,
-            )
-            await self._answer(entry, request, response)
+                generate_ms=round(generate_s * 1000, 2), worker=self.name)))
         logger.info("batch %d: %d requests, %d new tokens, %.0f ms", self.batches, len(items), new_tokens,
                     generate_s * 1000)
+        return out
 
-    async def _validate(self, entry: Entry) -> GenerateRequest | None:
-        """The entry's request, or None after answering/dead-lettering it (malformed, duplicate, too many tries, expired)."""
-        try:
-            request = GenerateRequest.loads(entry_data(entry.fields))
-        except ProtocolError as e:
-            await self._dead_letter(entry, str(e))
-            return None
-        if entry.deliveries > self.settings.max_deliveries:
-            await self._dead_letter(entry, f"delivered {entry.deliveries} times (max_deliveries "
-                                           f"{self.settings.max_deliveries})", request)
-            return None
-        if await self.redis.exists(self.keys.answered(request.id)):  # a duplicate delivery: answered already
-            await self.redis.xack(self.keys.requests, WORKERS_GROUP, entry.entry_id)
-            self.metrics.requests.labels("duplicate").inc()
-            return None
-        if request.expired():
-            await self._answer(entry, request, GenerateResponse.failure(
-                request.id, "expired", f"deadline {request.deadline.isoformat()} passed before generation",
-                worker=self.name))
-            return None
-        return request
+    async def _send(self, answers: list[tuple[Entry, GenerateRequest, GenerateResponse]]) -> None:
+        """Final partials of stream requests, then every reply + ack (answered once) in one round trip."""
+        if not answers:
+            return
+        from inference.batching import final_text
+
+        await self._drain_partials()
+        for _, request, response in answers:
+            if request.stream and response.ok:
+                await self._publish_partial(request.id, final_text(response.candidates[0]), done=True)
+            self._partial_seq.pop(request.id, None)
+        fresh = await self._reply_all([(entry.entry_id, request.id, request.reply_to, response)
+                                       for entry, request, response in answers])
+        for (_, _, response), was_fresh in zip(answers, fresh, strict=True):
+            self._count(response, bool(was_fresh))
 
     async def _dead_letter(self, entry: Entry, reason: str, request: GenerateRequest | None = None) -> None:
         """Move an entry to the dead-letter stream; its client (when it can be told) gets a `dead_letter` error."""
@@ -377,33 +421,30 @@ class Worker:
         response = GenerateResponse.failure(request_id, "dead_letter", reason, worker=self.name)
         await self._write_reply(entry.entry_id, request_id, reply_to, response)
 
-    async def _answer(self, entry: Entry, request: GenerateRequest, response: GenerateResponse) -> None:
-        """For stream requests publish the final partial (done), then reply (once) and ack."""
-        if request.stream and response.ok:
-            from inference.batching import final_text
-
-            await self._drain_partials()
-            await self._publish_partial(request.id, final_text(response.candidates[0]), done=True)
-        self._partial_seq.pop(request.id, None)
-        await self._write_reply(entry.entry_id, request.id, request.reply_to, response)
-
     async def _write_reply(self, entry_id: str, request_id: str, reply_to: str | None,
                            response: GenerateResponse) -> bool:
-        key = self._reply_key(request_id, reply_to)
-        ttl = self.settings.reply_ttl_s
-        fresh = bool(await self._reply(
-            keys=[self.keys.answered(request_id), key, self.keys.requests],
-            args=[self.name, response.dumps(), ttl, WORKERS_GROUP, entry_id],
-        ))
-        if fresh:
-            self.answered += 1
-            code: ErrorCode | None = response.error.code if response.error else None
-            self.metrics.requests.labels(code or "ok").inc()
-            if code:
-                self.metrics.errors.labels(code).inc()
-        else:
-            self.metrics.requests.labels("duplicate").inc()
+        """Reply (unless answered already) and ack, atomically; True when this reply was the one written."""
+        fresh = bool((await self._reply_all([(entry_id, request_id, reply_to, response)]))[0])
+        self._count(response, fresh)
         return fresh
+
+    async def _reply_all(self, answers: list[tuple[str, str, str | None, GenerateResponse]]) -> list[int]:
+        """Run the reply-and-ack script for (entry id, request id, reply_to, response) answers; 1 where fresh."""
+        keys, args = [self.keys.requests], [self.name, self.settings.reply_ttl_s, WORKERS_GROUP]
+        for entry_id, request_id, reply_to, response in answers:
+            keys += [self.keys.answered(request_id), self._reply_key(request_id, reply_to)]
+            args += [response.dumps(), entry_id]
+        return await self._reply(keys=keys, args=args)
+
+    def _count(self, response: GenerateResponse, fresh: bool) -> None:
+        if not fresh:
+            self.metrics.requests.labels("duplicate").inc()
+            return
+        self.answered += 1
+        code: ErrorCode | None = response.error.code if response.error else None
+        self.metrics.requests.labels(code or "ok").inc()
+        if code:
+            self.metrics.errors.labels(code).inc()
 
     def _reply_key(self, request_id: str, reply_to: str | None) -> str:
         # Only keys under our prefix: a request must not make the worker write to arbitrary keys.
@@ -420,11 +461,15 @@ class Worker:
         self._partial_futures.append(
             asyncio.run_coroutine_threadsafe(self._publish_partial(request_id, text), self._loop))
 
+    def _on_partial_inline(self, request_id: str, text: str) -> None:
+        """`_on_partial` for a backend called on the event loop itself."""
+        self._partial_futures.append(asyncio.ensure_future(self._publish_partial(request_id, text)))
+
     async def _drain_partials(self) -> None:
         futures, self._partial_futures = self._partial_futures, []
         for future in futures:
             try:
-                await asyncio.wrap_future(future)
+                await (future if isinstance(future, asyncio.Future) else asyncio.wrap_future(future))
             except (RedisConnectionError, RedisTimeoutError, OSError):
                 pass
 
@@ -575,7 +620,7 @@ def build_worker(settings, redis, *, base: str | None = None, adapters_dir: str 
 
     from convo.errors import ConfigError
     from inference.adapters import AdapterRegistry, load_base, recorded_base
-    from inference.batching import PeftBackend
+    from inference.peft_backend import PeftBackend
 
     ws = settings.worker
     adapters = Path(adapters_dir or ws.adapters_dir)

@@ -13,7 +13,15 @@ from datetime import timedelta
 import pytest
 
 from config.settings import WorkerSettings
-from inference.protocol import WORKERS_GROUP, GenerateRequest, Keys, Partial, ReloadMessage, entry_payload, utcnow
+from inference.protocol import (
+    WORKERS_GROUP,
+    GenerateRequest,
+    Keys,
+    Partial,
+    ReloadMessage,
+    entry_payload,
+    utcnow,
+)
 from tests.conftest import torch_threads
 
 pytestmark = pytest.mark.redis
@@ -288,7 +296,7 @@ def adapters_root(tiny_base, tmp_path_factory):
 
 def peft_worker(redis_url, tiny_base, root, **settings):
     from inference.adapters import AdapterRegistry, load_base
-    from inference.batching import PeftBackend
+    from inference.peft_backend import PeftBackend
 
     model, tokenizer, device = load_base(tiny_base, "none", "cpu")
     registry = AdapterRegistry(model, root, tiny_base, max_loaded=settings.pop("max_loaded", 4))

@@ -33,7 +33,7 @@ def adapters_dir(tiny_base, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backend(tiny_base, adapters_dir):
     from inference.adapters import AdapterRegistry, load_base
-    from inference.batching import PeftBackend
+    from inference.peft_backend import PeftBackend
 
     with torch_threads(1):
         model, tokenizer, device = load_base(tiny_base, "none", "cpu")
@@ -158,7 +158,7 @@ def test_4bit_quantized_base_serves_mixed_adapters(base_192, tmp_path):
 
     from inference.adapter_meta import base_model_ref
     from inference.adapters import AdapterRegistry, load_base, random_adapter
-    from inference.batching import PeftBackend
+    from inference.peft_backend import PeftBackend
 
     ref = base_model_ref(base_192)
     random_adapter(base_192, tmp_path / "alice", "Alice", seed=1, me="Riya", base_model=ref)
