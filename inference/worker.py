@@ -409,7 +409,7 @@ class Worker:
             self._count(response, bool(was_fresh))
 
     async def _dead_letter(self, entry: Entry, reason: str, request: GenerateRequest | None = None) -> None:
-        """Move an entry to the dead-letter stream; its client (when it can be told) gets a `dead_letter` error."""
+        """Move an entry to the dead-letter stream; its client, when it can be told, gets an error response."""
         logger.warning("dead letter entry=%s: %s", entry.entry_id, reason.splitlines()[0][:200])
         await self.redis.xadd(self.keys.dead, dumps_dead_letter(entry.entry_id, entry.fields, reason),
                               maxlen=self.settings.max_stream_len, approximate=True)
@@ -418,7 +418,9 @@ class Worker:
             await self.redis.xack(self.keys.requests, WORKERS_GROUP, entry.entry_id)
             self.metrics.errors.labels("dead_letter").inc()
             return
-        response = GenerateResponse.failure(request_id, "dead_letter", reason, worker=self.name)
+        # A payload that failed validation is `invalid` to its client; one delivered too often, `dead_letter`.
+        code: ErrorCode = "dead_letter" if request is not None else "invalid"
+        response = GenerateResponse.failure(request_id, code, reason, worker=self.name)
         await self._write_reply(entry.entry_id, request_id, reply_to, response)
 
     async def _write_reply(self, entry_id: str, request_id: str, reply_to: str | None,

@@ -167,6 +167,16 @@ def test_round_trip_and_batching_with_echo(redis_url, sync_redis):
     assert not sync_redis.exists("t:worker:" + responses[0].worker)  # heartbeat removed on stop
 
 
+def test_two_workers_share_the_load(redis_url):
+    first, second = CountingEcho(delay_s=0.1), CountingEcho(delay_s=0.1)
+    with running(make_worker(redis_url, first, name="w1", max_batch=2, max_wait_ms=0)), \
+            running(make_worker(redis_url, second, name="w2", max_batch=2, max_wait_ms=0)):
+        responses = ask_many(redis_url, [req(f"m{i}") for i in range(12)])
+    assert all(r.ok for r in responses)
+    assert {r.worker for r in responses} == {"w1", "w2"}
+    assert sum(first.batches) + sum(second.batches) == 12
+
+
 def test_duplicate_delivery_gives_one_reply(redis_url, sync_redis):
     backend = CountingEcho()
     request = req(deadline=utcnow() + timedelta(seconds=30))
@@ -206,7 +216,7 @@ def test_malformed_entries_go_to_dead_letters_and_the_worker_keeps_serving(redis
     from inference.protocol import GenerateResponse
 
     bad_response = GenerateResponse.loads(got[1])  # a salvageable id still hears back
-    assert bad_response.error.code == "dead_letter" and "GenerateRequest.n" in bad_response.error.message
+    assert bad_response.error.code == "invalid" and "GenerateRequest.n" in bad_response.error.message
 
 
 def test_too_many_deliveries_dead_letters_with_error(redis_url, sync_redis):
