@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.settings import WorkerSettings
-from convo.errors import ProtocolError
+from convo.errors import ConfigError, ProtocolError
 from inference.protocol import (
     MAX_ID_CHARS,
     WORKERS_GROUP,
@@ -150,7 +150,12 @@ class Worker:
                     await self.poll_iteration()
                     self._backoff_s = 0.0
                 except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+                    self._own_backlog = True  # replies of the batch in hand may be lost: re-read it on reconnect
                     await self._backoff(e)
+                except Exception:  # a bug or an odd Redis state: log it, keep serving
+                    logger.exception("poll iteration failed")
+                    self._own_backlog = True
+                    await self._pause(1.0)
         finally:
             await self.shutdown()
 
@@ -162,6 +167,12 @@ class Worker:
                 self._loop.add_signal_handler(sig, self.handle_sig, sig)
             except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
                 pass
+        if self.settings.metrics_port:
+            try:
+                self.metrics.serve(self.settings.metrics_port)
+            except OSError as e:
+                raise ConfigError(f"metrics port {self.settings.metrics_port}: {e.strerror or e} "
+                                  f"(pick another with --metrics-port, or 0 to turn metrics off)") from e
         if self.registry is not None:
             await asyncio.to_thread(self.registry.scan)
             for persona, reason in self.registry.rejected.items():
@@ -173,8 +184,6 @@ class Worker:
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 await self._backoff(e)
         self._tasks = [asyncio.create_task(self._heartbeat_loop()), asyncio.create_task(self._reload_listener())]
-        if self.settings.metrics_port:
-            self.metrics.serve(self.settings.metrics_port)
         logger.info("worker %s started base=%s personas=%d", self.name, self.base,
                     len(self.registry.available) if self.registry else 0)
 
@@ -620,7 +629,6 @@ def build_worker(settings, redis, *, base: str | None = None, adapters_dir: str 
     """Load the base model once and wrap it with the adapter registry, the PEFT backend and the queue loop."""
     from pathlib import Path
 
-    from convo.errors import ConfigError
     from inference.adapters import AdapterRegistry, load_base, recorded_base
     from inference.peft_backend import PeftBackend
 

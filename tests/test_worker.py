@@ -406,3 +406,17 @@ def test_hot_reload_under_load(redis_url, tiny_base, adapters_root, tmp_path, sy
     assert versions == sorted(versions)  # switched once, between batches, never back
     assert after.adapter.version == "v2" and after.candidates != before.candidates
     assert worker.registry.loaded_names == ["alice@v2"]  # the old version was dropped
+
+
+def test_metrics_port_in_use_is_one_clear_error(redis_url):
+    import socket
+
+    from convo.errors import ConfigError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        worker = make_worker(redis_url, CountingEcho())
+        worker.settings = worker.settings.model_copy(update={"metrics_port": sock.getsockname()[1]})
+        with pytest.raises(ConfigError, match="pick another with --metrics-port"):
+            asyncio.run(worker.main())
