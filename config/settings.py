@@ -108,6 +108,24 @@ class RedisSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """`convo serve worker`: the inference worker (issue: worker)."""
 
+    base: str | None = None  # base model dir or hub id; default: the one recorded by the adapters
+    adapters_dir: str = "adapters"  # one `<persona>/` (or `<persona>/current -> vN`) per persona
+    quantize: Literal["auto", "4bit", "none"] = "auto"  # auto: 4-bit NF4 on CUDA, full precision otherwise
+    device: str | None = None  # default: cuda when available, else cpu
+    max_batch: int = Field(16, ge=1, le=256)  # requests per generate call
+    max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for more requests after the first
+    max_loaded_adapters: int = Field(8, ge=1)  # LRU beyond this; others load on first use
+    visibility_timeout_s: float = Field(60.0, gt=0)  # an entry pending this long is taken over (XAUTOCLAIM)
+    max_deliveries: int = Field(3, ge=1)  # past this, an entry goes to the dead-letter stream
+    partial_interval_ms: float = Field(250.0, ge=0)  # live text of a stream request at most this often
+    reply_ttl_s: int = Field(300, ge=1)  # reply, answered marker and partial keys expire after this
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_ttl_s: float = Field(10.0, gt=0)  # a worker not seen for this long counts as dead
+    watch_interval_s: float = Field(5.0, ge=0)  # check `current` links on disk this often (0: only on reload)
+    metrics_port: int = Field(9464, ge=0, le=65535)  # Prometheus /metrics; 0 turns it off
+    name: str | None = None  # consumer name in the group; default host-pid
+    max_stream_len: int = Field(100_000, ge=100)  # requests stream trimmed (approximately) to this length
+
 
 class BotSettings(BaseModel):
     """Bot core shared by Telegram, Discord and `convo chat` (issue: bots).
