@@ -91,13 +91,14 @@ def test_since_errors_and_cli(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_training_records_the_newest_training_message(tmp_path, tiny_base):
+    from config.settings import TrainSettings
     from training.train import TrainOptions, train
 
     log = tmp_path / "m.jsonl"
     ingest([_export(tmp_path / "march.jsonl", range(0, 10))], log, me="Riya")
     data = build_dataset(log, "Alice", tmp_path / "d", mode="both", val_fraction=0.2)
     with torch_threads(1):
-        train(TrainOptions(data_dir=tmp_path / "d", base=str(tiny_base), out_dir=tmp_path / "a", max_steps=1,
+        train(TrainOptions.from_settings(TrainSettings(), data_dir=tmp_path / "d", base=str(tiny_base), out_dir=tmp_path / "a", max_steps=1,
                            batch_size=4, grad_accum=1, eval_steps=1, sample_prompts=0, logging_steps=1))
     assert read_adapter_meta(tmp_path / "a").data_last_ts == datetime.fromisoformat(data.meta["data_last_ts"])
     assert adapter_data_last_ts(tmp_path / "a") == datetime.fromisoformat(data.meta["data_last_ts"])
