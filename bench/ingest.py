@@ -10,6 +10,13 @@ replies, attachments, join messages), then runs, each in a fresh subprocess so p
 It prints messages/s, wall time and peak RSS (ru_maxrss of the child) side by side, and the ratios against
 the targets: ingest time <= 2x json.load, ingest peak RSS < 1/10 of json.load's. With `--repeat N` each
 measurement runs N times, alternating json.load and ingest, and the fastest of each is kept.
+
+`--formats reingest` is the re-ingest case: two Telegram exports of one chat, March (entries 0..N) and June
+(entries N/2..1.5N, so half of it overlaps March, message for message), then, each in a fresh process:
+a plain ingest of March (the log to append to), `ingest --append` of June onto that log, and a plain ingest
+of both files together; the appended log must equal the one from both files byte for byte.
+
+    .venv/bin/python bench/ingest.py --formats reingest                 # 1M onto 1M, 50% overlap
 """
 
 from __future__ import annotations
@@ -51,6 +58,20 @@ rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"seconds": dt, "rss_mb": rss, "items": result.meta["messages"]}))
 """
 
+_APPEND = """
+import json, resource, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[3])
+from training.ingest.pipeline import ingest
+t = time.perf_counter()
+result = ingest([Path(p) for p in sys.argv[1].split("|")], Path(sys.argv[2]), me=sys.argv[4] or None,
+                append=sys.argv[5] == "append")
+dt = time.perf_counter() - t
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": dt, "rss_mb": rss, "items": result.meta["messages"],
+                  "duplicates": result.meta["duplicates"]}))
+"""
+
 _BASELINE = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
@@ -63,11 +84,14 @@ def _text(rng: random.Random) -> str:
     return " ".join(rng.choices(WORDS, k=rng.randint(1, 14)))
 
 
-def write_telegram(path: Path, n: int, seed: int = 0, chats: int = 1) -> None:
+def write_telegram(path: Path, n: int, seed: int = 0, chats: int = 1, start: int = 0) -> None:
     """A Telegram Desktop export with `n` entries, formatted like Telegram's (indent 1).
 
     chats=1: a single chat's result.json; more: a full account export whose `chats.list` holds `chats` chats.
+    `start` (single chat only): the entries `start..start+n` of the stream that `start=0` begins, the same
+    messages with the same ids, so two ranges of one seed overlap exactly.
     """
+    assert start == 0 or chats == 1
     rng = random.Random(seed)
     people = [("Alice Smith", "user4242"), ("Riya", "user777")]
     t = 1_600_000_000
@@ -79,8 +103,8 @@ def write_telegram(path: Path, n: int, seed: int = 0, chats: int = 1) -> None:
             f.write('{\n "personal_information": {"user_id": 777, "first_name": "Riya", "last_name": ""},\n'
                     ' "chats": {\n  "about": "",\n  "list": [\n   {"name": "Chat 0", "type": "personal_chat", '
                     '"id": 0, "messages": [\n')
-        for i in range(n):
-            if i and i % per_chat == 0:
+        for i in range(start + n):
+            if i and i % per_chat == 0 and chats > 1:
                 f.write(f'\n  ]}},\n   {{"name": "Chat {i // per_chat}", "type": "personal_chat", '
                         f'"id": {i // per_chat}, "messages": [\n')
             t += rng.randint(1, 600)
@@ -105,7 +129,9 @@ def write_telegram(path: Path, n: int, seed: int = 0, chats: int = 1) -> None:
                 m["text_entities"] = [{"type": "plain", "text": s}]
             if i and rng.random() < 0.1:
                 m["reply_to_message_id"] = rng.randint(max(1, i - 50), i)
-            first = i % per_chat == 0
+            if i < start:
+                continue  # generated all the same, so the random stream stays in step
+            first = i == start if chats == 1 else i % per_chat == 0
             f.write(("  " if first else ",\n  ") + json.dumps(m, ensure_ascii=False, indent=1).replace("\n", "\n  "))
         f.write("\n ]\n}\n" if chats == 1 else "\n  ]}\n  ]\n }\n}\n")
 
@@ -177,12 +203,44 @@ def bench(fmt: str, n: int, folder: Path, repeat: int = 1) -> dict:
     return {"format": fmt, "entries": n, "file_mb": size_mb, "generate_s": gen_s, "json_load": load, "ingest": run}
 
 
+def bench_reingest(n: int, folder: Path) -> dict:
+    """The re-ingest case (module docstring): append June onto March's log vs. a plain ingest of both."""
+    march, june = folder / "march.json", folder / "june.json"
+    t = time.perf_counter()
+    write_telegram(march, n)
+    write_telegram(june, n, start=n // 2)
+    gen_s = time.perf_counter() - t
+    log, both = folder / "log.jsonl", folder / "both.jsonl"
+    first = _child(_APPEND, str(march), str(log), str(ROOT), "user777", "plain")
+    appended = _child(_APPEND, str(june), str(log), str(ROOT), "", "append")
+    plain = _child(_APPEND, f"{march}|{june}", str(both), str(ROOT), "user777", "plain")
+    same = log.read_bytes() == both.read_bytes()
+    size_mb = (march.stat().st_size + june.stat().st_size) / 2**20
+    for p in (march, june, log, both):
+        p.unlink()
+    return {"format": "reingest", "entries": n, "file_mb": size_mb, "generate_s": gen_s, "first_log": first,
+            "append": appended, "plain_both": plain, "identical_logs": same}
+
+
+def _print_reingest(r: dict) -> None:
+    n, first, app, plain = r["entries"], r["first_log"], r["append"], r["plain_both"]
+    print(f"\nreingest: March export {n:,} entries, June export {n:,} entries (half overlapping), "
+          f"{r['file_mb']:.0f} MB together")
+    print(f"  plain ingest of March (the log)   {first['seconds']:7.2f} s  peak RSS {first['rss_mb']:6.0f} MB  "
+          f"{first['items']:,} messages")
+    print(f"  --append June onto the log       {app['seconds']:7.2f} s  peak RSS {app['rss_mb']:6.0f} MB  "
+          f"{app['items']:,} messages, {app['duplicates']:,} duplicates skipped")
+    print(f"  plain ingest of March + June     {plain['seconds']:7.2f} s  peak RSS {plain['rss_mb']:6.0f} MB  "
+          f"{plain['items']:,} messages, {plain['duplicates']:,} duplicates skipped")
+    print(f"  appended log == log of both files: {'yes' if r['identical_logs'] else 'NO'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse arguments, run the benchmarks, print the table."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=1_000_000, help="entries per generated export")
     ap.add_argument("--formats", default="telegram,discord", help="comma-separated: telegram (one chat's result.json), telegram-full (full account export, "
-                    "100 chats in one file), discord")
+                    "100 chats in one file), discord, reingest (--append with 50%% overlap, see above)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="measure each N times, alternating, and keep the fastest (steadier on a busy machine)")
     ap.add_argument("--json", action="store_true", help="print the raw figures as JSON")
@@ -191,13 +249,19 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="convo-bench-ingest-") as tmp:
         for fmt in args.formats.split(","):
-            rows.append(bench(fmt.strip(), args.messages, Path(tmp), args.repeat))
+            if fmt.strip() == "reingest":
+                rows.append(bench_reingest(args.messages, Path(tmp)))
+            else:
+                rows.append(bench(fmt.strip(), args.messages, Path(tmp), args.repeat))
     if args.json:
         print(json.dumps({"interpreter_with_imports_rss_mb": base["rss_mb"], "runs": rows}, indent=2))
         return
     print(f"python {sys.version.split()[0]}, ijson backend {__import__('ijson').backend}; "
           f"interpreter + ingest imports alone: {base['rss_mb']:.0f} MB RSS")
     for r in rows:
+        if r["format"] == "reingest":
+            _print_reingest(r)
+            continue
         lo, ing = r["json_load"], r["ingest"]
         t_ratio = ing["seconds"] / lo["seconds"]
         m_ratio = ing["rss_mb"] / lo["rss_mb"]

@@ -29,6 +29,8 @@ class IngestSettings(BaseModel):
     tz: str = "UTC"  # zone for exports whose timestamps have none (WhatsApp)
     me: str | None = None  # name or id of the exporting user; detected when unset
     out: str = "messages.jsonl"  # the canonical log written by `convo ingest`
+    date_order: Literal["dmy", "mdy"] | None = None  # WhatsApp files whose dates fit both orders; None: ask
+    phone_regions: list[str] = Field(default_factory=lambda: ["US"])  # --scrub: national numbers of these
 
 
 class DatasetSettings(BaseModel):
@@ -106,6 +108,24 @@ class RedisSettings(BaseModel):
 class WorkerSettings(BaseModel):
     """`convo serve worker`: the inference worker (issue: worker)."""
 
+    base: str | None = None  # base model dir or hub id; default: the one recorded by the adapters
+    adapters_dir: str = "adapters"  # one `<persona>/` (or `<persona>/current -> vN`) per persona
+    quantize: Literal["auto", "4bit", "none"] = "auto"  # auto: 4-bit NF4 on CUDA, full precision otherwise
+    device: str | None = None  # default: cuda when available, else cpu
+    max_batch: int = Field(16, ge=1, le=256)  # requests per generate call
+    max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for more requests after the first
+    max_loaded_adapters: int = Field(8, ge=1)  # LRU beyond this; others load on first use
+    visibility_timeout_s: float = Field(60.0, gt=0)  # an entry pending this long is taken over (XAUTOCLAIM)
+    max_deliveries: int = Field(3, ge=1)  # past this, an entry goes to the dead-letter stream
+    partial_interval_ms: float = Field(250.0, ge=0)  # live text of a stream request at most this often
+    reply_ttl_s: int = Field(300, ge=1)  # reply, answered marker and partial keys expire after this
+    heartbeat_interval_s: float = Field(2.0, gt=0)  # a live worker refreshes its heartbeat key this often
+    heartbeat_ttl_s: float = Field(10.0, gt=0)  # a worker not seen for this long counts as dead
+    watch_interval_s: float = Field(5.0, ge=0)  # check `current` links on disk this often (0: only on reload)
+    metrics_port: int = Field(9464, ge=0, le=65535)  # Prometheus /metrics; 0 turns it off
+    name: str | None = None  # consumer name in the group; default host-pid
+    max_stream_len: int = Field(100_000, ge=100)  # requests stream trimmed (approximately) to this length
+
 
 class BotSettings(BaseModel):
     """Bot core shared by Telegram, Discord and `convo chat` (issue: bots).
@@ -162,15 +182,15 @@ class FeedbackSettings(BaseModel):
     tolerance: float = Field(0.02, ge=0)  # the candidate's validation NLL may be worse by this many nats/token
     retrain_epochs: float = Field(1.0, gt=0)  # SFT passes over the new training set
     retrain_max_steps: int = -1  # cap on SFT steps (-1: epochs decide)
-    kto_beta: float = Field(0.1, gt=0)
-    kto_learning_rate: float = Field(5e-5, gt=0)
-    kto_epochs: float = Field(1.0, gt=0)
-    kto_max_steps: int = -1
+    kto_beta: float = Field(0.1, gt=0)  # KTO's beta: how far the policy may move from the reference (SFT) adapter
+    kto_learning_rate: float = Field(5e-5, gt=0)  # learning rate of the KTO pass
+    kto_epochs: float = Field(1.0, gt=0)  # KTO passes over the labelled drafts
+    kto_max_steps: int = -1  # cap on KTO steps (-1: epochs decide)
     kto_batch_size: int = Field(8, ge=2)  # KTO's KL estimate needs at least 2 per batch
     # `convo serve scheduler`.
     retrain_min_events: int = Field(50, ge=1)  # new labelled events (sent/edited/liked/disliked) since the last version
     retrain_interval_h: float = Field(24.0, ge=0)  # at most one retrain per persona in this many hours
-    scheduler_poll_s: float = Field(300.0, gt=0)
+    scheduler_poll_s: float = Field(300.0, gt=0)  # the scheduler checks every persona this often
     metrics_port: int | None = None  # Prometheus metrics of the scheduler (and store) on this port
 
 

@@ -53,6 +53,7 @@ class AdapterMeta(BaseModel):
     base_model: BaseModelRef
     format_version: int
     dataset_sha256: str | None = None
+    data_last_ts: datetime | None = None  # newest message of the training split; `convo dataset --since` reads it
     training_args: dict[str, Any] = Field(default_factory=dict)
     final_metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

@@ -49,13 +49,13 @@ class WorkerClient:
         self.max_stream_len = max_stream_len
 
     def _prepare(self, request: GenerateRequest, timeout_s: float) -> GenerateRequest:
-        """Fill the deadline (now + timeout) and reply key when the caller left them empty."""
-        update = {}
+        """Fill the deadline (now + timeout) and reply key when the caller left them empty; stamp enqueued_at."""
+        update: dict = {"enqueued_at": utcnow()}  # queue_ms counts from here, not from when the request was built
         if request.deadline is None:
             update["deadline"] = utcnow() + timedelta(seconds=timeout_s)
         if request.reply_to is None:
             update["reply_to"] = self.keys.reply(request.id)
-        return request.model_copy(update=update) if update else request
+        return request.model_copy(update=update)
 
     async def enqueue(self, request: GenerateRequest) -> str:
         """Add the request to the requests stream; returns the entry id."""
@@ -117,6 +117,15 @@ class WorkerClient:
         finally:
             await pubsub.unsubscribe(channel)
             await pubsub.aclose()
+
+
+def connect(url: str, password=None):
+    """A redis.asyncio client for `url` (`password`: a SecretStr or str, or None to use the URL's)."""
+    import redis.asyncio as aioredis
+
+    if password is not None and hasattr(password, "get_secret_value"):
+        password = password.get_secret_value()
+    return aioredis.from_url(url, password=password) if password else aioredis.from_url(url)
 
 
 async def ask(redis_url: str, request: GenerateRequest, timeout_s: float, prefix: str = "convo"

@@ -206,7 +206,7 @@ def test_services_get_what_they_need(compose):
     assert device["capabilities"] == ["gpu"] and device["driver"] == "nvidia"
     mounts = {v.split(":")[1] for v in worker["volumes"]}
     assert {"/data/adapters", "/cache/huggingface"} <= mounts
-    assert any(p.endswith(":9108") for p in worker["ports"]) and worker["environment"]["CONVO_WORKER__METRICS_PORT"] == "9108"
+    assert any(p.endswith(":9464") for p in worker["ports"]) and worker["environment"]["CONVO_WORKER__METRICS_PORT"] == "9464"
 
     for name in SLIM:
         assert s[name]["build"]["dockerfile"] == "docker/slim.Dockerfile", name

@@ -29,9 +29,10 @@ def test_all_four_parsers_are_found():
 
 def test_mixed_folder_exact_log_and_meta(tmp_path):
     out = tmp_path / "messages.jsonl"
-    result = ingest([MIXED], out)
+    result = ingest([MIXED], out, date_order="mdy")  # the WhatsApp file's dates (5/1/23) fit both orders
     log = read_log(out)
-    assert [list(r) for r in log] == [["chat", "ts", "speaker", "speaker_id", "text", "reply_to", "source"]] * 11
+    assert [list(r) for r in log] == [["chat", "ts", "speaker", "speaker_id", "text", "reply_to", "source", "id",
+                                         "chat_id"]] * 11
     assert [(r["chat"], r["speaker"], r["text"], r["source"]) for r in log] == [
         ("Alice Smith", "Alice Smith", "lunch?", "telegram"),
         ("Alice Smith", "Riya", "yes, 12:30", "telegram"),
@@ -131,7 +132,7 @@ def test_scrub_replaces_and_counts(tmp_path):
 
 def test_tz_option_applies_to_zoneless_exports(tmp_path):
     out = tmp_path / "out.jsonl"
-    ingest([MIXED / "sub" / "WhatsApp Chat with Ben.txt"], out, tz="+05:30", me="Riya")
+    ingest([MIXED / "sub" / "WhatsApp Chat with Ben.txt"], out, tz="+05:30", me="Riya", date_order="mdy")
     assert read_log(out)[0]["ts"] == "2023-05-01T21:01:00+05:30"
     with pytest.raises(ConfigError, match=r"--tz 'Mars/Base'.*IANA"):
         ingest([MIXED / "sub" / "WhatsApp Chat with Ben.txt"], out, tz="Mars/Base")
@@ -169,7 +170,7 @@ def test_rerun_on_folder_holding_its_own_output_skips_it(tmp_path):
 
 def test_cli_success_prints_summary_with_paths(tmp_path, capsys):
     out = tmp_path / "log.jsonl"
-    code = run(["ingest", str(MIXED), "--out", str(out), "--tz", "UTC"])
+    code = run(["ingest", str(MIXED), "--out", str(out), "--tz", "UTC", "--date-order", "mdy"])
     captured = capsys.readouterr()
     assert code == 0
     flat = "".join(line.strip("│ ") for line in captured.out.splitlines())

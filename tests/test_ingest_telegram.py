@@ -12,6 +12,7 @@ import pytest
 from convo.errors import IngestError
 from tests.conftest import FIXTURES
 from training.ingest.base import HEAD_BYTES, ParseContext
+from training.ingest.pipeline import ingest
 from training.ingest.telegram import PARSER
 
 TG = FIXTURES / "ingest" / "telegram"
@@ -95,15 +96,21 @@ def test_full_export_with_left_chats_and_personal_information_last(tmp_path):
 
 
 def test_full_export_keeps_two_chats_with_one_name_apart(tmp_path):
-    def chat(cid, text):
+    def chat(cid, text, mid=1):
         return {"name": "Alex", "type": "personal_chat", "id": cid, "messages": [
-            {"id": 1, "type": "message", "date_unixtime": "1600000000", "from": "Alex", "from_id": f"user{cid}",
+            {"id": mid, "type": "message", "date_unixtime": "1600000000", "from": "Alex", "from_id": f"user{cid}",
              "text": text}]}
 
     p = tmp_path / "result.json"
-    p.write_text(json.dumps({"chats": {"list": [chat(1, "a"), chat(2, "b"), chat(1, "c")]}}))
+    p.write_text(json.dumps({"chats": {"list": [chat(1, "a"), chat(2, "b"), chat(1, "c", 2)]}}))
     msgs, _ = parse(p)
-    assert [(m.chat, m.text) for m in msgs] == [("Alex", "a"), ("Alex (2)", "b"), ("Alex", "c")]
+    assert [(m.chat, m.chat_id, m.id, m.text) for m in msgs] == [
+        ("Alex", "1", "1", "a"), ("Alex", "2", "1", "b"), ("Alex", "1", "2", "c")]
+    result = ingest([p], tmp_path / "log.jsonl", me="Alex")  # the pipeline gives each chat its own title
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [(r["chat"], r["text"]) for r in log] == [("Alex", "a"), ("Alex", "c"), ("Alex (2)", "b")]
+    assert result.meta["shared_titles"] == {"Alex": ["Alex", "Alex (2)"]}
+    assert "2 different chats are titled 'Alex'" in " ".join(result.warnings)
 
 
 def test_chitchat_full_export_matches_corpus():

@@ -21,8 +21,8 @@ from training.ingest.whatsapp import PARSER, chat_name
 WA = FIXTURES / "ingest" / "whatsapp"
 
 
-def parse(path: Path, tz=UTC) -> tuple[list[tuple], ParseContext]:
-    ctx = ParseContext(tz=tz)
+def parse(path: Path, tz=UTC, date_order=None) -> tuple[list[tuple], ParseContext]:
+    ctx = ParseContext(tz=tz, date_order=date_order)
     rows = [(m.speaker, m.text, m.ts.isoformat()) for m in PARSER.parse(path, ctx)]
     return rows, ctx
 
@@ -75,8 +75,11 @@ def test_ios_bracketed_dotted_with_marks_from_unzipped_folder():
 
 
 def test_ios_us_12h_narrow_space_midnight_and_noon():
-    rows, ctx = parse(WA / "ios_us_12h.txt")
-    # 1/2 and 1/3 fit both orders and time runs forward either way: the 12h clock says month-first
+    # 1/2 and 1/3 fit both orders and time runs forward either way: only --date-order can tell
+    with pytest.raises(IngestError, match=r"ios_us_12h\.txt:1: dates such as 01/02 fit both day-first and "
+                                          r"month-first .* pass --date-order dmy \(31/12\) or --date-order mdy"):
+        parse(WA / "ios_us_12h.txt")
+    rows, ctx = parse(WA / "ios_us_12h.txt", date_order="mdy")
     assert rows == [
         ("Sam", "did you see that", "2022-01-02T21:05:40+00:00"),
         ("Riya", "yes lol", "2022-01-02T21:06:01+00:00"),
@@ -121,12 +124,13 @@ def test_timestamps_are_local_time_of_the_given_zone():
     assert msgs[1].ts.isoformat() == "2022-01-01T00:00:00-05:00"
 
 
-@pytest.mark.parametrize("name", ["chitchat_android_eu", "chitchat_ios_us"])
-def test_chitchat_conversations_round_trip(name):
+@pytest.mark.parametrize("name,order", [("chitchat_android_eu", "dmy"), ("chitchat_ios_us", None)])
+def test_chitchat_conversations_round_trip(name, order):
     expected = [json.loads(line) for line in (WA / f"{name}.expected.jsonl").read_text("utf-8").splitlines()]
-    got = [json.loads(m.to_json()) for m in PARSER.parse(WA / f"{name}.txt", ParseContext(tz=UTC))]
+    got = [json.loads(m.to_json()) for m in PARSER.parse(WA / f"{name}.txt", ParseContext(tz=UTC, date_order=order))]
     for rec in got:  # pydantic writes UTC as "Z"
         rec["ts"] = datetime.fromisoformat(rec["ts"]).isoformat()
+        assert rec.pop("id") is None and rec.pop("chat_id") is None  # WhatsApp has no ids
     assert len(expected) > 200
     assert got == expected
 
@@ -169,8 +173,8 @@ def test_non_utf8_names_byte_offset(tmp_path):
 def test_dates_that_fit_no_order_are_an_error(tmp_path):
     path = tmp_path / "mixed.txt"
     path.write_text("13/01/2021, 10:00 - A: day-first\n01/13/2021, 10:00 - A: month-first\n", encoding="utf-8")
-    with pytest.raises(IngestError, match=r"mixed\.txt:1: dates fit neither day-first"):
-        list(PARSER.parse(path, ParseContext(tz=UTC)))
+    with pytest.raises(IngestError, match=r"mixed\.txt:1: a day-first date here, a month-first one on line 2"):
+        list(PARSER.parse(path, ParseContext(tz=UTC, date_order="mdy")))
 
 
 _LINES = [
@@ -217,7 +221,7 @@ def test_bom_and_leading_blank_lines(tmp_path):
 
 
 _FORMATS = {
-    # name: (header for a datetime, keeps seconds)
+    # name: (header for a datetime, keeps seconds); the date order is passed when the dates fit both
     "android_us": (lambda t: f"{t.month}/{t.day}/{t.year % 100:02d}, {t.hour % 12 or 12}:{t.minute:02d}\u202f"
                    f"{'AM' if t.hour < 12 else 'PM'} - ", False),
     "android_eu": (lambda t: f"{t.day:02d}/{t.month:02d}/{t.year}, {t.hour:02d}:{t.minute:02d} - ", False),
@@ -253,4 +257,60 @@ def test_round_trip_of_random_messages_in_every_locale(fmt, start, msgs):
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "chat.txt"
         path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        assert parse(path)[0] == expected
+        assert parse(path, date_order="mdy" if fmt.endswith("_us") else "dmy")[0] == expected
+
+
+LOCALES = sorted(p.stem for p in (WA / "locales").glob("*.txt"))
+
+
+@pytest.mark.parametrize("name", LOCALES)
+def test_locale_shape_fixture(name):
+    """Each fixture is written by hand in one locale's shape; its .expected.json lists the messages."""
+    path = WA / "locales" / f"{name}.txt"
+    want = json.loads((WA / "locales" / f"{name}.expected.json").read_text("utf-8"))
+    assert PARSER.sniff(path, path.read_bytes()[:HEAD_BYTES])
+    rows, ctx = parse(path, date_order=want["date_order"])
+    assert [list(r) for r in rows] == want["messages"]
+    assert len(ctx.warnings) == len(want["warnings"])
+    for got, expected in zip(ctx.warnings, want["warnings"], strict=True):
+        assert got.startswith(f"{path}{expected}")
+    assert dict(ctx.skipped) == want["skipped"]
+    assert {m.chat for m in PARSER.parse(path, ParseContext(tz=UTC, date_order=want["date_order"]))} == {name}
+
+
+def test_locale_fixtures_cover_the_shapes_the_issue_names():
+    text = "".join((WA / "locales" / f"{n}.txt").read_text("utf-8") for n in LOCALES)
+    for shape in ("31. 12. 21", "ص", "م", "午前", "午後", "오전", "오후", "a.\u202fm.", "p.\u00a0m.", "\u202f", "\u200e[",
+                  "\u200f", "/", "-", "."):
+        assert shape in text, shape
+
+
+def test_impossible_time_is_an_error_with_file_and_line(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text("31/12/2021, 21:05 - A: hi\n31/12/2021, 21:75 - A: what\n", encoding="utf-8")
+    with pytest.raises(IngestError, match=r"chat\.txt:2: time 21:75 is no time of day"):
+        list(PARSER.parse(path, ParseContext(tz=UTC)))
+
+
+def test_ambiguous_file_uses_date_order_and_evidence_beats_it(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text("01/02/2021, 10:00 - A: one\n01/03/2021, 10:00 - A: two\n", encoding="utf-8")
+    assert [r[2][:10] for r in parse(path, date_order="dmy")[0]] == ["2021-02-01", "2021-03-01"]
+    assert [r[2][:10] for r in parse(path, date_order="mdy")[0]] == ["2021-01-02", "2021-01-03"]
+    path.write_text("01/02/2021, 10:00 - A: one\n13/02/2021, 10:00 - A: two\n", encoding="utf-8")
+    assert [r[2][:10] for r in parse(path, date_order="mdy")[0]] == ["2021-02-01", "2021-02-13"]  # 13 decides
+
+
+def test_cli_date_order_option_and_error(tmp_path, capsys):
+    from convo.cli import run
+
+    src = WA / "locales" / "us_ios_ltr_nnbsp_ambiguous.txt"
+    out = tmp_path / "m.jsonl"
+    assert run(["ingest", str(src), "--out", str(out), "--me", "Riya"]) == 2
+    err = capsys.readouterr().err
+    assert "--date-order dmy (31/12) or --date-order mdy (12/31)" in err and "Traceback" not in err
+    assert not out.exists()
+    assert run(["ingest", str(src), "--out", str(out), "--me", "Riya", "--date-order", "mdy"]) == 0
+    assert json.loads(out.read_text("utf-8").splitlines()[0])["ts"] == "2022-01-02T21:05:40Z"
+    assert run(["ingest", str(src), "--out", str(out), "--date-order", "ymd"]) == 2
+    assert "--date-order 'ymd': expected dmy (31/12) or mdy (12/31)" in capsys.readouterr().err

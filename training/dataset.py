@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from convo.errors import DatasetError
+from convo.errors import ConvoError, DatasetError
 from inference.prompt_format import (
     FORMAT_VERSION,
     ROLE_FRIEND,
@@ -209,6 +209,27 @@ def resolve_me(messages: Sequence[Message], me: str | None, messages_path: Path)
         if ids := by_name(name):
             return ids
     return []
+
+
+def adapter_data_last_ts(adapter_dir: Path) -> datetime:
+    """The newest training message of an adapter (a `convo train` output dir, or a persona dir with `current`)."""
+    from inference.adapter_meta import read_adapter_meta
+    from inference.versions import resolve
+
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise DatasetError(f"--since {adapter_dir}: no such adapter folder (give a `convo train` --out folder)")
+    try:
+        resolved, _ = resolve(adapter_dir)
+        meta = read_adapter_meta(resolved)
+    except ConvoError as e:
+        raise DatasetError(f"--since {adapter_dir}: {e}") from e
+    if meta.data_last_ts is None:
+        raise DatasetError(
+            f"--since {adapter_dir}: the adapter does not record its newest training message (data_last_ts; it "
+            "was trained before convo recorded it); build the dataset without --since, or retrain once"
+        )
+    return meta.data_last_ts
 
 
 def file_sha256(path: Path) -> str:
@@ -549,12 +570,14 @@ def build_dataset(
     chats: Sequence[str] | None = None,
     val_fraction: float = 0.1,
     role_tags: bool = False,
+    since: datetime | None = None,
     progress: Callable[[str, int, int], None] | None = None,
 ) -> DatasetSummary:
     """Build train.jsonl, val.jsonl and meta.json in `out_dir` for `persona` (see the module docstring).
 
     `tokenizer` is a model name / local directory or an already loaded tokenizer; with `max_tokens` it is used to
-    drop the oldest history messages until each sample fits. `progress(stage, done, total)` reports "read"
+    drop the oldest history messages until each sample fits. `since` keeps only the sessions that ended after it
+(see `adapter_data_last_ts`), whole, for retraining on what is new. `progress(stage, done, total)` reports "read"
     (bytes of the log) and then "sessions".
     """
     messages_path = Path(messages_path)
@@ -631,6 +654,14 @@ def build_dataset(
             fit = token_fitter(tokenizer, max_tokens)
 
     sessions = sessionize(messages, session_gap_min)
+    older = 0
+    if since is not None:  # tags and chats above still come from the whole log, so they match the adapter's
+        kept = [s for s in sessions if s.messages[-1].ts > since]
+        older = len(sessions) - len(kept)
+        if not kept:
+            raise DatasetError(f"nothing new for {persona_sp.name} since {since.isoformat()} (--since): all "
+                               f"{older} sessions ended by then; ingest newer exports first (convo ingest --append)")
+        sessions = kept
     by_session: dict[str, list[Sample]] = {}
     for i, session in enumerate(sessions):
         by_session[session.session_id] = session_samples(session, speakers, target_ids, context_messages, fit)
@@ -690,6 +721,9 @@ def build_dataset(
         "source_sha256": file_sha256(messages_path),
         "chats": persona_chats,
         "val_from": val_sessions[0].start.isoformat(),
+        # The newest message of the training split: `convo dataset --since ADAPTER` starts after it.
+        "data_last_ts": max(s.messages[-1].ts for s in train_sessions).isoformat(),
+        "since": {"after": since.isoformat(), "sessions_before": older} if since is not None else None,
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)

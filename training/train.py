@@ -563,6 +563,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         base_model=base_model_ref(opts.base),
         format_version=FORMAT_VERSION,
         dataset_sha256=data.sha256,
+        data_last_ts=data.meta.get("data_last_ts"),
         training_args={**resolved, "effective_batch": opts.batch_size * opts.grad_accum, "total_steps": total_steps},
         final_metrics={
             "best_eval_loss": result.best_eval_loss,

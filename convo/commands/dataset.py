@@ -77,12 +77,18 @@ def dataset(
         typer.Option("--role-tags/--name-tags", help="Tag the persona [FRIEND] and you [ME] instead of name tags "
                                                      "like ALICE. (default: dataset.role_tags, name tags)"),
     ] = None,
+    since: Annotated[
+        Path | None,
+        typer.Option("--since", help="An adapter folder (a `convo train` --out, or a persona folder with "
+                                     "`current`): keep only the sessions that ended after its newest training "
+                                     "message, to retrain on what is new.", show_default=False),
+    ] = None,
 ) -> None:
     """Build prompt/completion samples for one persona from a message log, split by session (newest = val)."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-    from training.dataset import MODES, build_dataset
+    from training.dataset import MODES, adapter_data_last_ts, build_dataset
 
     cfg = state(ctx).settings.dataset
     mode = mode if mode is not None else cfg.mode
@@ -90,6 +96,7 @@ def dataset(
         raise typer.BadParameter(f"{mode!r}: use one of {', '.join(MODES)}", param_hint="--mode")
     tokenizer = tokenizer if tokenizer is not None else cfg.tokenizer
     max_tokens = max_tokens if max_tokens is not None else cfg.max_tokens
+    after = adapter_data_last_ts(since) if since is not None else None
     console = Console(stderr=True)
     with Progress(
         TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn(),
@@ -114,6 +121,7 @@ def dataset(
             chats=chats,
             val_fraction=val if val is not None else cfg.val_fraction,
             role_tags=role_tags if role_tags is not None else cfg.role_tags,
+            since=after,
             progress=report,
         )
     _print_summary(summary)
@@ -139,6 +147,9 @@ def _print_summary(summary) -> None:
     grid.add_row("sessions", f"{c['sessions_train']:,} train / {c['sessions_val']:,} val "
                  f"(of {c['sessions_total']:,}; gap {meta['session_gap_min']:g} min; val from {meta['val_from']})")
     grid.add_row("chats", escape(", ".join(meta["chats"])))
+    if meta.get("since"):
+        grid.add_row("since", f"sessions ending after {meta['since']['after']} "
+                     f"({meta['since']['sessions_before']:,} older sessions left out)")
     if meta["max_tokens"] is not None:
         grid.add_row("max tokens", f"{meta['max_tokens']} with {meta['tokenizer']} "
                      f"({c['over_max_tokens']} samples still over)")

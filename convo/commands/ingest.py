@@ -42,15 +42,36 @@ def ingest(
     tz: Annotated[
         str | None,
         typer.Option("--tz", help="Time zone for timestamps without one (WhatsApp) and for Telegram times: "
-                     "IANA name (Europe/Berlin), UTC or +02:00. Default from settings: UTC."),
+                     "IANA name (Europe/Berlin), UTC or +02:00. Default from settings: UTC; with --append, the "
+                     "zone the log was written with."),
     ] = None,
     scrub: Annotated[
         bool,
         typer.Option("--scrub", help="Replace emails, phone numbers, URLs, card numbers and IBANs with "
                      "placeholders such as <EMAIL>."),
     ] = False,
+    phone_region: Annotated[
+        list[str] | None,
+        typer.Option("--phone-region", help="With --scrub: a region (ISO code: US, DE, IN...) whose national "
+                     "phone numbers are found; repeat for several. Numbers with + are found for every region. "
+                     "Default from settings (ingest.phone_regions): US."),
+    ] = None,
+    append: Annotated[
+        bool,
+        typer.Option("--append", "-a", help="Add the exports to the existing --out log instead of replacing it; "
+                     "messages already in the log are skipped (counted as duplicates)."),
+    ] = False,
+    date_order: Annotated[
+        str | None,
+        typer.Option("--date-order", help="dmy (31/12/21) or mdy (12/31/21): how to read WhatsApp files whose "
+                     "dates fit both orders (a day over 12 anywhere in a file decides by itself). Default from "
+                     "settings (ingest.date_order): none, such a file is an error that asks for this option."),
+    ] = None,
 ) -> None:
-    """Read chat exports and write one canonical JSONL message log, ordered by chat then time."""
+    """Read chat exports and write one canonical JSONL message log, ordered by chat then time.
+
+    Every message is written once, however many overlapping exports hold it (March and June exports of one chat, a single chat and a full account export); --append adds new exports to an existing log.
+    """
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -73,8 +94,11 @@ def ingest(
             out,
             fmt=fmt.lower(),
             me=me if me is not None else settings.me,
-            tz=tz if tz is not None else settings.tz,
+            tz=tz if tz is not None else (None if append else settings.tz),  # appending: the log's zone
             scrub=scrub,
+            append=append,
+            date_order=(date_order.lower() if date_order is not None else settings.date_order),
+            phone_regions=phone_region or settings.phone_regions,
             on_file=lambda path, name: progress.update(task, description=f"{name}: {path.name}"),
             on_progress=lambda n: progress.advance(task, n),
         )
@@ -95,6 +119,14 @@ def _summary(result, console) -> None:
     grid.add_column(overflow="fold")  # paths are never cut
     me = meta["me"]
     grid.add_row("messages", f"{meta['messages']:,} in {meta['chats']:,} chats")
+    if meta["appended"] is not None:
+        a = meta["appended"]
+        grid.add_row("appended", f"{a['added']:,} new to the {a['log_messages']:,} in the log "
+                     f"({a['new_messages']:,} read, {a['duplicates']:,} already there)")
+    else:
+        grid.add_row("duplicates", f"{meta['duplicates']:,} skipped (already in another input)")
+    for title, finals in meta["shared_titles"].items():  # the log's, earlier appends included
+        grid.add_row("same title", f"{len(finals)} chats titled {title!r}: " + ", ".join(finals))
     grid.add_row("formats", ", ".join(f"{k} {v:,}" for k, v in meta["formats"].items()))
     grid.add_row("me", f"{me['name']} (id {', '.join(me['ids'])}; {me['how']})")
     grid.add_row("speakers", f"{len(meta['speakers']):,}")

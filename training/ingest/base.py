@@ -30,7 +30,9 @@ class ParseContext:
     """What a parser needs beyond the file, and what it reports back besides messages."""
 
     tz: tzinfo  # zone for timestamps without one (WhatsApp), from --tz
+    date_order: str | None = None  # "dmy" or "mdy" for WhatsApp files whose dates fit both; from --date-order
     skipped: Counter = field(default_factory=Counter)
+    warnings: list[str] = field(default_factory=list)  # "file:line: ..." for odd input that was still read
     me_hints: set[str] = field(default_factory=set)  # ids/names of the exporting user found in the file
 
 

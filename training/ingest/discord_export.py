@@ -4,7 +4,8 @@ Kept: message types `Default` and `Reply`; other types (joins, pins, calls, rena
 as "system", messages whose `content` is empty but that carry attachments, stickers or embeds as
 "media_only", and the rest with empty content as "empty". The speaker is the author's `nickname` (the
 name shown in that server) when present, else `name`; `speaker_id` is the author's id. `reply_to` is
-`reference.messageId`. The chat is "guild / channel" (e.g. "My Server / general", "Direct Messages / alice").
+`reference.messageId`, `id` the message id and `chat_id` the channel id. The chat is "guild / channel"
+(e.g. "My Server / general", "Direct Messages / alice").
 Timestamps carry their offset and are kept as exported. Streaming: ijson's C `items` over `messages`.
 """
 
@@ -53,6 +54,8 @@ class DiscordParser:
         if stop is None:
             raise IngestError(f"{path}: no `messages` list; expected {EXPECTED}")
         chat = chat_title(header, path.stem)
+        chat_id = header.get("channel.id")
+        chat_id = None if chat_id is None else str(chat_id)
         skipped, tz = ctx.skipped, ctx.tz
         index = 0
         for m, reader in stream_items(path, "messages.item", EXPECTED):
@@ -91,9 +94,11 @@ class DiscordParser:
                 when = datetime.fromisoformat(ts)
                 if when.tzinfo is None:
                     when = when.replace(tzinfo=tz)
+                msg_id = get("id")
                 # Every value is a str (or an aware datetime) by construction, so skip re-validation.
                 yield unchecked_message(
-                    chat, when, name, author_id, text, None if reply is None else str(reply), "discord"
+                    chat, when, name, author_id, text, None if reply is None else str(reply), "discord",
+                    None if msg_id is None else str(msg_id), chat_id,
                 )
             except (ValueError, TypeError, OverflowError) as e:  # bad timestamps
                 first = str(e).split("\n", 1)[0]

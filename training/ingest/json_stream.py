@@ -25,20 +25,21 @@ from training.ingest.records import Message
 JSONError = ijson.common.JSONError
 
 
-_FIELDS = frozenset(Message.model_fields)
+_FIELDS = set(Message.model_fields)  # a set: model_copy copies it and then updates the copy
 _new = object.__new__
 _set = object.__setattr__
 
 
 def unchecked_message(
-    chat: str, ts: datetime, speaker: str, speaker_id: str, text: str, reply_to: str | None, source: str
+    chat: str, ts: datetime, speaker: str, speaker_id: str, text: str, reply_to: str | None, source: str,
+    id: str | None = None, chat_id: str | None = None,
 ) -> Message:
     """A Message built without pydantic validation, for parsers whose values have the right types by
     construction (str fields, a timezone-aware `ts`). At a million messages validation alone costs about as
     much as parsing the JSON; tests check these Messages equal validated ones."""
     m = _new(Message)
     _set(m, "__dict__", {"chat": chat, "ts": ts, "speaker": speaker, "speaker_id": speaker_id, "text": text,
-                         "reply_to": reply_to, "source": source})
+                         "reply_to": reply_to, "source": source, "id": id, "chat_id": chat_id})
     _set(m, "__pydantic_fields_set__", _FIELDS)
     _set(m, "__pydantic_extra__", None)
     _set(m, "__pydantic_private__", None)

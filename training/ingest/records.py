@@ -1,7 +1,9 @@
 """The canonical message record written by `convo ingest` and read by everything downstream.
 
 One JSON object per line, exactly these keys, ordered by chat then time:
-`chat`, `ts` (ISO 8601 with offset), `speaker`, `speaker_id`, `text`, `reply_to`, `source`.
+`chat`, `ts` (ISO 8601 with offset), `speaker`, `speaker_id`, `text`, `reply_to`, `source`, `id` (the
+platform's message id, null where the export has none: WhatsApp) and `chat_id` (the platform's chat id,
+null where there is none). `id` and `chat_id` give a message its identity for de-duplication (dedup.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class Message(BaseModel):
     text: str
     reply_to: str | None = None
     source: Source
+    id: str | None = None  # platform message id (Telegram, Discord)
+    chat_id: str | None = None  # platform chat id; tells apart two chats with one title
 
     @field_validator("ts")
     @classmethod

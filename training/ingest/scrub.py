@@ -3,7 +3,7 @@
 Order matters: URLs first (they may hold an @ or long digit strings), then emails, IBANs (mod-97 checked),
 payment cards (13-19 digits, Luhn-checked), and phone numbers last, so that a card or an IBAN is never
 half-replaced as a phone. Phones are found by `phonenumbers` at the VALID leniency: numbers written with
-`+` in any country, and national numbers of `region` (default US). Matches that look like a date, a time
+`+` in any country, and national numbers of the regions given (setting `ingest.phone_regions`, default US). Matches that look like a date, a time
 or a year range are left alone.
 """
 
@@ -66,6 +66,22 @@ def card_spans(text: str) -> list[tuple[int, int]]:
                     break
             i = (found + 1) if found is not None else i + 1
     return spans
+
+
+def check_regions(regions: Sequence[str]) -> tuple[str, ...]:
+    """The region codes, upper-cased; ConfigError naming any that `phonenumbers` does not know."""
+    import phonenumbers
+
+    from convo.errors import ConfigError
+
+    codes = tuple(str(r).strip().upper() for r in regions)
+    bad = [c for c in codes if c not in phonenumbers.SUPPORTED_REGIONS]
+    if bad or not codes:
+        raise ConfigError(
+            f"ingest.phone_regions: {', '.join(map(repr, bad)) or 'empty'}: expected ISO 3166 region codes "
+            "such as US, DE, IN (national phone numbers of these regions are scrubbed)"
+        )
+    return codes
 
 
 class Scrubber:

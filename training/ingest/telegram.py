@@ -7,7 +7,8 @@ where `list` may hold saved messages (no name), groups and chats without message
 Per message: `text` is a string or a list of strings and entity objects (`{"type": "bold", "text": ...}`),
 joined. `type: service` entries are skipped (reason "service"), so are media-only messages with empty text
 ("media_only"); a sticker becomes its `sticker_emoji`. Edited and forwarded messages are kept as they are.
-`speaker_id` is `from_id` ("user123"), `reply_to` the `reply_to_message_id`. The time is `date_unixtime`
+`speaker_id` is `from_id` ("user123"), `reply_to` the `reply_to_message_id`, `id` the message `id` and
+`chat_id` the chat's `id` (the same in a single-chat and a full export). The time is `date_unixtime`
 (an instant) shown in `ctx.tz`; older exports without it have only the local `date`, read in `ctx.tz`.
 
 Streaming: both shapes go through ijson's C `items`, which builds one message at a time. The full export,
@@ -111,8 +112,9 @@ def _timestamp(m: dict, tz: tzinfo) -> datetime:
 class _Normalizer:
     """Turns raw message dicts of one chat into Messages, counting skips."""
 
-    def __init__(self, path: Path, chat: str, ctx: ParseContext) -> None:
+    def __init__(self, path: Path, chat: str, ctx: ParseContext, chat_id: Any = None) -> None:
         self.path, self.chat, self.ctx, self.tz = path, chat, ctx, ctx.tz
+        self.chat_id = None if chat_id is None else str(chat_id)
         self.index = 0
 
     def __call__(self, m: Any, reader) -> Message | None:
@@ -149,9 +151,11 @@ class _Normalizer:
             reply = get("reply_to_message_id")
             unix = get("date_unixtime")
             ts = datetime.fromtimestamp(int(unix), self.tz) if unix is not None else _timestamp(m, self.tz)
+            msg_id = get("id")
             # Every value above is a str (or an aware datetime) by construction, so skip re-validation.
             return unchecked_message(
-                self.chat, ts, speaker, speaker_id, text, None if reply is None else str(reply), "telegram"
+                self.chat, ts, speaker, speaker_id, text, None if reply is None else str(reply), "telegram",
+                None if msg_id is None else str(msg_id), self.chat_id,
             )
         except (ValueError, TypeError, OverflowError, OSError) as e:  # bad date or text
             first = str(e).split("\n", 1)[0]
@@ -199,7 +203,7 @@ class TelegramParser:
             raise IngestError(f"{path}: no `messages` list or `chats` section; expected {EXPECTED}")
 
     def _single_chat(self, path: Path, header: dict[str, Any], ctx: ParseContext) -> Iterator[Message]:
-        normalize = _Normalizer(path, chat_title(header, path.stem), ctx)
+        normalize = _Normalizer(path, chat_title(header, path.stem), ctx, header.get("id"))
         for item, reader in stream_items(path, "messages.item", EXPECTED):
             msg = normalize(item, reader)
             if msg is not None:
@@ -251,7 +255,6 @@ class _ChatPieces:
         self.normalize: _Normalizer | None = None
         self.scanner = StructureScanner(5)
         self.stack: list[list[Any]] = []  # per open container at depth <= 5: [ijson prefix, kind, chat fields]
-        self.titles: dict[str, Any] = {}  # title -> chat id, to tell apart different chats with one name
         self.info_ranges: list[list[int]] = []  # byte ranges of top-level personal_information values
         self.switches: deque[tuple[int, _Normalizer | None]] = deque()  # (offset, chat from there on)
         self.pending = b""  # bytes read but not yet handed out; they start at file offset `fed`
@@ -323,10 +326,8 @@ class _ChatPieces:
             meta = {}
         elif kind is _ARRAY and prefix in _MESSAGE_LISTS:
             meta = parent[2] if parent is not None and parent[2] is not None else {}
-            title = chat_title(meta, self.path.stem)
-            if self.titles.setdefault(title, meta.get("id")) != meta.get("id"):
-                title = f"{title} ({meta.get('id')})"  # two chats named alike stay apart
-            self.switches.append((at + 1, _Normalizer(self.path, title, self.ctx)))
+            title = chat_title(meta, self.path.stem)  # two chats named alike are told apart by the pipeline
+            self.switches.append((at + 1, _Normalizer(self.path, title, self.ctx, meta.get("id"))))
             kind, meta = _MESSAGES, None
         elif prefix == "personal_information":
             kind = _INFO

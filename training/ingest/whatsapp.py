@@ -1,18 +1,39 @@
-"""WhatsApp "Export chat" .txt files from Android and iOS, in their locale variants.
+"""WhatsApp "Export chat" .txt files from Android and iOS, in the date and time shapes of every locale.
 
-Line shapes (the date order and clock depend on the phone's locale):
+A message starts with a header; lines without one continue the message above. The header is parsed by one
+regular expression assembled from the tables below, so a new locale is usually a new table entry:
 
-    12/31/21, 9:05 PM - Alice: hi                   Android, US
+    12/31/21, 9:05 PM - Alice: hi                   Android, US (12-hour clock, month first)
     31/12/2021, 21:05 - Alice: hi                   Android, most of Europe
+    31.12.21, 21:05 - Alice: hi                     Android, German, Russian...
+    31. 12. 21 21:05 - Alice: hi                    Android, Czech, Slovak (". " separators)
+    2021. 12. 31. 오후 9:05 - Alice: hi              Android, Korean (year first, AM/PM word before the time)
+    2021/12/31 午後9:05 - Alice: hi                  Android, Japanese
+    31/12/2021 à 21:05 - Alice: hi                  Android, French ("à", "klo", "um" between date and time)
+    31/12/21, 9:05 p. m. - Alice: hi                Android, Spanish (no-break spaces inside "p. m.")
+    ‏31‏/12‏/2021 9:05 م - Alice: hi    Android, Arabic (right-to-left marks; Arabic-Indic digits too)
     [31.12.21, 21:05:33] Alice: hi                  iOS, German
-    \u200e[12/31/21, 9:05:33\u202fPM] Alice: \u200eimage omitted       iOS, marks and narrow no-break space
+    ‎[12/31/21, 9:05:33 PM] Alice: hi          iOS, US (left-to-right mark, narrow no-break space)
 
-Whether `01/02` is 1 February or 2 January cannot be told from one line, so the file is read twice: the
-first pass keeps, for day-first and month-first, whether every date is valid that way and how often the
-timestamps would go backwards; the second pass parses with the order that fits best. Memory stays flat.
+Tables: `SEPARATORS` (between date parts), `CONNECTORS` (words between date and time), `AM_WORDS` and
+`PM_WORDS` (12-hour markers, written before or after the time), `MARKS` (invisible direction marks, allowed
+between any two parts). Two-digit years are 20xx; a four-digit first part means year-month-day.
 
-WhatsApp has no ids: `speaker_id` is the display name and `reply_to` is null. The chat is named after
-the file: the stem without the "WhatsApp Chat with " / "WhatsApp Chat - " prefix, and for iOS's
+Day-first or month-first is decided per file, from the whole file (read twice, so memory stays flat): a first
+number above 12 anywhere means day-first, a second number above 12 month-first (both: an error naming the two
+lines). Otherwise, if time runs forward under one order and backwards under the other, that order. Otherwise
+`ctx.date_order` ("dmy"/"mdy", from --date-order) decides, and without it the file is an error that asks
+for --date-order.
+
+A header with odd values is read leniently and reported in `ctx.warnings` with file and line: an hour 00 on
+an AM/PM clock (00:15 AM = 00:15, 00:15 PM = 12:15; normal, so not reported, with 午前/午後 and 上午/下午)
+or 13-23 with AM/PM (read as 24-hour). A header with
+impossible values (minute 75, month 13 in both orders) is an IngestError with file and line. A line that
+starts like a timestamp but is no header (no ` - ` / `]` after the time) is kept as a continuation line
+and reported in `ctx.warnings`, never merged silently.
+
+WhatsApp has no ids: `speaker_id` is the display name, `reply_to`, `id` and `chat_id` are null. The chat is
+named after the file: the stem without the "WhatsApp Chat with " prefix (or its translation), and for iOS's
 `_chat.txt` the name of the folder it was unzipped into. Timestamps carry no zone; they are read in
 `ctx.tz`. Invisible U+200E marks are removed from the text.
 """
@@ -29,16 +50,39 @@ from convo.errors import IngestError
 from training.ingest.base import ParseContext, utf8_lines
 from training.ingest.records import Message
 
-_MARKS = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff"
-_DATE = r"(?P<d1>\d{1,4})(?P<sep>[./-])(?P<d2>\d{1,2})(?P=sep)(?P<d3>\d{1,4})\.?"
+# ---------------------------------------------------------------- the tables
+
+MARKS = "\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u061c\ufeff"
+SEPARATORS = ("/", ".", "-", ". ")  # between day, month and year; ". " as in Czech "31. 12. 21"
+CONNECTORS = ("klo", "à", "a las", "um", "at", "às", "alle", "kl.", "o")  # "31/12/2021 à 21:05"
+# 12-hour markers. Latin "AM"/"a.m."/"a. m." (any case, any spaces) are matched by a pattern; these are the others.
+AM_WORDS = ("ص", "午前", "오전", "上午", "早上", "凌晨", "π.μ.", "πμ", "ق.ظ.", "ق.ظ", "SA", "vorm.", "ก่อนเที่ยง",
+            "पूर्वाह्न", "পূর্বাহ্ণ", "قبل دوپہر", "ৰাতিপুৱা")
+PM_WORDS = ("م", "午後", "오후", "下午", "中午", "晚上", "μ.μ.", "μμ", "ب.ظ.", "ب.ظ", "CH", "nachm.", "หลังเที่ยง",
+            "अपराह्न", "অপরাহ্ণ", "بعد دوپہر", "আবেলি")
+CHAT_PREFIXES = ("WhatsApp Chat with ", "WhatsApp Chat - ", "WhatsApp-Chat mit ", "Chat de WhatsApp con ",
+                 "Conversa do WhatsApp com ", "Discussion WhatsApp avec ", "WhatsApp-chat met ", "Chat WhatsApp con ",
+                 "WhatsApp-chat med ", "Чат WhatsApp с ", "WhatsApp Chat mit ")
+
+# ---------------------------------------------------------------- the header pattern, built from the tables
+
+_M = f"[{MARKS}]*"
+_LATIN_AMPM = r"[AaPp]\.?\s?[Mm]\.?"
+_WORDS = "|".join(re.escape(w) for w in sorted(AM_WORDS + PM_WORDS, key=len, reverse=True))
+_AMPM = rf"(?:{_LATIN_AMPM}|{_WORDS})"
+_SEP = "|".join(re.escape(s) for s in sorted(SEPARATORS, key=len, reverse=True))
+_CONNECT = "|".join(re.escape(c) for c in sorted(CONNECTORS, key=len, reverse=True))
+_DATE = rf"(?P<d1>\d{{1,4}}){_M}(?P<sep>{_SEP}){_M}(?P<d2>\d{{1,2}}){_M}(?P=sep){_M}(?P<d3>\d{{1,4}}){_M}\.?"
 _TIME = r"(?P<hh>\d{1,2})[:.](?P<mm>\d{2})(?:[:.](?P<ss>\d{2}))?"
-_AMPM = r"(?:\s?(?P<ampm>[AaPp]\.?\s?[Mm]\.?))?"
-# \s also matches U+202F and U+00A0, which real exports put before AM/PM and after the comma.
+_BETWEEN = rf"(?:,{_M}\s*|\s+)(?:(?:{_CONNECT})\s+)?{_M}"
+_START = rf"^{_M}(?P<bracket>\[)?{_M}{_DATE}{_BETWEEN}(?:(?P<ampm1>{_AMPM}){_M}\s?{_M})?{_TIME}"
 _HEADER = re.compile(
-    # iOS: "[date, time] body"; Android: "date, time - body".
-    rf"^[{_MARKS}]*(?P<bracket>\[)?{_DATE},?\s{_TIME}{_AMPM}(?(bracket)\]\s|\s[-\u2013]\s)(?P<body>.*)$"
+    # iOS: "[date, time] body"; Android: "date, time - body". \s also matches U+202F and U+00A0.
+    rf"{_START}(?:{_M}\s?{_M}(?P<ampm2>{_AMPM}))?{_M}(?(bracket)\]\s|(?:\s?[-\u2013]\s|:\s))(?P<body>.*)$"
 )
+_LOOKS_LIKE_HEADER = re.compile(_START)  # a date and a time at the start of a line
 _SPEAKER = re.compile(r"^(?P<name>[^:\n]{1,80}?):(?:\s(?P<text>.*)|)$", re.S)
+_AM_SET = frozenset(AM_WORDS)
 
 # Android writes system events as a header without "Name: ". A few carry a colon inside quotes
 # (`Alice changed the subject from "a" to "b: c"`), so a "name" holding one of these phrases is an event.
@@ -65,7 +109,6 @@ _ATTACHED = re.compile(r"<attached: [^>]*>|^.+?\.\w{2,5} \(file attached\)$", re
 _DELETED = re.compile(r"^(?:This message was deleted|You deleted this message)\.?$", re.I)
 _OTHER_PLACEHOLDER = re.compile(r"^(?:null|<Message deleted by admin>|Waiting for this message.*)$", re.I)
 _EDITED = re.compile(r"\s*\u200e?<This message was edited>\s*$")
-_CHAT_PREFIXES = ("WhatsApp Chat with ", "WhatsApp Chat - ", "WhatsApp-Chat mit ", "Chat de WhatsApp con ")
 
 EXPECTED = "expected a WhatsApp line like '31/12/2021, 21:05 - Name: text' or '[31.12.21, 21:05:33] Name: text'"
 
@@ -81,6 +124,7 @@ class _Stamp:
     hour: int
     minute: int
     second: int
+    odd: str | None = None  # what was read leniently
 
 
 def chat_name(path: Path) -> str:
@@ -88,7 +132,7 @@ def chat_name(path: Path) -> str:
     stem = path.stem
     if stem == "_chat" and path.parent.name:  # iOS: _chat.txt inside "WhatsApp Chat - Alice.zip"
         stem = path.parent.name
-    for prefix in _CHAT_PREFIXES:
+    for prefix in CHAT_PREFIXES:
         if stem.startswith(prefix) and len(stem) > len(prefix):
             return stem[len(prefix) :]
     return stem
@@ -101,18 +145,32 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
         yield number, text.rstrip("\r\n")
 
 
-def _stamp(m: re.Match) -> _Stamp | None:
-    """The numbers of a header match, with the clock already in 24h; None if the time is impossible."""
+def _is_pm(word: str) -> bool:
+    """True for a PM marker, False for AM (`word` matched `_AMPM`)."""
+    if word[0] in "AaPp" and word not in _AM_SET:
+        return word[0] in "Pp"
+    return word not in _AM_SET
+
+
+def _stamp(m: re.Match, where: str) -> _Stamp:
+    """The numbers of a header match, the clock in 24h; impossible times raise IngestError naming `where`."""
     hour, minute, second = int(m["hh"]), int(m["mm"]), int(m["ss"] or 0)
-    ampm = m["ampm"]
+    ampm = m["ampm1"] or m["ampm2"]
+    odd = None
     if ampm:
-        if not 1 <= hour <= 12:
-            return None
-        pm = ampm[0] in "pP"
-        hour = hour % 12 + (12 if pm else 0)
+        if hour == 0:  # Japanese and Chinese clocks count 0-11 (午前0:05); on an AM/PM clock it is odd
+            if ampm[0] in "AaPp":
+                odd = f"hour 00 on a 12-hour clock ({ampm}) read as {12 if _is_pm(ampm) else 0:02d}:{minute:02d}"
+            hour = 12 if _is_pm(ampm) else 0
+        elif hour > 12:
+            odd = f"hour {hour} with {ampm} read as a 24-hour time"
+        else:
+            hour = hour % 12 + (12 if _is_pm(ampm) else 0)
     if hour > 23 or minute > 59 or second > 59:
-        return None
-    return _Stamp(int(m["d1"]), int(m["d2"]), int(m["d3"]), len(m["d1"]) == 4, hour, minute, second)
+        raise IngestError(f"{where}: time {m['hh']}:{m['mm']}{':' + m['ss'] if m['ss'] else ''} is no time of day; "
+                          f"{EXPECTED}")
+    d1 = m["d1"]
+    return _Stamp(int(d1), int(m["d2"]), int(m["d3"]), len(d1) == 4, hour, minute, second, odd)
 
 
 def _datetime(s: _Stamp, day_first: bool, tz) -> datetime | None:
@@ -131,31 +189,32 @@ def _datetime(s: _Stamp, day_first: bool, tz) -> datetime | None:
         return None
 
 
-def _header(line: str) -> tuple[re.Match, _Stamp] | None:
+def _header(line: str, where: str) -> tuple[re.Match, _Stamp] | None:
+    """The header match and its numbers, or None if `line` is no header."""
     m = _HEADER.match(line)
-    if m is None:
-        return None
-    s = _stamp(m)
-    return None if s is None else (m, s)
+    return None if m is None else (m, _stamp(m, where))
 
 
-def detect_day_first(path: Path) -> bool:
-    """Decide the date order of a whole file: the reading under which every date is valid and time
-    runs forward most often; ties go by locale habit (12h clock: month-first, else day-first)."""
+def detect_day_first(path: Path, date_order: str | None = None) -> bool:
+    """Decide the date order of a whole file (see the module docstring); IngestError when it cannot."""
     valid = {True: True, False: True}
     backwards = {True: 0, False: 0}
     previous: dict[bool, datetime | None] = {True: None, False: None}
-    twelve_hour = dotted = False
     first_bad: dict[bool, int] = {}
+    over12: dict[bool, int] = {}  # order -> first line with a number above 12 that only that order allows
+    sample = None
     for number, line in _lines(path):
-        hit = _header(line)
+        hit = _header(line, f"{path}:{number}")
         if hit is None:
             continue
-        m, s = hit
+        s = hit[1]
         if s.year_first:
-            return True  # irrelevant: year-month-day has one reading
-        twelve_hour = twelve_hour or bool(m["ampm"])
-        dotted = dotted or m["sep"] == "."
+            continue
+        sample = sample or (number, f"{s.d1:02d}/{s.d2:02d}")
+        if s.d1 > 12:
+            over12.setdefault(True, number)
+        if s.d2 > 12:
+            over12.setdefault(False, number)
         for order in (True, False):
             if not valid[order]:
                 continue
@@ -167,15 +226,28 @@ def detect_day_first(path: Path) -> bool:
             if previous[order] is not None and ts < previous[order]:
                 backwards[order] += 1
             previous[order] = ts
-    if valid[True] and valid[False]:
-        if backwards[True] != backwards[False]:
-            return backwards[True] < backwards[False]
-        return dotted or not twelve_hour
-    if valid[True] or valid[False]:
+    if sample is None:
+        return True  # only year-first dates (or none): the order does not matter
+    if not valid[True] and not valid[False]:
+        if len(over12) == 2:
+            raise IngestError(
+                f"{path}:{over12[True]}: a day-first date here, a month-first one on line {over12[False]}; "
+                "the file mixes locales, export each chat again"
+            )
+        raise IngestError(
+            f"{path}:{max(first_bad.values())}: no valid date either day-first (line {first_bad[True]}) or "
+            f"month-first (line {first_bad[False]}); {EXPECTED}"
+        )
+    if valid[True] != valid[False]:  # a number above 12 (or a 29 February) allows one order only
         return valid[True]
+    if (backwards[True] == 0) != (backwards[False] == 0):
+        return backwards[True] == 0
+    if date_order is not None:
+        return date_order == "dmy"
+    number, text = sample
     raise IngestError(
-        f"{path}:{first_bad[False]}: dates fit neither day-first (line {first_bad[True]} is no valid "
-        "date that way) nor month-first order; the file mixes locales, export each chat again"
+        f"{path}:{number}: dates such as {text} fit both day-first and month-first order and no day above 12 "
+        "tells them apart; pass --date-order dmy (31/12) or --date-order mdy (12/31) (setting ingest.date_order)"
     )
 
 
@@ -189,25 +261,31 @@ class WhatsAppParser:
         text = head.decode("utf-8", errors="ignore").removeprefix("\ufeff")
         for line in text.splitlines()[:5]:
             if line.strip():
-                return _header(line) is not None
+                return _HEADER.match(line) is not None
         return False
 
     def parse(self, path: Path, ctx: ParseContext) -> Iterator[Message]:
         """Stream the messages of one export in file order, counting dropped lines in ctx.skipped."""
-        day_first = detect_day_first(path)
+        day_first = detect_day_first(path, ctx.date_order)
         chat = chat_name(path)
         pending: tuple[datetime, str, list[str]] | None = None  # (ts, body first line, continuation lines)
         seen_header = False
         for number, line in _lines(path):
-            hit = _header(line)
+            hit = _header(line, f"{path}:{number}")
             if hit is None:
                 if pending is not None:
+                    if _LOOKS_LIKE_HEADER.match(line):
+                        ctx.warnings.append(f"{path}:{number}: starts like a WhatsApp timestamp but is no message "
+                                            "header (no ' - ' or ']' after the time); kept as a line of the "
+                                            "message above")
                     pending[2].append(line)
                 elif line.strip():
                     raise IngestError(f"{path}:{number}: {EXPECTED}")
                 continue
             seen_header = True
             m, s = hit
+            if s.odd is not None:
+                ctx.warnings.append(f"{path}:{number}: {s.odd}")
             if pending is not None:
                 msg = self._message(chat, *pending, ctx)
                 if msg is not None:
@@ -231,7 +309,7 @@ class WhatsAppParser:
         if sm is None or _SYSTEM_NAME.search(sm["name"]):
             ctx.skipped["system"] += 1
             return None
-        speaker = sm["name"].strip(_MARKS + " ")
+        speaker = sm["name"].strip(MARKS + " ")
         raw_text = "\n".join([sm["text"] or "", *more])
         text = _EDITED.sub("", raw_text).replace("\u200e", "").strip()
         kind = self._placeholder(text)

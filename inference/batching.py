@@ -1,0 +1,175 @@
+"""Requests in, responses and live partial text out: one padded, mixed-adapter `generate` per batch.
+
+This is the one seam between the queue and the model. The worker turns each request into a `BatchItem` (prompt,
+target tag, adapter name) and calls `Backend.generate(items, on_partial)`; it never touches tensors. `PeftBackend`
+is the only backend built: a base model with every loaded LoRA adapter, one `generate` call for the whole batch:
+
+* each request becomes `n` rows, left-padded to one width, so every row's completion starts at the same column and
+  is cut from the token ids at that column (inference.completion);
+* each row runs through its own adapter via PEFT's `adapter_names` (`__base__`: the bare base);
+* each row has its own temperature/top-p (a logits processor; temperature 0 is greedy) and stops at the first
+  line tagged by anyone but its own target, so a greedy row's output equals the same request run alone;
+* while generating, candidate 1 of each `stream` request is handed to `on_partial` at most every
+  `partial_interval_ms` (called from the generating thread).
+
+A vLLM multi-LoRA backend would implement the same `generate` for large deployments. This module is import-light
+(no torch): the PEFT backend lives in inference/peft_backend.py.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from inference.adapter_meta import AdapterMeta
+from inference.prompt_format import (
+    ROLE_FRIEND,
+    ROLE_ME,
+    PromptFormatError,
+    Turn,
+    check_tag,
+    line_speaker,
+    make_tag,
+    render_prompt,
+    split_completion,
+)
+from inference.protocol import GenerateRequest
+
+PartialSink = Callable[[str, str], None]  # (request id, text of candidate 1 so far)
+BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row" in a mixed batch
+
+
+@dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One request ready for the model: its prompt (ending in `[TARGET]`), target tag and adapter name."""
+
+    request: GenerateRequest
+    prompt: str
+    target: str
+    adapter: str  # PEFT adapter name, or "__base__" for the bare base
+
+
+@dataclass(frozen=True, slots=True)
+class BatchResult:
+    """What one request got: `n` candidates (each a list of messages) and the tokens generated for them."""
+
+    candidates: list[list[str]]
+    new_tokens: int
+
+
+class Backend(Protocol):
+    """What the worker needs from a model: a batch of items in, one result per item out (same order).
+
+    `blocking` tells the worker to call `generate` in a thread (a model) or inline (no real work).
+    """
+
+    blocking: bool
+
+    def generate(self, items: Sequence[BatchItem], on_partial: PartialSink | None = None) -> list[BatchResult]:
+        """Generate for every item in one go; `on_partial(id, text)` gets live text of stream requests."""
+        ...
+
+
+class PromptError(ValueError):
+    """A request that cannot become a prompt for this adapter (e.g. `self` mode without a known owner)."""
+
+
+def speaker_tags(meta: AdapterMeta | None) -> dict[str, str]:
+    """Lower-cased names, speaker ids and tags the adapter knows -> their prompt tag."""
+    if meta is None:
+        return {}
+    known: dict[str, str] = {}
+    people = [meta.persona, *([meta.me] if meta.me else [])]
+    for person in people:
+        for key in (person.name, person.speaker_id, person.tag):
+            if key:
+                known.setdefault(key.lower(), person.tag)
+    for speaker_id, tag in meta.tags.items():
+        known.setdefault(speaker_id.lower(), tag)
+        known.setdefault(tag.lower(), tag)
+    # Role words: "me" is the owner, "friend" the persona, unless the adapter uses them as real tags.
+    if meta.me is not None:
+        known.setdefault(ROLE_ME.lower(), meta.me.tag)
+    known.setdefault(ROLE_FRIEND.lower(), meta.persona.tag)
+    return known
+
+
+def build_prompt(request: GenerateRequest, meta: AdapterMeta | None) -> tuple[str, str]:
+    """(prompt, target tag) for a request: history speakers mapped to tags, ending with the target's tag.
+
+    `friend` writes as the persona, `self` as the owner (the adapter's `me`). A speaker the adapter does not know
+    keeps its own tag, or gets one made from its name. With no adapter (bare base) the roles are FRIEND and ME.
+    """
+    known = speaker_tags(meta)
+    if meta is None:
+        target = ROLE_FRIEND if request.mode == "friend" else ROLE_ME
+    elif request.mode == "friend":
+        target = meta.persona.tag
+    elif meta.me is not None:
+        target = meta.me.tag
+    else:
+        raise PromptError(f"mode self: the adapter of {request.persona!r} does not record the owner (`me`)")
+    turns = []
+    for message in request.history:
+        tag = known.get(message.speaker.lower())
+        if tag is None:
+            try:
+                tag = check_tag(message.speaker)
+            except PromptFormatError:
+                tag = make_tag(message.speaker)
+        turns.append(Turn(tag, message.text))
+    return render_prompt(turns, target), target
+
+
+def partial_text(raw: str, target: str) -> str:
+    """Live text of a completion still being generated: its messages so far, one per line.
+
+    Holds back what a later token could still change (a half-written escape or UTF-8 sequence), so each partial is
+    a prefix of the next and of the final text.
+    """
+    text = trim_burst(raw, target)
+    text = text.rstrip("\ufffd")
+    tail = text.rfind("\\")
+    if tail != -1 and len(text) - tail <= 6 and text[tail + 1 : tail + 2] in ("", "u"):
+        text = text[:tail]
+    return "\n".join(split_completion(text, target))
+
+
+def trim_burst(text: str, target: str) -> str:
+    """Generated text up to (not including) the line that ended the target's burst."""
+    lines = text.split("\n")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if line_speaker(line) != target:
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
+def final_text(candidate: Sequence[str]) -> str:
+    """The text of a finished candidate as partials show it (messages one per line)."""
+    return "\n".join(candidate)
+
+
+class EchoBackend:
+    """No model: answers every request with its last message's text (queue benchmarks and tests of the loop)."""
+
+    blocking = False
+
+    def __init__(self, delay_s: float = 0.0):
+        self.delay_s = delay_s
+        self.blocking = delay_s > 0
+
+    def generate(self, items: Sequence[BatchItem], on_partial: PartialSink | None = None) -> list[BatchResult]:
+        """Echo the last history message (or "...") `n` times."""
+        if self.delay_s:  # with a delay it stands in for a model: the worker must run it in a thread
+            time.sleep(self.delay_s)  # stands in for model time; not synchronisation
+        out = []
+        for item in items:
+            last = item.request.history[-1].text if item.request.history else "..."
+            if item.request.stream and on_partial is not None:
+                on_partial(item.request.id, last[: max(1, len(last) // 2)])
+            out.append(BatchResult([[last]] * item.request.n, item.request.n))
+        return out
