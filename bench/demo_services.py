@@ -83,12 +83,11 @@ class WorkerThread:
 
     def start(self, ready_timeout_s: float = 120.0) -> None:
         """Load the base and adapters, start the loop, and return once the worker's heartbeat is in Redis."""
-        import redis.asyncio as aioredis
+        from inference.client import connect
         from inference.worker import build_worker
 
         s = self.settings
-        password = s.redis.password.get_secret_value() if s.redis.password else None
-        client = aioredis.from_url(s.redis.url, password=password)
+        client = connect(s.redis.url, s.redis.password)
         self.worker = build_worker(s, client, base=self.base, adapters_dir=s.worker.adapters_dir, quantize="none",
                                    name=s.worker.name)
 
@@ -208,17 +207,12 @@ async def _run_script(core, persona, mode: str, lines: Sequence[str], console: C
 
 async def _conversation(settings, persona_name: str, scripts: Sequence[tuple[str, Sequence[str]]],
                         console: Console) -> Conversation:
-    import redis.asyncio as aioredis
-
-    from bot.core import BotConfig, BotCore, PersonaBook, ping_redis
+    from bot.core import BotConfig, BotCore, PersonaBook, connect_redis, ping_redis
     from inference.protocol import FeedbackEvent, entry_data
 
     config = BotConfig.from_settings(settings)
     persona = PersonaBook(config.adapters_dir).get(persona_name)
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    # socket_timeout=None: redis-py 8 reads time out after 5 s by default, but a reply on a CPU can take longer and
-    # BLPOP already bounds the wait (bot.reply_timeout_s).
-    client = aioredis.from_url(settings.redis.url, password=password, socket_timeout=None)
+    client = connect_redis(settings)  # what `convo chat` uses
     conv = Conversation()
     try:
         await ping_redis(client, settings.redis.url)
