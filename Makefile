@@ -60,8 +60,9 @@ docs: install
 lint: install
 	$(BIN)/ruff check .
 
+# The whole loop offline (docs/demo.md); pass options with DEMO_ARGS="--base tiny --services-only ...".
 demo: install
-	$(BIN)/python bench/demo.py
+	$(BIN)/python bench/demo.py $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -66,7 +66,8 @@ class Stages:
 
     def __init__(self, names=STAGES):
         self.names = names
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}  # wall time
+        self.cpu_seconds: dict[str, float] = {}  # this process's CPU time, all threads (load from others excluded)
 
     @contextlib.contextmanager
     def stage(self, name: str, detail: str = ""):
@@ -80,10 +81,11 @@ class Stages:
                     f"[bold]{i + 1:>2}/{len(self.names)} {escape(name)}[/]", f"[dim]{escape(detail)}[/]")
         console.print()
         console.print(row)
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         yield
         self.seconds[name] = time.monotonic() - t0
-        console.print(f"[green]✓[/] {escape(name)} [dim]({self.seconds[name]:.1f} s)[/]")
+        self.cpu_seconds[name] = time.process_time() - c0
+        console.print(f"[green]✓[/] {escape(name)} [dim]({self.seconds[name]:.1f} s, cpu {self.cpu_seconds[name]:.1f} s)[/]")
 
 
 def cli(argv: list[str]) -> None:
@@ -195,8 +197,9 @@ def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metric
     grid.add_row("adapters", escape(str(out / "adapters" / PERSONA)) + f" (current -> "
                  f"{outcome.candidate if outcome.status == 'promoted' else outcome.parent})")
     grid.add_row("feedback db", escape(str(out / "feedback.db")))
-    total = sum(stages.seconds.values())
-    grid.add_row("time", f"{total / 60:.1f} min: " + ", ".join(f"{k} {v:.0f}s" for k, v in stages.seconds.items()))
+    total, cpu = sum(stages.seconds.values()), sum(stages.cpu_seconds.values())
+    grid.add_row("time", f"{total / 60:.1f} min wall, {cpu / 60:.1f} min CPU: "
+                 + ", ".join(f"{k} {v:.0f}s" for k, v in stages.seconds.items() if v >= 0.5))
     return Panel(grid, title="convo demo: done", expand=False, border_style=color)
 
 

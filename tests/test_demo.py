@@ -202,3 +202,33 @@ def test_ctrl_c_stops_the_worker_and_the_redis_server_it_started(tiny_base, adap
                 raise KeyboardInterrupt
     assert handle._thread is None and handle.worker.stopping.is_set()  # stopped and joined
     assert not redis_answers(r.url, timeout_s=0.3)  # the server it started is gone
+
+
+# ---------------------------------------------------------------- bench/demo.py itself
+
+
+def test_demo_stops_with_one_line_when_an_earlier_run_is_missing(tmp_path, capsys):
+    from bench.demo import main
+
+    code = main(["--services-only", "--out", str(tmp_path / "nothing"), "--base", "tiny"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "demo failed: --services-only needs an earlier full run" in " ".join(out.split())
+    assert "Traceback" not in out
+
+
+def test_validation_is_trimmed_evenly_and_stays_a_valid_dataset(tmp_path):
+    import json
+
+    from bench.demo import trim_validation
+    from tests.fixtures.train.make_dataset import write_dataset
+    from training.train import read_dataset
+
+    data = write_dataset(tmp_path / "d", n_train=8, n_val=20)
+    before = (data / "val.jsonl").read_text().splitlines()
+    assert trim_validation(data, 5) == (5, 20)
+    after = (data / "val.jsonl").read_text().splitlines()
+    assert after == [before[i] for i in (0, 4, 8, 12, 16)]
+    assert json.loads((data / "meta.json").read_text())["counts"]["val"] == 5
+    assert len(read_dataset(data).val) == 5
+    assert trim_validation(data, 50) is None and trim_validation(data, 0) is None  # nothing to cut
