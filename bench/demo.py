@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--services-only", action="store_true",
                     help="reuse stages 2-6 (dataset, adapter v1, evaluation) of an earlier run in --out and run "
                          "the service half again")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads for every stage (default 1: fastest on a busy machine; 0: torch's choice)")
     args = ap.parse_args(argv)
     try:
         return run_demo(args)
@@ -379,8 +380,8 @@ def run_demo(args) -> int:
                                        console=console, train_overrides={"eval_steps": preset["retrain_steps"]})
                 after_version = None
                 if outcome.status == "promoted":
-                    wait_until(lambda: worker.serving(PERSONA) == outcome.candidate, 30,
-                                f"the worker to load {outcome.candidate}")
+                    wait_until(lambda: worker.serving(PERSONA) == outcome.candidate, 120,
+                               f"the worker to load {outcome.candidate} (reload published by the retrain)")
                     for _ in range(3):  # a sampled reply can come out empty on a small model: ask again
                         again = scripted_conversation(settings, PERSONA, console,
                                                       scripts=(("friend", (AFTER_RETRAIN_LINE, "/quit")),))

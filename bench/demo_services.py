@@ -21,7 +21,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
+from convo.errors import ConvoError
+
 logger = logging.getLogger("convo.demo")
+
+
+class DemoServiceError(ConvoError):
+    """A service stage of the demo did not come up or did not answer in time."""
 
 # What the owner (Sam) types in `convo chat`: friend mode (Jordan answers), then self mode (drafts of Sam's next
 # message to Jordan). Every kind of feedback occurs: 👍, 👎, a draft sent as drafted, an edit.
@@ -109,10 +115,10 @@ class WorkerThread:
         self._thread = threading.Thread(target=target, daemon=True, name="demo-worker")
         self._thread.start()
         if not self._started.wait(ready_timeout_s) or self._error is not None:
-            raise RuntimeError(f"the worker did not start: {self._error!r}")
+            raise DemoServiceError(f"the worker did not start: {self._error!r}")
         wait_until(lambda: self._error is not None or self.heartbeat_seen(), ready_timeout_s, "the worker's heartbeat")
         if self._error is not None:
-            raise RuntimeError(f"the worker stopped at start-up: {self._error!r}")
+            raise DemoServiceError(f"the worker stopped at start-up: {self._error!r}")
 
     def heartbeat_seen(self) -> bool:
         """True once the worker has written its heartbeat key."""
@@ -162,13 +168,13 @@ def running_worker(settings, base: str | None = None) -> Iterator[WorkerThread]:
 
 
 def wait_until(predicate, timeout_s: float, what: str) -> None:
-    """Return once `predicate()` is true; RuntimeError after `timeout_s`."""
+    """Return once `predicate()` is true; DemoServiceError after `timeout_s`."""
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if predicate():
             return
         time.sleep(0.05)  # polling interval of a bounded wait on a condition
-    raise RuntimeError(f"timed out after {timeout_s:g} s waiting for {what}")
+    raise DemoServiceError(f"timed out after {timeout_s:g} s waiting for {what}")
 
 
 # ---------------------------------------------------------------- the scripted conversation
