@@ -165,7 +165,7 @@ class ConsoleChat:
     async def _show(self, draft: DraftRecord) -> None:
         if self.mode == "friend":
             async def send(text: str) -> None:
-                self.console.print(f"[bold cyan]{escape(self.persona.name)}[/]: {escape(text)}")
+                self.console.print(f"[bold cyan]{escape(self.persona.name)} (AI)[/]: {escape(text)}")
 
             await self.core.deliver(draft.candidates[0], send=send)
             return

@@ -60,21 +60,22 @@ class DraftExpired(ConvoError):
 
 @dataclass(frozen=True, slots=True)
 class BotConfig:
-    """What the core needs from the settings (built once by the entry point)."""
+    """What the core needs from the settings (built once by the entry point with `from_settings`; the defaults
+    live in config/settings.py only)."""
 
-    prefix: str = "convo"
-    adapters_dir: Path = Path("adapters")
-    context_messages: int = 16
-    session_gap_min: float = 60.0
-    history_ttl_s: int = 30 * 86400
-    draft_ttl_s: int = 48 * 3600
-    reply_timeout_s: float = 60.0
-    drafts: int = 3
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    typing_s_per_char: float = 0.03
-    max_typing_s: float = 4.0
+    prefix: str
+    adapters_dir: Path
+    context_messages: int
+    session_gap_min: float
+    history_ttl_s: int
+    draft_ttl_s: int
+    reply_timeout_s: float
+    drafts: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    typing_s_per_char: float
+    max_typing_s: float
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> BotConfig:

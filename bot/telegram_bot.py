@@ -238,7 +238,8 @@ class TelegramBot:
                 await message.reply_text(worker_problem(e, self.config.reply_timeout_s))
                 return
             burst = draft.candidates[0]
-            await core.deliver(burst, send=lambda t: message.reply_text(t),
+            # Simulated messages are labelled as AI, every one of them (a forwarded one keeps its label).
+            await core.deliver(burst, send=lambda t: message.reply_text(f"🤖 {persona.name} (AI): {t}"),
                                typing=lambda: context.bot.send_chat_action(message.chat_id, ChatAction.TYPING))
             await core.add_messages(chat, persona.tag, burst)
             return

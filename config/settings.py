@@ -124,7 +124,7 @@ class WorkerSettings(BaseModel):
     watch_interval_s: float = Field(5.0, ge=0)  # check `current` links on disk this often (0: only on reload)
     metrics_port: int = Field(9464, ge=0, le=65535)  # Prometheus /metrics; 0 turns it off
     name: str | None = None  # consumer name in the group; default host-pid
-    max_stream_len: int = Field(100_000, ge=100)  # requests stream trimmed (approximately) to this length
+    max_stream_len: int = Field(100_000, ge=100)  # dead-letter stream trimmed (approximately) to this length
 
 
 class BotSettings(BaseModel):

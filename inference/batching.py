@@ -30,10 +30,10 @@ from inference.prompt_format import (
     PromptFormatError,
     Turn,
     check_tag,
-    line_speaker,
     make_tag,
     render_prompt,
     split_completion,
+    trim_burst,
 )
 from inference.protocol import GenerateRequest
 
@@ -136,16 +136,6 @@ def partial_text(raw: str, target: str) -> str:
         text = text[:tail]
     return "\n".join(split_completion(text, target))
 
-
-def trim_burst(text: str, target: str) -> str:
-    """Generated text up to (not including) the line that ended the target's burst."""
-    lines = text.split("\n")
-    kept = [lines[0]]
-    for line in lines[1:]:
-        if line_speaker(line) != target:
-            break
-        kept.append(line)
-    return "\n".join(kept)
 
 
 def final_text(candidate: Sequence[str]) -> str:

@@ -111,7 +111,13 @@ class WorkerClient:
                 # The response can come without a done partial (an error, an expired deadline): check for it.
                 got = await self.redis.lpop(request.reply_to)
                 if got is not None:
-                    yield GenerateResponse.loads(got)
+                    response = GenerateResponse.loads(got)
+                    if response.ok and response.candidates:
+                        # The worker publishes the done partial just after the reply: it may not have arrived
+                        # yet. The final text is in the response, so end the partials with it.
+                        yield Partial(id=request.id, text="\n".join(response.candidates[0]), done=True,
+                                      seq=last_seq + 1)
+                    yield response
                     return
             yield await self.wait(request, max(end - time.monotonic(), 0.01))
         finally:

@@ -19,6 +19,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from convo.errors import ConfigError, ConvoError, TrainError
+from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
 from inference.completion import cut_completion
 from inference.prompt_format import (
     Turn,
@@ -28,8 +29,10 @@ from inference.prompt_format import (
     parse_line,
     render_prompt,
     split_completion,
+    trim_burst,
 )
-from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
+
+trim_completion = trim_burst  # the name simulate and eval know
 
 
 def encode(tokenizer, text: str) -> list[int]:
@@ -57,17 +60,6 @@ def tokenize_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], l
     ids = encode(tokenizer, prompt + completion)
     start = common_prefix_length(prompt_ids, ids)
     return ids, [0] * start + [1] * (len(ids) - start)
-
-
-def trim_completion(text: str, target: str) -> str:
-    """Generated text up to (not including) the line that ended the target's burst."""
-    lines = text.split("\n")
-    kept = [lines[0]]
-    for line in lines[1:]:
-        if line_speaker(line) != target:
-            break
-        kept.append(line)
-    return "\n".join(kept)
 
 
 class _StopAtOtherSpeaker(StoppingCriteria):

@@ -136,6 +136,17 @@ def line_speaker(line: str) -> str | None:
     return m.group(1) if m else None
 
 
+def trim_burst(text: str, target: str) -> str:
+    """Generated text up to (not including) the line that ended the target's burst."""
+    lines = text.split("\n")
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if line_speaker(line) != target:
+            break
+        kept.append(line)
+    return "\n".join(kept)
+
+
 def render_prompt(history: Sequence[Turn], next_speaker: str) -> str:
     """The conversation so far followed by `\\n[NEXT]` (no trailing space): the model writes NEXT's turn."""
     head = render(history)

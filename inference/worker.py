@@ -55,7 +55,8 @@ BASE_PERSONA = "__base__"  # a request for this persona runs on the bare base mo
 # KEYS: the requests stream, then per answer its answered marker and reply list.
 # ARGV: worker name, ttl s, group, then per answer its response JSON and entry id. Returns 1/0 per answer (fresh?).
 # Marker, reply and ack in one atomic step per entry, one round trip per batch: a request is answered once however
-# often it is delivered, and an entry is acked only once its reply is written.
+# often it is delivered, and an entry is acked only once its reply is written. An answered entry is then deleted:
+# it holds chat text, which Redis should keep no longer than it takes to answer.
 _REPLY_AND_ACK = """
 local out = {}
 for i = 1, (#KEYS - 1) / 2 do
@@ -68,6 +69,7 @@ for i = 1, (#KEYS - 1) / 2 do
     out[i] = 0
   end
   redis.call('XACK', KEYS[1], ARGV[3], ARGV[3 + 2 * i])
+  redis.call('XDEL', KEYS[1], ARGV[3 + 2 * i])
 end
 return out
 """
@@ -326,6 +328,7 @@ class Worker:
         duplicates = [entry.entry_id for (entry, _), done in zip(parsed, answered, strict=True) if done]
         if duplicates:  # delivered again after being answered: ack, never answer twice
             await self.redis.xack(self.keys.requests, WORKERS_GROUP, *duplicates)
+            await self.redis.xdel(self.keys.requests, *duplicates)
             self.metrics.requests.labels("duplicate").inc(len(duplicates))
         fresh = []
         for (entry, request), done in zip(parsed, answered, strict=True):
@@ -425,6 +428,7 @@ class Worker:
         request_id, reply_to = (request.id, request.reply_to) if request else _salvage_ids(entry.fields)
         if request_id is None:
             await self.redis.xack(self.keys.requests, WORKERS_GROUP, entry.entry_id)
+            await self.redis.xdel(self.keys.requests, entry.entry_id)
             self.metrics.errors.labels("dead_letter").inc()
             return
         # A payload that failed validation is `invalid` to its client; one delivered too often, `dead_letter`.

@@ -29,11 +29,12 @@ def run(coro):
 def bot_config(tmp_path: Path | None = None, **overrides):
     """A BotConfig for tests: no typing pauses, short timeouts, test prefix."""
     from bot.core import BotConfig
+    from config.settings import Settings
 
     fields = dict(prefix=PREFIX, adapters_dir=(tmp_path or Path("/nonexistent")) / "adapters", reply_timeout_s=5.0,
                   typing_s_per_char=0.0, drafts=2)
     fields.update(overrides)
-    return BotConfig(**fields)
+    return BotConfig.from_settings(Settings(), **fields)
 
 
 def default_answer(request: GenerateRequest) -> list[list[str]]:

@@ -44,7 +44,7 @@ def test_friend_mode_reply_reactions_and_regenerate(redis_url, tmp_path):
         return (*result, worker.requests)
 
     out, events, history, requests = run(scenario())
-    assert "alice: alice/friend #0 re: hey alice" in out and "alice: second msg" in out
+    assert "alice (AI): alice/friend #0 re: hey alice" in out and "alice (AI): second msg" in out
     assert [e.kind for e in events] == ["shown", "liked", "regenerated", "shown", "disliked", "shown"]
     assert all(e.platform == "console" and e.target == "ALICE" for e in events)
     assert requests[1].history == requests[0].history

@@ -311,7 +311,8 @@ def test_simulate_session_bursts_and_forget_deletes(redis_url, tmp_path):
     requests, before, after = run(scenario())
     texts = [p["text"] for p in request.named("sendMessage")]
     assert texts[0].startswith("Pick someone first")
-    assert "alice/friend #0 re: hi alice" in texts and "second msg" in texts  # a burst: separate messages
+    # a burst: separate messages, each labelled as AI
+    assert "🤖 alice (AI): alice/friend #0 re: hi alice" in texts and "🤖 alice (AI): second msg" in texts
     assert requests[0].mode == "friend" and [m.speaker for m in requests[0].history] == ["ME"]
     assert requests[1].mode == "self" and [m.speaker for m in requests[1].history] == ["ALICE"]
     assert any(k.endswith(f":history:telegram:biz:{FRIEND}") for k in before)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from convo.errors import AdapterMismatch, ConfigError, ConvoError
+from inference.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
 from inference.engine import (
     Engine,
     _StopAtOtherSpeaker,
@@ -20,7 +21,6 @@ from inference.engine import (
 )
 from inference.prompt_format import FORMAT_VERSION, Turn
 from tests.conftest import torch_threads
-from inference.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
 
 PROMPT = "[RIYA] you coming?\n[RIYA] it starts at 8\n[ALICE]"
 

@@ -34,8 +34,8 @@ def adapter(tiny_base, tmp_path_factory):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from inference.prompt_format import FORMAT_VERSION
     from inference.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
+    from inference.prompt_format import FORMAT_VERSION
 
     out = tmp_path_factory.mktemp("adapter") / "alice"
     model = get_peft_model(

@@ -8,9 +8,9 @@ import random
 import pytest
 
 from convo.cli import run
+from inference.adapter_meta import local_model_sha256
 from inference.prompt_format import END_TAG, parse
 from tests.conftest import FIXTURES, torch_threads
-from inference.adapter_meta import local_model_sha256
 from training.tiny_base import (
     BASE_META_FILE,
     build_tiny_base,

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from config.settings import TrainSettings
 from convo.cli import run
 from convo.errors import AdapterMismatch, ConfigError, TrainError
+from inference.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
 from tests.conftest import torch_threads
 from tests.fixtures.train.make_dataset import write_dataset
-from inference.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
-from config.settings import TrainSettings
 from training.train import TRAIN_LOG, TrainOptions, choose_sample_indices, train
 
 pytestmark = pytest.mark.slow

@@ -142,8 +142,11 @@ class FeedbackConsumer:
         return result
 
     def _ack(self, entry_ids: list[str]) -> None:
+        """Ack stored entries and delete them from the stream: the database holds them now, and chat text should
+        not stay in Redis as a second copy."""
         if entry_ids:
             self.redis.xack(self.keys.feedback, FEEDBACK_GROUP, *entry_ids)
+            self.redis.xdel(self.keys.feedback, *entry_ids)
 
     def poll_once(self) -> BatchResult:
         """Read one batch (waiting up to block_ms for new entries) and handle it."""
