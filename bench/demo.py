@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console  # noqa: E402
 from rich.markup import escape  # noqa: E402
 
-PERSONA, PERSONA_NAME, ME = "jordan", "Jordan", "Sam"
+PERSONA, PERSONA_NAME = "jordan", "Jordan"
 EXAMPLES = (ROOT / "examples" / "telegram" / "result.json", ROOT / "examples" / "whatsapp" / "WhatsApp Chat with Alex.txt")
 EVAL_METHODS = "base,incontext,retrieval,adapter"
 STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "evaluation", "redis", "worker",
@@ -142,10 +142,12 @@ def build_base(kind: str, models_dir: Path, minutes: float) -> Path:
 
 
 def default_base_kind() -> str:
-    """smollm2 once `convo base smollm2` is there (training.base_models), else tiny."""
-    import importlib.util
+    """smollm2 once `convo base smollm2` is registered, else tiny."""
+    from convo.cli import app
 
-    return "smollm2" if importlib.util.find_spec("training.base_models") else "tiny"
+    base = next((g.typer_instance for g in app.registered_groups if g.name == "base"), None)
+    names = {c.name or c.callback.__name__ for c in base.registered_commands} if base else set()
+    return "smollm2" if "smollm2" in names else "tiny"
 
 
 def read_eval(eval_dir: Path) -> dict:
@@ -238,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
 def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict, stages: Stages) -> Path:
     """Stages 2-6: ingest, dataset, base (built once), adapter v1 with `current`, evaluation; returns the base dir."""
     with stages.stage("ingest", "both exports into one message log"):
-        cli(["ingest", *map(str, EXAMPLES), "--out", str(out / "messages.jsonl"), "--me", ME])
+        # No --me: Sam is the one name present in both chats (user1001 on Telegram, "Sam" on WhatsApp), and
+        # detection keeps both ids, so Sam's replies become the self-mode targets.
+        cli(["ingest", *map(str, EXAMPLES), "--out", str(out / "messages.jsonl")])
 
     with stages.stage("dataset", f"persona {PERSONA_NAME}"):
         cli(["dataset", str(out / "messages.jsonl"), "--persona", PERSONA_NAME, "--out", str(out / "dataset")])
