@@ -66,18 +66,23 @@ def pick_speakers(data, top: int, max_messages: int) -> list[str]:
     return [c["speaker"] for c in candidates(data) if c["messages"] <= max_messages][:top]
 
 
-def write_messages(data, speaker: str, path: Path) -> int:
+def write_messages(data, speaker: str, path: Path, max_conversations: int | None = None) -> int:
     """The speaker's conversations as a canonical messages.jsonl (source "jsonl"), one chat per conversation.
 
     Their partners differ from chat to chat; all of them become one speaker, "Sam", the `me` of the log.
+    `max_conversations` keeps only the first ones (by id), for quick runs.
     """
     from training.ingest.records import Message
 
     lines = []
+    taken = 0
     for conv_id in sorted(data):
         blocks = data[conv_id]["messages"]
         if not any(m["sender"] == speaker for b in blocks for m in b):
             continue
+        if max_conversations is not None and taken >= max_conversations:
+            break
+        taken += 1
         for b in blocks:
             for m in b:
                 mine = m["sender"] == speaker
@@ -322,28 +327,29 @@ def parse_args(argv):
     p.add_argument("--speakers", help="comma-separated chitchat sender ids (default: --top picks)")
     p.add_argument("--top", type=int, default=3, help="speakers picked when --speakers is not given")
     p.add_argument("--max-messages", type=int, default=1_000_000, help="pick only speakers with at most this many messages")
+    p.add_argument("--max-conversations", type=int, help="use only each speaker's first N conversations (quick runs)")
     p.add_argument("--both-speakers", type=int, default=1, help="how many speakers also get a --mode both adapter")
     p.add_argument("--base", default="smollm2",
                    help="smollm2 (default: `convo base smollm2`), tiny (from scratch without the speakers), or a model dir")
     p.add_argument("--base-minutes", type=float, default=3.0, help="tiny base training time")
     p.add_argument("--base-steps", type=int, default=1_000_000, help="tiny base step cap (0: untrained, for tests)")
     p.add_argument("--rebuild-base", action="store_true", help="rebuild the tiny base even if one fits")
-    p.add_argument("--max-steps", type=int, default=30, help="adapter step cap (early stopping usually ends sooner)")
-    p.add_argument("--eval-steps", type=int, default=10, help="validate every N steps")
+    p.add_argument("--max-steps", type=int, default=20, help="adapter step cap (early stopping usually ends sooner)")
+    p.add_argument("--eval-steps", type=int, default=5, help="validate every N steps")
     p.add_argument("--patience", type=int, default=2, help="evaluations without a better val loss before stopping")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--max-length", type=int, default=96, help="max tokens per training sample")
-    p.add_argument("--val-samples", type=int, default=16, help="validation samples kept (early stopping and eval)")
+    p.add_argument("--max-length", type=int, default=64, help="max tokens per training sample")
+    p.add_argument("--val-samples", type=int, default=8, help="validation samples kept (early stopping and eval)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--context", type=int, default=6, help="messages of history per sample")
-    p.add_argument("--budget", type=int, default=256, help="context token budget of the eval")
-    p.add_argument("--max-prompts", type=int, default=10)
+    p.add_argument("--budget", type=int, default=128, help="context token budget of the eval")
+    p.add_argument("--max-prompts", type=int, default=8)
     p.add_argument("--n", type=int, default=1, help="sampled replies per prompt")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's choice; 1 is faster on a busy shared machine)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "quality", help="where models and data go")
     p.add_argument("--doc", type=Path, default=ROOT / "docs" / "quality.md")
     p.add_argument("--machine", default="2 shared CPU cores, no GPU", help="machine description written into the doc")
@@ -414,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for k, sp in enumerate(speakers):
         d = work / sp[:8]
-        n_msgs = write_messages(data, sp, d / "messages.jsonl")
+        n_msgs = write_messages(data, sp, d / "messages.jsonl", args.max_conversations)
         summary = build_dataset(d / "messages.jsonl", "persona", d / "data", me="partner", mode="friend",
                                 context_messages=args.context)
         val_kept = trim_val(d / "data", args.val_samples, args.seed)

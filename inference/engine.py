@@ -132,6 +132,10 @@ class Engine:
         revision = meta.base_model.revision if meta is not None and not Path(base).is_dir() else None
         try:
             tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+            if qlora:
+                from transformers import AutoConfig
+
+                check_qlora_shapes(AutoConfig.from_pretrained(base, revision=revision), device)
             model = AutoModelForCausalLM.from_pretrained(base, revision=revision, **kwargs)
         except OSError as e:
             raise ConvoError(
@@ -278,6 +282,22 @@ def qlora_config(device: str | None = None):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
+
+
+QLORA_CPU_BLOCK = 64  # values per 4-bit block in bitsandbytes' CPU kernels
+
+
+def check_qlora_shapes(config, device: str) -> None:
+    """TrainError when a 4-bit model cannot run on the CPU: bitsandbytes needs layer widths divisible by 64 there."""
+    if device.startswith("cuda"):
+        return
+    widths = {k: getattr(config, k, None) for k in ("hidden_size", "intermediate_size")}
+    bad = {k: v for k, v in widths.items() if isinstance(v, int) and v % QLORA_CPU_BLOCK}
+    if bad:
+        raise TrainError(
+            f"--qlora on the CPU needs layer widths that are multiples of {QLORA_CPU_BLOCK} (bitsandbytes' 4-bit "
+            f"blocks); this base has {', '.join(f'{k}={v}' for k, v in bad.items())}: drop --qlora for this model"
+        )
 
 
 def qlora_device_map(device: str) -> dict:

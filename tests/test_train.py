@@ -231,6 +231,13 @@ def test_qlora_trains_on_cpu(tmp_path, data, qlora_base):
     assert (result.out_dir / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU shape rule")
+def test_qlora_on_cpu_with_widths_bitsandbytes_cannot_block_is_a_clear_error(tmp_path, data, tiny_base, capsys):
+    code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "q"), "--qlora"])
+    err = capsys.readouterr().err
+    assert code == 2 and "multiples of 64" in err and "hidden_size=32" in err and "Traceback" not in err
+
+
 def test_cli_qlora_on_cpu_is_accepted(tmp_path, data, qlora_base, capsys):
     code = run(["train", "--data", str(data), "--base", str(qlora_base), "--out", str(tmp_path / "q"), "--qlora",
                 "--max-steps", "2", "--eval-steps", "2", "--batch-size", "8", "--grad-accum", "1",

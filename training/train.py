@@ -392,6 +392,12 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         load_kwargs["dtype"] = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(opts.base)
+        if opts.qlora:
+            from transformers import AutoConfig
+
+            from inference.engine import check_qlora_shapes
+
+            check_qlora_shapes(AutoConfig.from_pretrained(opts.base), "cuda" if cuda else "cpu")
         model = AutoModelForCausalLM.from_pretrained(opts.base, **load_kwargs)
     except OSError as e:
         raise TrainError(f"cannot load base model {opts.base}: {str(e).splitlines()[0]}") from e
