@@ -197,21 +197,26 @@ def _ci(r: dict, key: str, value, d=3) -> str:
 
 def markdown_table(methods: dict, real: dict) -> str:
     """Headline figures with bootstrap 95% intervals (in brackets) as a markdown table."""
-    rows = ["| method | ctx tokens | NLL/token ↓ | semantic ↑ | style distance ↓ | AUC (0.5 best) | empty | repeated | copied |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| method | ctx tokens | NLL/token ↓ | semantic ↑ | style ↓ (calibrated) | style (raw) | AUC (0.5 best) | empty | repeated | copied |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in methods.items():
         d = r["degeneration"]
+        cal = (r.get("style_calibrated") or {}).get("combined")
         rows.append(
             f"| {name} | {r['context_tokens_mean']:.0f} | {_ci(r, 'nll_per_token', r['nll_per_token'])} | "
-            f"{_ci(r, 'semantic', r.get('semantic'))} | {_ci(r, 'style', r['style']['combined'])} | "
+            f"{_ci(r, 'semantic', r.get('semantic'))} | {_ci(r, 'style_calibrated', cal)} | "
+            f"{_f(r['style']['combined'])} | "
             f"{_ci(r, 'auc', r['auc'])} | {_ci(r, 'empty', d['empty'], 2)} | {_ci(r, 'repeated', d['repeated'], 2)} | "
             f"{_ci(r, 'copied', d['copied'], 2)} |")
     d = real["degeneration"]
-    rows.append(f"| (real replies) | | | 1 | 0 | 0.5 | {_f(d['empty'], 2)} | {_f(d['repeated'], 2)} | {_f(d['copied'], 2)} |")
+    ref = real.get("style_reference")
+    if ref:
+        rows.append(f"| (another sample of the person's real replies) | | | | 0 | {_f(ref['combined'])} | | | | |")
+    rows.append(f"| (real replies) | | | 1 | 0 | 0 | 0.5 | {_f(d['empty'], 2)} | {_f(d['repeated'], 2)} | {_f(d['copied'], 2)} |")
     return "\n".join(rows)
 
 
-def style_component_table(runs: list[dict]) -> str:
+def style_component_table(runs: list[dict], key: str = "style") -> str:
     """Each style component per method (mean over speakers), to show which components separate the methods."""
     from training.evaluate.metrics import STYLE_COMPONENTS
 
@@ -219,10 +224,40 @@ def style_component_table(runs: list[dict]) -> str:
     head = "| method | " + " | ".join(STYLE_COMPONENTS) + " | combined |"
     rows = [head, "|---|" + "---:|" * (len(STYLE_COMPONENTS) + 1)]
     for m in methods:
-        vals = [r["methods"][m]["style"] for r in runs if m in r["methods"]]
+        vals = [r["methods"][m][key] for r in runs if m in r["methods"] and r["methods"][m].get(key)]
+        if not vals:
+            continue
         cells = [sum(v[k] for v in vals) / len(vals) for k in (*STYLE_COMPONENTS, "combined")]
         rows.append(f"| {m} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    refs = [r["real"]["style_reference"] for r in runs if r["real"].get("style_reference")]
+    if key == "style" and refs:
+        cells = [sum(v[k] for v in refs) / len(refs) for k in (*STYLE_COMPONENTS, "combined")]
+        rows.append("| *another sample of the person's real replies* | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(rows)
+
+
+def rescore(results: dict, work: Path) -> None:
+    """Add the calibrated style distance (and its interval) to runs scored before it existed, from their texts."""
+    from training.evaluate import metrics as M
+    from training.evaluate.data import read_samples
+
+    b, seed = results["args"]["bootstrap"], results["args"]["seed"]
+    for run in results["runs"]:
+        if run["real"].get("style_reference"):
+            continue
+        train = read_samples(work / run["speaker"][:8] / "data" / "train.jsonl")
+        own = [s.reply() for s in train if s.target == "ROBIN" and s.reply()]
+        comps = run["comparisons"]
+        real = [c["real"] for c in comps]
+        n_gen = sum(len(comps[0]["replies"][m]) for m in list(run["methods"])[:1])
+        ref = M.style_reference(real, own, len(real) * n_gen, seed=seed)
+        run["real"]["style_reference"] = ref
+        for name, r in run["methods"].items():
+            cands = [c["replies"][name] for c in comps]
+            r["style_calibrated"] = M.calibrated_style(r["style"], ref)
+            iv = M.bootstrap_interval(len(real), lambda idx, cands=cands: M.calibrated_style(M.style_distance(
+                [real[i] for i in idx], [x for i in idx for x in cands[i]]), ref)["combined"], b, seed)
+            r.setdefault("intervals", {})["style_calibrated"] = None if iv is None else [round(iv[0], 6), round(iv[1], 6)]
 
 
 def samples_table(comparisons: list[dict], methods: list[str], k: int = 3) -> str:
@@ -305,8 +340,11 @@ def write_doc(path: Path, results: dict) -> None:
         ]
     if runs:
         parts += ["", "## Style distance: which components carry signal", "",
-                  "Mean over speakers of each component (0 = same as the real replies):", "",
-                  style_component_table(runs)]
+                  "Raw components, mean over speakers (0 = same as the real replies):", "",
+                  style_component_table(runs), "",
+                  "Calibrated components (excess over another sample of the person's own replies, see "
+                  "`calibrated_style` in `training/evaluate/metrics.py`), mean over speakers:", "",
+                  style_component_table(runs, "style_calibrated")]
         if results.get("style_note"):
             parts += ["", results["style_note"]]
     if results.get("tokenizer_report"):
@@ -362,7 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     results_path = work / "results.json"
     if args.doc_only:
-        write_doc(args.doc, json.loads(results_path.read_text(encoding="utf-8")))
+        results = json.loads(results_path.read_text(encoding="utf-8"))
+        rescore(results, work)
+        for key in ("findings", "style_note", "tokenizer_report"):  # prose written by hand beside the figures
+            extra = work / f"{key}.md"
+            if extra.is_file():
+                results[key] = extra.read_text(encoding="utf-8").strip()
+        write_doc(args.doc, results)
         print(f"wrote {args.doc}")
         return 0
     data = chitchat()

@@ -121,6 +121,40 @@ def style_distance(real: Sequence[Reply], generated: Sequence[Reply]) -> dict:
     return parts
 
 
+def style_reference(
+    real: Sequence[Reply], pool: Sequence[Reply], n: int, draws: int = 20, seed: int = 0
+) -> dict:
+    """What a perfect imitation would still score: mean style distance between `real` and `draws` random sets of
+    `n` replies from `pool`, the same person's other (training) replies. Small samples make every component
+    noisy (KS statistics on a few lengths, vocabulary overlap of a few dozen words), so this floor is far from 0.
+    """
+    import random
+
+    if not pool or not real or n < 1:
+        return {k: 0.0 for k in (*STYLE_COMPONENTS, "combined")}
+    rng = random.Random(seed)
+    totals = dict.fromkeys((*STYLE_COMPONENTS, "combined"), 0.0)
+    for _ in range(draws):
+        sample = rng.sample(list(pool), min(n, len(pool)))
+        for k, v in style_distance(real, sample).items():
+            totals[k] += v / draws
+    return totals
+
+
+def calibrated_style(parts: dict, reference: dict) -> dict:
+    """Style distance relative to the person's own variability: each component's excess over `reference`,
+    max(0, d - ref) / (1 - ref), so 0 = as close as another sample of the person's real replies and 1 = as far as
+    the measure allows; `combined` is the mean over components whose reference leaves room to measure (ref < 0.9).
+    """
+    out = {}
+    for k in STYLE_COMPONENTS:
+        ref = reference.get(k, 0.0)
+        out[k] = max(0.0, parts[k] - ref) / max(1.0 - ref, 1e-9)
+    usable = [k for k in STYLE_COMPONENTS if reference.get(k, 0.0) < 0.9]
+    out["combined"] = sum(out[k] for k in usable) / len(usable) if usable else 0.0
+    return out
+
+
 def summary(replies: Sequence[Reply]) -> dict:
     """Style figures without the raw lists (for metrics.json)."""
     f = style_features(replies)

@@ -162,19 +162,26 @@ def _cell(r: dict, key: str, value, digits=3) -> str:
 
 
 def _table(metrics: dict) -> str:
-    cols = ["method", "context tokens", "NLL/token", "perplexity", "semantic", "style distance", *M.STYLE_COMPONENTS,
+    cols = ["method", "context tokens", "NLL/token", "perplexity", "semantic", "style (calibrated)", "style (raw)",
+            *M.STYLE_COMPONENTS,
             "AUC", "empty", "repeated", "copied", "seconds"]
     rows = []
     for name, r in metrics["methods"].items():
         d, s = r["degeneration"], r["style"]
         cells = [html.escape(name), f"{r['context_tokens_mean']:.0f}", _cell(r, "nll_per_token", r["nll_per_token"]),
                  html.escape(_fmt(r["perplexity"], 1)), _cell(r, "semantic", r.get("semantic")),
+                 _cell(r, "style_calibrated", (r.get("style_calibrated") or {}).get("combined")),
                  _cell(r, "style", s["combined"]), *(html.escape(_fmt(s[k], 2)) for k in M.STYLE_COMPONENTS),
                  _cell(r, "auc", r["auc"]), _cell(r, "empty", d["empty"], 2), _cell(r, "repeated", d["repeated"], 2),
                  _cell(r, "copied", d["copied"], 2), html.escape(_fmt(r.get("seconds"), 1))]
         rows.append(f'<tr data-method="{html.escape(name)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     rd = metrics["real"]["degeneration"]
-    real = ["(real replies)", "", "", "", "1", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", _fmt(rd["empty"], 2),
+    ref = metrics["real"].get("style_reference")
+    if ref:
+        other = ["(another sample of the person's replies)", "", "", "", "", "0", _fmt(ref["combined"]),
+                 *(_fmt(ref[k], 2) for k in M.STYLE_COMPONENTS), "", "", "", "", ""]
+        rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in other) + "</tr>")
+    real = ["(real replies)", "", "", "", "1", "0", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", _fmt(rd["empty"], 2),
             _fmt(rd["repeated"], 2), _fmt(rd["copied"], 2), ""]
     rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in real) + "</tr>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -226,7 +233,8 @@ def render_report(metrics: dict, comparisons: list[dict], train_log: Path | None
 <p class="note">Bracketed ranges and error bars: bootstrap 95% intervals over the validation prompts.
 NLL/token: mean negative log-likelihood of the real replies given each method's context (context
 tokens carry no loss). Semantic: cosine between sentence embeddings of the generated and the real reply (1 = same
-meaning). Style distance: mean of six components in [0, 1] (0 = same style as the real replies).
+meaning). Style (raw): mean of six components in [0, 1] (0 = same style as the real replies); style (calibrated):
+the excess over what another sample of the person's own replies scores, so 0 = as close as the person themself.
 AUC: cross-validated char n-gram classifier, real vs generated (0.5 = indistinguishable). Empty/repeated: share
 of replies; copied: share of 4+ word messages identical to a training message.</p>
 <h2>Plots</h2><div class="plots">{plots}</div>

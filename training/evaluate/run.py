@@ -210,6 +210,9 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
         client = ApiClient(cfg.api_base, cfg.api_model, os.environ.get(cfg.api_key_env) or None)
 
     real = [s.reply() for s in chosen]
+    # The person's own other replies: the style distance a perfect imitation would still get (see metrics.py).
+    own = [s.reply() for s in train if s.target == tag and s.reply()]
+    style_ref = M.style_reference(real, own, len(chosen) * cfg.samples_per_prompt, seed=cfg.seed)
     training_messages = M.normalise_messages([t.text for sess in train_sessions for t in sess])
     results: dict[str, dict] = {}
     replies: dict[str, list[list[list[str]]]] = {}
@@ -263,7 +266,8 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                 advance(f"{method}: sampling")
         replies[method] = cands
         res.update(score_replies(real, cands, training_messages, embedder, cfg.seed))
-        res["intervals"] = intervals(real, cands, nll_pairs.get(method), training_messages, embedder, cfg)
+        res["style_calibrated"] = M.calibrated_style(res["style"], style_ref)
+        res["intervals"] = intervals(real, cands, nll_pairs.get(method), training_messages, embedder, cfg, style_ref)
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[method] = res
 
@@ -289,6 +293,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
         "real": {
             "style_summary": M.summary(real),
             "degeneration": M.degeneration(real, training_messages),
+            "style_reference": style_ref,
         },
         "methods": results,
     }
@@ -313,7 +318,7 @@ def score_replies(real: list, cands: list[list[list[str]]], training_messages: s
 
 def intervals(
     real: list, cands: list[list[list[str]]], nll_pairs: list[tuple[float, int]] | None,
-    training_messages: set[str], embedder, cfg: EvalConfig,
+    training_messages: set[str], embedder, cfg: EvalConfig, style_ref: dict | None = None,
 ) -> dict[str, list[float] | None]:
     """Bootstrap 95% intervals over prompts for every headline figure of one method (see metrics.py).
 
@@ -336,6 +341,9 @@ def intervals(
     out["semantic"] = ci(lambda idx: sum(sem[i] for i in idx) / len(idx))
     out["style"] = ci(lambda idx: M.style_distance(
         [real[i] for i in idx], [c for i in idx for c in cands[i]])["combined"])
+    if style_ref is not None:
+        out["style_calibrated"] = ci(lambda idx: M.calibrated_style(M.style_distance(
+            [real[i] for i in idx], [c for i in idx for c in cands[i]]), style_ref)["combined"])
     scores = M.distinguishability_scores(real, gen, list(range(n)), gen_groups, seed)
     if scores is not None:
         by_prompt: dict[int, list[tuple[int, float]]] = {i: [(1, scores[i])] for i in range(n)}
@@ -382,7 +390,7 @@ def metrics_table(metrics: dict):
     """A rich Table of the headline figures per method: lower is better, except AUC (best at 0.5).
 
     ctx: mean context tokens; NLL/tok: of the real replies (perplexity is in metrics.json); sem: semantic
-    similarity to the real reply (higher is better); style: combined
+    similarity to the real reply (higher is better); style: calibrated combined
     style distance; empty/rep: share of empty/self-repeating replies; copy: share of 4+ word messages copied
     from training.
     """
@@ -403,7 +411,7 @@ def metrics_table(metrics: dict):
         d = r["degeneration"]
         table.add_row(
             name, f"{r['context_tokens_mean']:.0f}", f(r["nll_per_token"]), f(r.get("semantic")),
-            f(r["style"]["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2), f(d["copied"], 2),
+            f((r.get("style_calibrated") or r["style"])["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2), f(d["copied"], 2),
         )
     rd = metrics["real"]["degeneration"]
     table.add_row("(real)", "", "", "1.000", "0.000", "0.5", f(rd["empty"], 2), f(rd["repeated"], 2), f(rd["copied"], 2),
