@@ -236,6 +236,50 @@ def style_component_table(runs: list[dict], key: str = "style") -> str:
     return "\n".join(rows)
 
 
+def paired_delta(comparisons: list[dict], a: str, b: str, resamples: int, seed: int):
+    """NLL/token of method `a` minus method `b` on the same prompts, with a paired bootstrap 95% interval.
+
+    Both methods score the same real replies, so resampling prompts once for both cancels how hard each prompt
+    is: far tighter than comparing two separate intervals.
+    """
+    from training.evaluate import metrics as M
+
+    pairs = [(c["nll"][a], c["nll"][b]) for c in comparisons if a in c.get("nll", {}) and b in c.get("nll", {})]
+    if len(pairs) < 2:
+        return None
+
+    def delta(idx):
+        sa = M.nll_summary([pairs[i][0] for i in idx])["nll_per_token"]
+        sb = M.nll_summary([pairs[i][1] for i in idx])["nll_per_token"]
+        return None if sa is None or sb is None else sa - sb
+
+    value = delta(range(len(pairs)))
+    iv = M.bootstrap_interval(len(pairs), delta, resamples, seed)
+    return value, iv
+
+
+def delta_table(runs: list[dict], resamples: int, seed: int) -> str:
+    """Paired NLL/token differences per speaker: adapter vs base and vs incontext, and the other key pairs."""
+    pairs = [("adapter", "base"), ("adapter", "incontext"), ("incontext", "base"), ("retrieval-bm25", "base"),
+             ("retrieval-dense", "base"), ("retrieval-dense", "retrieval-bm25"), ("adapter+retrieval-dense", "adapter"),
+             (BOTH_ROW, "adapter")]
+    head = "| difference (NLL/token) | " + " | ".join(f"`{r['speaker'][:8]}`" for r in runs) + " |"
+    rows = [head, "|---|" + "---:|" * len(runs)]
+    for a, b in pairs:
+        cells = []
+        for r in runs:
+            d = paired_delta(r["comparisons"], a, b, resamples, seed)
+            if d is None:
+                cells.append("-")
+                continue
+            v, iv = d
+            text = f"{v:+.3f} [{iv[0]:+.3f}, {iv[1]:+.3f}]" if iv else f"{v:+.3f}"
+            cells.append(f"**{text}**" if iv and (iv[1] < 0 or iv[0] > 0) else text)
+        if any(c != "-" for c in cells):
+            rows.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
 def rescore(results: dict, work: Path) -> None:
     """Add the calibrated style distance (and its interval) to runs scored before it existed, from their texts."""
     from training.evaluate import metrics as M
@@ -243,6 +287,10 @@ def rescore(results: dict, work: Path) -> None:
 
     b, seed = results["args"]["bootstrap"], results["args"]["seed"]
     for run in results["runs"]:
+        both_gen = work / run["speaker"][:8] / "eval-both" / "generations.jsonl"
+        if BOTH_ROW in run["methods"] and both_gen.is_file():
+            for c, line in zip(run["comparisons"], both_gen.read_text(encoding="utf-8").splitlines(), strict=False):
+                c.setdefault("nll", {}).setdefault(BOTH_ROW, json.loads(line)["nll"]["adapter"])
         if run["real"].get("style_reference"):
             continue
         train = read_samples(work / run["speaker"][:8] / "data" / "train.jsonl")
@@ -339,6 +387,11 @@ def write_doc(path: Path, results: dict) -> None:
             samples_table(r["comparisons"], list(r["methods"])),
         ]
     if runs:
+        parts += ["", "## Paired differences in NLL/token", "",
+                  "Same prompts, same real replies: each cell is the difference of two methods' NLL/token with a "
+                  "paired bootstrap 95% interval (negative = the first method predicts the person's real reply "
+                  "better). Bold: the interval excludes 0.", "",
+                  delta_table(runs, args["bootstrap"], args["seed"])]
         parts += ["", "## Style distance: which components carry signal", "",
                   "Raw components, mean over speakers (0 = same as the real replies):", "",
                   style_component_table(runs), "",
@@ -491,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             run["methods"][BOTH_ROW] = both.metrics["methods"]["adapter"]
             for c, cb in zip(run["comparisons"], both.comparisons, strict=True):
                 c["replies"][BOTH_ROW] = cb["replies"]["adapter"]
+                c["nll"][BOTH_ROW] = cb["nll"]["adapter"]
         results["runs"].append(run)
         save(partial=k < len(speakers) - 1)
         print(f"{sp[:8]} done; wrote {args.doc} ({(time.monotonic() - started) / 60:.1f} min so far)")
