@@ -303,7 +303,7 @@ def rescore(results: dict, work: Path) -> None:
         for name, r in run["methods"].items():
             cands = [c["replies"][name] for c in comps]
             r["style_calibrated"] = M.calibrated_style(r["style"], ref)
-            iv = M.bootstrap_interval(len(real), lambda idx, cands=cands: M.calibrated_style(M.style_distance(
+            iv = M.bootstrap_interval(len(real), lambda idx, cands=cands, real=real, ref=ref: M.calibrated_style(M.style_distance(
                 [real[i] for i in idx], [x for i in idx for x in cands[i]]), ref)["combined"], b, seed)
             r.setdefault("intervals", {})["style_calibrated"] = None if iv is None else [round(iv[0], 6), round(iv[1], 6)]
 

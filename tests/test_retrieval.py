@@ -9,7 +9,13 @@ from inference.prompt_format import Turn
 from tests.conftest import torch_threads
 from training.evaluate import metrics as M
 from training.evaluate.data import Exchange
-from training.evaluate.retrieval import DenseIndex, Embedder, ExchangeIndex, build_index, default_embedding_model
+from training.evaluate.retrieval import (
+    DenseIndex,
+    Embedder,
+    ExchangeIndex,
+    build_index,
+    default_embedding_model,
+)
 
 
 def _ex(before: str, reply: str) -> Exchange:
