@@ -19,7 +19,6 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from convo.errors import ConfigError, ConvoError, TrainError
-from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
 from inference.completion import cut_completion
 from inference.prompt_format import (
     Turn,
@@ -30,6 +29,7 @@ from inference.prompt_format import (
     render_prompt,
     split_completion,
 )
+from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
 
 
 def encode(tokenizer, text: str) -> list[int]:
