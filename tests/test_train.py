@@ -246,6 +246,11 @@ def test_cli_qlora_on_cpu_is_accepted(tmp_path, data, qlora_base, capsys):
     assert code == 0, out.err
     assert json.loads(out.out)["steps"] == 2
     assert "kernels-community" not in out.err  # bitsandbytes' offline hub-kernel warning is filtered
+    code = run(["simulate", "--adapter", str(tmp_path / "q"), "--qlora", "--n", "2", "--max-new-tokens", "6",
+                "--seed", "1", "--json", "[BOB] hey are you coming?"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert len(json.loads(out.out)["candidates"]) == 2
 
 
 def test_cli_train_then_simulate(tmp_path, data, tiny_base, capsys):
