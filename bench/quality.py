@@ -357,7 +357,9 @@ def write_doc(path: Path, results: dict) -> None:
         "",
         "Columns: NLL/token of the real replies given each method's context (lower is better); semantic: cosine "
         "between all-MiniLM-L6-v2 embeddings of the generated and the real reply (higher is better); style "
-        "distance to the real replies (0 = same style, see `training/evaluate/metrics.py`); AUC of a char n-gram "
+        "(calibrated): style distance to the real replies minus what another sample of the person's own replies "
+        "scores (0 = as close as the person to themself; the raw distance beside it; see the style section "
+        "below and `training/evaluate/metrics.py`); AUC of a char n-gram "
         "classifier telling real from generated replies (0.5 = indistinguishable, higher = easier to tell apart); "
         "shares of empty and self-repeating replies, and of 4+ word messages copied verbatim from training. "
         f"`{BOTH_ROW}` is an adapter trained on both sides of the same chats (`--mode both`) with the same "
