@@ -351,7 +351,7 @@ def write_doc(path: Path, results: dict) -> None:
         f"early stopping after {args['patience']} evaluations without a better validation loss (at most "
         f"{args['max_steps']} steps); the best checkpoint is the adapter.",
         f"- Eval: {args['max_prompts']} validation prompts per speaker, {args['n']} sampled "
-        f"replie(s) each (temperature 0.8, top-p 0.95, at most {args['max_new_tokens']} new tokens), context "
+        f"{'reply' if args['n'] == 1 else 'replies'} each (temperature 0.8, top-p 0.95, at most {args['max_new_tokens']} new tokens), context "
         f"budget {args['budget']} tokens for incontext and retrieval, seed {args['seed']}; bootstrap 95% intervals "
         f"over prompts ({args['bootstrap']} resamples) in brackets.",
         "",
