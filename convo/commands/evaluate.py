@@ -101,7 +101,7 @@ def eval_command(
     console.print(metrics_table(result.metrics))
     console.print(
         "[dim]ctx: context tokens · sem: semantic similarity to the real reply (1 = same meaning) · "
-        "style: style distance (0 = same) · AUC: real vs generated (0.5 = "
+        "style: calibrated style distance (0 = as close as the person's own other replies) · AUC: real vs generated (0.5 = "
         "indistinguishable) · empty/rep: share of replies · copy: share of 4+ word messages copied from training[/]"
     )
     console.print("[bold]written[/]")
