@@ -41,6 +41,7 @@ from rich.markup import escape  # noqa: E402
 PERSONA, PERSONA_NAME = "jordan", "Jordan"
 EXAMPLES = (ROOT / "examples" / "telegram" / "result.json", ROOT / "examples" / "whatsapp" / "WhatsApp Chat with Alex.txt")
 EVAL_METHODS = "base,incontext,retrieval,adapter"
+DATASET_GAP_MIN = 10.0  # `convo dataset --gap`, and the bots' session gap, so live context is cut the same way
 STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "evaluation", "redis", "worker",
           "conversation", "feedback store", "retrain", "summary")
 
@@ -48,7 +49,7 @@ STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "ev
 # evaluation (prompts, replies per prompt, reply length, context budget) and the validation samples kept. SmolLM2's
 # are sized to keep the whole demo under 10 minutes on 2 CPU cores; the tiny base is a quick pipeline check.
 PRESETS = {
-    "smollm2": dict(steps=16, batch_size=4, lr=1e-3, lora_r=8, max_length=96, retrain_steps=8, prompts=6,
+    "smollm2": dict(steps=16, batch_size=4, lr=1e-3, lora_r=8, max_length=96, retrain_steps=8, prompts=8,
                     eval_n=1, eval_new_tokens=24, context_budget=128, val_samples=32, chat_new_tokens=32),
     "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, max_length=256, retrain_steps=30, prompts=40,
                  eval_n=2, eval_new_tokens=48, context_budget=256, val_samples=96, chat_new_tokens=48),
@@ -245,7 +246,10 @@ def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict
         cli(["ingest", *map(str, EXAMPLES), "--out", str(out / "messages.jsonl")])
 
     with stages.stage("dataset", f"persona {PERSONA_NAME}"):
-        cli(["dataset", str(out / "messages.jsonl"), "--persona", PERSONA_NAME, "--out", str(out / "dataset")])
+        # The export is many short chats in one log: a 10-minute gap splits it into sessions, and the newest 2% of
+        # samples become validation (with the defaults it was one session of ~700 samples; base branch's tuning).
+        cli(["dataset", str(out / "messages.jsonl"), "--persona", PERSONA_NAME, "--out", str(out / "dataset"),
+             "--val", "0.02", "--gap", f"{DATASET_GAP_MIN:g}"])
 
         kept = trim_validation(out / "dataset", preset["val_samples"])
         if kept:
@@ -360,7 +364,8 @@ def run_demo(args) -> int:
                     console.print(f"[yellow]warning:[/] {escape(r.warning)}")
                 settings = demo_settings(user_settings, out_dir=out, redis_url=r.url, prefix=prefix, base=str(base),
                                          local_redis=r.kind == "local", max_new_tokens=preset["chat_new_tokens"],
-                                         train=train_section(preset), retrain_max_steps=preset["retrain_steps"])
+                                         train=train_section(preset), session_gap_min=DATASET_GAP_MIN,
+                                         retrain_max_steps=preset["retrain_steps"])
                 console.print(f"{r.kind} at {escape(r.url)}, keys under {prefix}:*")
                 if r.kind == "local":  # runs after the worker stopped (LIFO): the user's Redis keeps nothing of ours
                     stack.callback(cleanup_prefix, settings)

@@ -50,7 +50,8 @@ AFTER_RETRAIN_LINE = "so what are you doing tonight?"
 
 
 def demo_settings(settings, *, out_dir: Path, redis_url: str, prefix: str, base: str, local_redis: bool = False,
-                  max_new_tokens: int | None = None, train: dict | None = None, **feedback):
+                  max_new_tokens: int | None = None, train: dict | None = None, session_gap_min: float | None = None,
+                  **feedback):
     """`settings` with the demo's Redis (url, unique prefix), adapters dir, feedback database and worker options;
     `train` overrides the training section (the retrain and its gate use the numbers v1 was trained with)."""
     adapters = str(Path(out_dir) / "adapters")
@@ -62,6 +63,7 @@ def demo_settings(settings, *, out_dir: Path, redis_url: str, prefix: str, base:
         "redis": section("redis", url=redis_url, prefix=prefix,
                          password=settings.redis.password if local_redis else None),
         "train": section("train", **(train or {})),
+        "dataset": section("dataset", session_gap_min=session_gap_min or settings.dataset.session_gap_min),
         "generate": section("generate", max_new_tokens=max_new_tokens or settings.generate.max_new_tokens),
         "bot": section("bot", adapters_dir=adapters, typing_s_per_char=0.0,
                        reply_timeout_s=max(settings.bot.reply_timeout_s, 180.0)),  # 3 drafts on a busy CPU

@@ -1,6 +1,12 @@
-"""LoRA training throughput and padding waste with and without length-grouped batching, side by side in one run.
+"""Training throughput: length-grouped batching vs random, and LoRA vs QLoRA on the tiny and the real base.
 
     .venv/bin/python bench/train.py [--base models/tiny] [--conversations 400] [--steps 40] [--threads 1]
+    .venv/bin/python bench/train.py --compare-bases [--steps 8] [--max-length 128] [--batch-size 4] [--threads 1]
+
+`--compare-bases` trains LoRA and QLoRA (4-bit NF4, bitsandbytes on the CPU) on an untrained tiny base (hidden
+192, 4 layers: bitsandbytes' 4-bit CPU path needs layer widths that are multiples of 64) and on SmolLM2-135M
+(`convo base smollm2`), each run in its own process so its peak RSS is its own, and prints non-padding
+tokens/s and peak RSS per run (`--json` for the raw figures). The default mode:
 
 Builds a prompt/completion dataset from chitchat-dataset conversations (the second speaker of each conversation is
 the persona, up to 16 messages of context), then trains the same LoRA twice on the same base, once with random
@@ -83,8 +89,95 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+class _StepTimer:
+    """Wall time and non-padding tokens between the first step's start and the last step's end."""
+
+    @staticmethod
+    def make():
+        from transformers import TrainerCallback
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, a, state, control, **kw):
+                if state.global_step == 1:  # step 0 pays one-off costs; time from the second step on
+                    self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
+
+            def on_step_end(self, a, state, control, **kw):
+                self.t1, self.tok1 = time.perf_counter(), state.num_input_tokens_seen
+
+        return StepTimer()
+
+
+def one_run(args) -> dict:
+    """One LoRA or QLoRA run in this process (`--one BASE`): tokens/s over the timed steps and this process's peak RSS."""
+    import torch
+    from rich.console import Console
+
+    from training.tiny_base import build_tiny_base, chitchat_texts
+    from training.train import TrainOptions, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="convo-bench-train-"))
+    base = args.one
+    if base == "tiny":
+        texts, _ = chitchat_texts(limit=2000)
+        base = str(work / "base")
+        build_tiny_base(base, texts, vocab_size=2048, hidden_size=192, num_layers=4, num_heads=4, max_steps=0)
+    data = chitchat_dataset_dir(work / "data", args.conversations)
+    rss_before = peak_rss_mib()
+    timer = _StepTimer.make()
+    train(
+        TrainOptions(
+            data_dir=data, base=base, out_dir=work / "run", max_steps=args.steps, eval_steps=args.steps,
+            batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, sample_prompts=0, qlora=args.qlora,
+        ),
+        console=Console(file=open("/dev/null", "w")), extra_callbacks=[timer],  # noqa: SIM115
+    )
+    seconds = timer.t1 - timer.t0
+    return {"base": args.one, "mode": "qlora" if args.qlora else "lora", "steps": args.steps,
+            "tokens_per_s": (timer.tok1 - timer.tok0) / seconds, "seconds_per_step": seconds / (args.steps - 1),
+            "peak_rss_mib": peak_rss_mib(), "rss_before_training_mib": rss_before,
+            "torch_threads": torch.get_num_threads()}
+
+
+def compare_bases(args) -> None:
+    """LoRA and QLoRA on the tiny and the SmolLM2 base, each in a fresh process; a table (or --json)."""
+    import subprocess
+
+    from config.settings import BaseModelSettings
+    from training.base_models import SMOLLM2, convert_wheel_model
+
+    s = BaseModelSettings()
+    smollm2 = Path(__file__).resolve().parents[1] / s.smollm2_dir
+    convert_wheel_model(SMOLLM2, smollm2, Path(s.cache_dir).expanduser())
+    rows = []
+    for base in ("tiny", str(smollm2)):
+        for qlora in (False, True):
+            cmd = [sys.executable, __file__, "--one", base, "--steps", str(args.steps), "--batch-size",
+                   str(args.batch_size), "--max-length", str(args.max_length), "--conversations",
+                   str(args.conversations), *(["--qlora"] if qlora else []),
+                   *(["--threads", str(args.threads)] if args.threads else [])]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                sys.exit(f"bench run failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if not args.json:
+                r = rows[-1]
+                print(f"{Path(r['base']).name:<16}{r['mode']:<7}{r['tokens_per_s']:>10.0f} tokens/s"
+                      f"{r['seconds_per_step']:>8.2f} s/step{r['peak_rss_mib']:>8.0f} MiB peak RSS", flush=True)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"({args.steps} steps, batch {args.batch_size}, max length {args.max_length}; tokens/s counts non-padding "
+          "tokens from the second step on; peak RSS of each run's own process, base loading included)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--compare-bases", action="store_true", help="LoRA vs QLoRA on the tiny and the SmolLM2 base")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # one run of --compare-bases, in its own process
+    ap.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--json", action="store_true", help="--compare-bases: print the raw figures as JSON")
     ap.add_argument("--base", help="base model dir (default: build an untrained tiny base)")
     ap.add_argument("--conversations", type=int, default=400)
     ap.add_argument("--steps", type=int, default=40)
@@ -92,6 +185,12 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args()
+    if args.one:
+        print(json.dumps(one_run(args)))
+        return
+    if args.compare_bases:
+        compare_bases(args)
+        return
 
     import torch
     from rich.console import Console

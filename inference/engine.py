@@ -98,8 +98,8 @@ class Engine:
     ) -> Engine:
         """Load `base` (default: the adapter's recorded base) and `adapter`, after checking they fit together.
 
-        On CUDA with `qlora`, the base is loaded in 4-bit NF4 (double quantization, bf16 compute); elsewhere in
-        float32 on CPU, bf16 on CUDA.
+        With `qlora`, the base is loaded in 4-bit NF4 (double quantization, bf16 compute) on CUDA or the CPU;
+        otherwise in float32 on CPU, bf16 on CUDA.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -118,12 +118,16 @@ class Engine:
         kwargs: dict = {}
         if qlora:
             kwargs["quantization_config"] = qlora_config(device)
-            kwargs["device_map"] = {"": 0}
+            kwargs["device_map"] = qlora_device_map(device)
         else:
             kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
         revision = meta.base_model.revision if meta is not None and not Path(base).is_dir() else None
         try:
             tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+            if qlora:
+                from transformers import AutoConfig
+
+                check_qlora_shapes(AutoConfig.from_pretrained(base, revision=revision), device)
             model = AutoModelForCausalLM.from_pretrained(base, revision=revision, **kwargs)
         except OSError as e:
             raise ConvoError(
@@ -254,13 +258,14 @@ class Engine:
 
 
 def qlora_config(device: str | None = None):
-    """BitsAndBytes 4-bit NF4 with double quantization and bf16 compute; TrainError without CUDA or bitsandbytes."""
-    if not torch.cuda.is_available() or (device is not None and not device.startswith("cuda")):
-        raise TrainError("--qlora needs a CUDA GPU (4-bit bitsandbytes); drop --qlora here (plain LoRA runs on CPU)")
+    """BitsAndBytes 4-bit NF4 with double quantization and bf16 compute; TrainError without bitsandbytes.
+
+    bitsandbytes >= 0.49 runs 4-bit NF4 on the CPU too, so QLoRA works on either device.
+    """
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise TrainError("--qlora needs bitsandbytes: pip install -e '.[gpu]'") from e
+        raise TrainError("--qlora needs bitsandbytes: pip install -e '.[ml]'") from e
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -269,6 +274,27 @@ def qlora_config(device: str | None = None):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
+
+
+QLORA_CPU_BLOCK = 64  # values per 4-bit block in bitsandbytes' CPU kernels
+
+
+def check_qlora_shapes(config, device: str) -> None:
+    """TrainError when a 4-bit model cannot run on the CPU: bitsandbytes needs layer widths divisible by 64 there."""
+    if device.startswith("cuda"):
+        return
+    widths = {k: getattr(config, k, None) for k in ("hidden_size", "intermediate_size")}
+    bad = {k: v for k, v in widths.items() if isinstance(v, int) and v % QLORA_CPU_BLOCK}
+    if bad:
+        raise TrainError(
+            f"--qlora on the CPU needs layer widths that are multiples of {QLORA_CPU_BLOCK} (bitsandbytes' 4-bit "
+            f"blocks); this base has {', '.join(f'{k}={v}' for k, v in bad.items())}: drop --qlora for this model"
+        )
+
+
+def qlora_device_map(device: str) -> dict:
+    """Where a 4-bit model goes: the whole model on one device (GPU 0 with CUDA, else the CPU)."""
+    return {"": 0 if device.startswith("cuda") else "cpu"}
 
 
 # ---------------------------------------------------------------- simulate (the `convo simulate` library side)

@@ -104,6 +104,32 @@ def test_eval_cli_all_methods(adapter, tmp_path, capsys):
     assert (out / "report.html").read_text().count('class="cmp"') == 3
 
 
+def test_eval_dense_retriever_and_pinned_methods(adapter, tmp_path, capsys):
+    """--retriever dense switches `retrieval`; retrieval-bm25 / -dense pin one; intervals and semantic are written."""
+    out = tmp_path / "dense"
+    code = run([
+        "eval", "--adapter", str(adapter), "--data", str(DATA), "--out", str(out), "--max-prompts", "3",
+        "--n", "1", "--max-new-tokens", "6", "--context-budget", "40", "--retriever", "dense",
+        "--methods", "retrieval,retrieval-bm25,retrieval-dense,adapter+retrieval-dense",
+    ])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    m = json.loads((out / "metrics.json").read_text())
+    r = m["methods"]
+    assert r["retrieval"]["context"] == r["retrieval-dense"]["context"] == "retrieval-dense"
+    assert r["retrieval-bm25"]["context"] == "retrieval-bm25"
+    assert r["adapter+retrieval-dense"]["context"] == "retrieval-dense"
+    assert r["retrieval"]["nll_per_token"] == pytest.approx(r["retrieval-dense"]["nll_per_token"])
+    assert m["config"]["retriever"] == "dense"
+    for res in r.values():
+        assert -1 <= res["semantic"] <= 1
+        lo, hi = res["intervals"]["nll_per_token"]
+        assert lo <= res["nll_per_token"] <= hi
+    assert "style_reference" in m["real"] and all("style_calibrated" in res for res in r.values())
+    assert run(["eval", "--adapter", str(adapter), "--data", str(DATA), "--retriever", "tfidf"]) == 2
+    assert "bm25 or dense" in capsys.readouterr().err
+
+
 def test_eval_errors_are_one_line(adapter, tmp_path, capsys):
     assert run(["eval", "--data", str(DATA), "--methods", "base,adapter", "--base", "x"]) == 2
     assert "--adapter" in capsys.readouterr().err

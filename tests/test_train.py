@@ -201,13 +201,57 @@ def test_effective_batch_over_32_is_refused(tmp_path, data, tiny_base):
         train(_opts(data, tiny_base, tmp_path / "o", batch_size=16, grad_accum=4))
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA error")
-def test_qlora_without_cuda_is_a_clear_error(tmp_path, data, tiny_base, capsys):
-    with pytest.raises(TrainError, match="needs a CUDA GPU"):
-        train(_opts(data, tiny_base, tmp_path / "q", qlora=True))
-    assert not (tmp_path / "q").exists()  # refused before touching --out
+@pytest.fixture(scope="module")
+def qlora_base(tmp_path_factory) -> Path:
+    """A tiny base whose linear layers bitsandbytes' CPU 4-bit path accepts: every in_features a multiple of its
+    64-value blocks (hidden 192, MLP 512); the shared tiny_base (hidden 32) is too small for it."""
+    from tests.conftest import _TINY_LINES
+    from training.tiny_base import build_tiny_base, render_conversation
+
+    rng = random.Random(0)
+    texts = [render_conversation([(str(i % 2), rng.choice(_TINY_LINES)) for i in range(4)], rng) for _ in range(100)]
+    out = tmp_path_factory.mktemp("qlora_base") / "model"
+    build_tiny_base(out, texts, vocab_size=400, hidden_size=192, num_layers=2, num_heads=2, max_steps=0, seq_len=64)
+    return out
+
+
+def test_qlora_trains_on_cpu(tmp_path, data, qlora_base):
+    """4-bit NF4 base (bitsandbytes CPU kernels), LoRA on top: a few steps run and only the adapter learns."""
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    result = train(_opts(data, qlora_base, tmp_path / "q", qlora=True, max_steps=4, eval_steps=2, sample_prompts=0))
+    model = result.trainer.model
+    assert any(isinstance(m, Linear4bit) for m in model.modules())  # the base really is 4-bit
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(float(p.detach().abs().sum()) > 0 for p in lora_b)  # B starts at 0: it moved
+    assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    evals = [r["eval_loss"] for r in _log(result.out_dir) if "eval_loss" in r]
+    assert evals and all(torch.isfinite(torch.tensor(e)) for e in evals)
+    assert read_adapter_meta(result.out_dir).training_args["qlora"] is True
+    assert (result.out_dir / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU shape rule")
+def test_qlora_on_cpu_with_widths_bitsandbytes_cannot_block_is_a_clear_error(tmp_path, data, tiny_base, capsys):
     code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "q"), "--qlora"])
-    assert code == 2 and "--qlora needs a CUDA GPU" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "multiples of 64" in err and "hidden_size=32" in err and "Traceback" not in err
+
+
+def test_cli_qlora_on_cpu_is_accepted(tmp_path, data, qlora_base, capsys):
+    code = run(["train", "--data", str(data), "--base", str(qlora_base), "--out", str(tmp_path / "q"), "--qlora",
+                "--max-steps", "2", "--eval-steps", "2", "--batch-size", "8", "--grad-accum", "1",
+                "--sample-prompts", "0", "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert json.loads(out.out)["steps"] == 2
+    assert "kernels-community" not in out.err  # bitsandbytes' offline hub-kernel warning is filtered
+    code = run(["simulate", "--adapter", str(tmp_path / "q"), "--qlora", "--n", "2", "--max-new-tokens", "6",
+                "--seed", "1", "--json", "[BOB] hey are you coming?"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert len(json.loads(out.out)["candidates"]) == 2
 
 
 def test_cli_train_then_simulate(tmp_path, data, tiny_base, capsys):

@@ -347,7 +347,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     if opts.qlora:
         from inference.engine import qlora_config
 
-        qlora_config()  # fails fast, before loading anything, without CUDA or bitsandbytes
+        qlora_config()  # fails fast, before loading anything, without bitsandbytes
     data = read_dataset(opts.data_dir)
     from accelerate import PartialState
 
@@ -384,13 +384,20 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     # Model and tokenizer.
     load_kwargs: dict[str, Any] = {}
     if opts.qlora:
-        from inference.engine import qlora_config
+        from inference.engine import qlora_config, qlora_device_map
 
-        load_kwargs.update(quantization_config=qlora_config("cuda"), device_map={"": 0})
+        # bitsandbytes >= 0.49 has CPU kernels for 4-bit NF4: QLoRA runs without CUDA too.
+        load_kwargs.update(quantization_config=qlora_config(), device_map=qlora_device_map("cuda" if cuda else "cpu"))
     else:
         load_kwargs["dtype"] = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     try:
         tokenizer = AutoTokenizer.from_pretrained(opts.base)
+        if opts.qlora:
+            from transformers import AutoConfig
+
+            from inference.engine import check_qlora_shapes
+
+            check_qlora_shapes(AutoConfig.from_pretrained(opts.base), "cuda" if cuda else "cpu")
         model = AutoModelForCausalLM.from_pretrained(opts.base, **load_kwargs)
     except OSError as e:
         raise TrainError(f"cannot load base model {opts.base}: {str(e).splitlines()[0]}") from e
@@ -399,7 +406,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     if opts.qlora:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        checkpointing = opts.gradient_checkpointing if opts.gradient_checkpointing is not None else cuda
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
     train_ds = tokenize_rows(tokenizer, data.train, opts.max_length)
     val_ds = tokenize_rows(tokenizer, data.val, opts.max_length)

@@ -21,7 +21,8 @@ def eval_command(
         str | None,
         typer.Option(
             "--methods",
-            help="Comma-separated: base, incontext, retrieval, adapter, adapter+retrieval, api "
+            help="Comma-separated: base, incontext, retrieval, adapter, adapter+retrieval, api; retrieval-bm25, "
+            "retrieval-dense, adapter+retrieval-bm25, adapter+retrieval-dense pin the retriever "
             "(default: eval.methods).",
         ),
     ] = None,
@@ -29,6 +30,11 @@ def eval_command(
         int | None,
         typer.Option("--context-budget", help="Tokens of context every context-adding method fills "
                      "(default: eval.context_budget_tokens)."),
+    ] = None,
+    retriever: Annotated[
+        str | None,
+        typer.Option("--retriever", help="What `retrieval` methods use: bm25 (word overlap) or dense (all-MiniLM-L6-v2 "
+                     "cosine) (default: eval.retriever = bm25)."),
     ] = None,
     n: Annotated[int | None, typer.Option("--n", help="Sampled replies per prompt (default: eval.samples_per_prompt).")] = None,
     max_prompts: Annotated[
@@ -63,22 +69,23 @@ def eval_command(
     from training.evaluate.run import EvalConfig, check_config, metrics_table, parse_methods, run_eval
 
     s = state(ctx).settings
-    cfg = EvalConfig(
+    cfg = EvalConfig.from_settings(
+        s,
         data_dir=data,
         out_dir=out or (adapter / "eval" if adapter else Path("eval")),
         adapter_dir=adapter,
         base=base,
-        methods=parse_methods(methods or s.eval.methods),
-        context_budget_tokens=s.eval.context_budget_tokens if context_budget is None else context_budget,
-        samples_per_prompt=n or s.eval.samples_per_prompt,
-        max_prompts=max_prompts or s.eval.max_prompts,
-        seed=s.eval.seed if seed is None else seed,
-        temperature=s.generate.temperature if temperature is None else temperature,
-        top_p=s.generate.top_p if top_p is None else top_p,
-        max_new_tokens=max_new_tokens or s.generate.max_new_tokens,
-        api_base=api_base or s.eval.api_base,
-        api_model=api_model or s.eval.api_model,
-        api_key_env=s.eval.api_key_env,
+        methods=parse_methods(methods) if methods else None,
+        context_budget_tokens=context_budget,
+        samples_per_prompt=n,
+        max_prompts=max_prompts,
+        seed=seed,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        retriever=retriever,
+        api_base=api_base,
+        api_model=api_model,
         report_path=report,
     )
     check_config(cfg)
@@ -93,7 +100,8 @@ def eval_command(
         return
     console.print(metrics_table(result.metrics))
     console.print(
-        "[dim]ctx: context tokens · style: style distance (0 = same) · AUC: real vs generated (0.5 = "
+        "[dim]ctx: context tokens · sem: semantic similarity to the real reply (1 = same meaning) · "
+        "style: calibrated style distance (0 = as close as the person's own other replies) · AUC: real vs generated (0.5 = "
         "indistinguishable) · empty/rep: share of replies · copy: share of 4+ word messages copied from training[/]"
     )
     console.print("[bold]written[/]")

@@ -50,7 +50,7 @@ def train_cmd(
     sample_seed: Annotated[int | None, typer.Option("--sample-seed", help="Seed choosing those prompts (a private RNG). \\[default: 0]")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Training seed (LoRA init, shuffling). \\[default: 42]")] = None,
     group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding). \\[default: on]")] = None,
-    qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 QLoRA (CUDA + bitsandbytes only).")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 QLoRA (bitsandbytes; on CUDA or the CPU): less memory, slower steps on CPU.")] = False,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory. \\[default: on with CUDA, off on CPU]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out; logs are appended.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
@@ -119,7 +119,7 @@ def simulate_cmd(
     top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass. \\[default: 0.95]")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="Max tokens per candidate. \\[default: 64]")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
-    qlora: Annotated[bool, typer.Option("--qlora", help="Load the base in 4-bit (CUDA only).")] = False,
+    qlora: Annotated[bool, typer.Option("--qlora", help="Load the base in 4-bit NF4 (bitsandbytes; CUDA or CPU).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print candidates as JSON.")] = False,
 ) -> None:
     """Continue a conversation as a persona: sample N candidate bursts from base + adapter."""

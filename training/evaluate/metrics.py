@@ -17,6 +17,12 @@ each in [0, 1]:
 generated ones, cross-validated with folds grouped by prompt (a prompt's real and generated replies are always
 in the same fold, so identical sets score exactly 0.5 instead of the classifier learning duplicates backwards).
 
+**Semantic similarity**: per prompt, the mean cosine between sentence embeddings (all-MiniLM-L6-v2) of each
+generated reply and the real reply; higher is closer in meaning.
+
+**Intervals**: percentile bootstrap over prompts (`bootstrap_interval`): each statistic is recomputed on prompts
+drawn with replacement, so an interval shows how much the figure depends on which prompts were drawn.
+
 **Degeneration**: share of replies that are empty, that repeat themselves (a message twice in one reply, or
 one word 3-gram looping 3+ times), and of messages of 4+ words that copy a training message verbatim.
 """
@@ -115,6 +121,40 @@ def style_distance(real: Sequence[Reply], generated: Sequence[Reply]) -> dict:
     return parts
 
 
+def style_reference(
+    real: Sequence[Reply], pool: Sequence[Reply], n: int, draws: int = 20, seed: int = 0
+) -> dict:
+    """What a perfect imitation would still score: mean style distance between `real` and `draws` random sets of
+    `n` replies from `pool`, the same person's other (training) replies. Small samples make every component
+    noisy (KS statistics on a few lengths, vocabulary overlap of a few dozen words), so this floor is far from 0.
+    """
+    import random
+
+    if not pool or not real or n < 1:
+        return {k: 0.0 for k in (*STYLE_COMPONENTS, "combined")}
+    rng = random.Random(seed)
+    totals = dict.fromkeys((*STYLE_COMPONENTS, "combined"), 0.0)
+    for _ in range(draws):
+        sample = rng.sample(list(pool), min(n, len(pool)))
+        for k, v in style_distance(real, sample).items():
+            totals[k] += v / draws
+    return totals
+
+
+def calibrated_style(parts: dict, reference: dict) -> dict:
+    """Style distance relative to the person's own variability: each component's excess over `reference`,
+    max(0, d - ref) / (1 - ref), so 0 = as close as another sample of the person's real replies and 1 = as far as
+    the measure allows; `combined` is the mean over components whose reference leaves room to measure (ref < 0.9).
+    """
+    out = {}
+    for k in STYLE_COMPONENTS:
+        ref = reference.get(k, 0.0)
+        out[k] = max(0.0, parts[k] - ref) / max(1.0 - ref, 1e-9)
+    usable = [k for k in STYLE_COMPONENTS if reference.get(k, 0.0) < 0.9]
+    out["combined"] = sum(out[k] for k in usable) / len(usable) if usable else 0.0
+    return out
+
+
 def summary(replies: Sequence[Reply]) -> dict:
     """Style figures without the raw lists (for metrics.json)."""
     f = style_features(replies)
@@ -125,17 +165,16 @@ def _reply_text(reply: Reply) -> str:
     return "\n".join(reply)
 
 
-def distinguishability_auc(
+def distinguishability_scores(
     real: Sequence[Reply], generated: Sequence[Reply], real_groups: Sequence[int], gen_groups: Sequence[int],
     seed: int = 0,
-) -> float | None:
-    """Cross-validated ROC AUC of a char n-gram classifier, real (1) vs generated (0); None with too little data.
+) -> list[float] | None:
+    """Out-of-fold P(real) of a char n-gram classifier for real + generated replies; None with too little data.
 
     `*_groups` give each reply's prompt index: folds never split a prompt.
     """
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import roc_auc_score
     from sklearn.model_selection import GroupKFold
     from sklearn.pipeline import make_pipeline
 
@@ -157,7 +196,85 @@ def distinguishability_auc(
         model.fit([texts[i] for i in train_idx], y)
         for i, p in zip(test_idx, model.predict_proba([texts[i] for i in test_idx])[:, 1], strict=True):
             scores[i] = float(p)
-    return float(roc_auc_score(labels, scores))
+    return scores
+
+
+def distinguishability_auc(
+    real: Sequence[Reply], generated: Sequence[Reply], real_groups: Sequence[int], gen_groups: Sequence[int],
+    seed: int = 0,
+) -> float | None:
+    """Cross-validated ROC AUC of a char n-gram classifier, real (1) vs generated (0); None with too little data.
+
+    `*_groups` give each reply's prompt index: folds never split a prompt.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    scores = distinguishability_scores(real, generated, real_groups, gen_groups, seed)
+    if scores is None:
+        return None
+    return float(roc_auc_score([1] * len(real) + [0] * len(generated), scores))
+
+
+def semantic_similarity(
+    real: Sequence[Reply], generated: Sequence[Reply], gen_groups: Sequence[int], embedder
+) -> list[float]:
+    """Per prompt: mean cosine between the embeddings of its generated replies and of its real reply.
+
+    `embedder.encode(texts)` must return unit-length vectors (training.evaluate.retrieval.Embedder). An empty
+    reply (real or generated) scores 0.
+    """
+    real_vecs = embedder.encode([_reply_text(r) for r in real])  # (n_prompts, dim)
+    gen_vecs = embedder.encode([_reply_text(r) for r in generated])  # (n_generated, dim)
+    sums = [0.0] * len(real)
+    counts = [0] * len(real)
+    for k, g in enumerate(gen_groups):
+        empty = not _reply_text(generated[k]).strip() or not _reply_text(real[g]).strip()
+        sums[g] += 0.0 if empty else float(real_vecs[g] @ gen_vecs[k])
+        counts[g] += 1
+    return [s / c if c else 0.0 for s, c in zip(sums, counts, strict=True)]
+
+
+def bootstrap_interval(
+    n_prompts: int, statistic, resamples: int = 1000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of `statistic(prompt_indices)` over prompts resampled with replacement.
+
+    `statistic` takes a list of prompt indices (with repeats) and returns a float or None; None when fewer than
+    two prompts or no resample gives a value.
+    """
+    import random
+
+    if n_prompts < 2 or resamples < 1:
+        return None
+    rng = random.Random(seed)
+    values = []
+    for _ in range(resamples):
+        v = statistic([rng.randrange(n_prompts) for _ in range(n_prompts)])
+        if v is not None and v == v:
+            values.append(float(v))
+    if not values:
+        return None
+    values.sort()
+    lo_q, hi_q = (1 - level) / 2, 1 - (1 - level) / 2
+    lo = values[min(len(values) - 1, int(lo_q * len(values)))]
+    hi = values[min(len(values) - 1, int(hi_q * len(values)))]
+    return lo, hi
+
+
+def auc_from_scores(labels: Sequence[int], scores: Sequence[float]) -> float | None:
+    """ROC AUC (Mann-Whitney, ties count half) without sklearn; None unless both labels occur."""
+    pos = [s for s, y in zip(scores, labels, strict=True) if y == 1]
+    neg = [s for s, y in zip(scores, labels, strict=True) if y == 0]
+    if not pos or not neg:
+        return None
+    neg_sorted = sorted(neg)
+    from bisect import bisect_left
+
+    wins = 0.0
+    for p in pos:
+        lo, hi = bisect_left(neg_sorted, p), bisect_right(neg_sorted, p)
+        wins += lo + 0.5 * (hi - lo)
+    return wins / (len(pos) * len(neg))
 
 
 def _normalise(message: str) -> str:

@@ -21,7 +21,7 @@ th:first-child,td:first-child{text-align:left}thead{background:#f3f3f3}
 .cmp{border:1px solid #ddd;border-radius:6px;padding:.6em 1em;margin:1em 0}
 .cmp pre{white-space:pre-wrap;background:#f7f7f7;padding:.5em;margin:.3em 0;font-size:12px}
 .reply{margin:.3em 0}.reply b{display:inline-block;min-width:11em}.real b{color:#0a6}
-.hidden{display:none}.wide{overflow-x:auto}#filters label{margin-right:1em}.note{color:#666;font-size:12px}
+.ci{color:#777;font-size:11px}.hidden{display:none}.wide{overflow-x:auto}#filters label{margin-right:1em}.note{color:#666;font-size:12px}
 """
 
 _JS = """
@@ -87,13 +87,27 @@ def _plots(metrics: dict, comparisons: list[dict], train_log: Path | None) -> li
     ax.legend(fontsize=7)
     out.append(("Message length distributions", _svg(fig)))
 
-    nll = [(n, r["nll_per_token"]) for n, r in metrics["methods"].items() if r["nll_per_token"] is not None]
-    if nll:
+    for key, title, label in (
+        ("nll_per_token", "Likelihood of the real replies (lower is better)", "NLL per completion token"),
+        ("semantic", "Meaning: semantic similarity to the real reply (higher is better)", "cosine (all-MiniLM-L6-v2)"),
+        ("auc", "Distinguishability from real replies (0.5 is best)", "classifier ROC AUC"),
+    ):
+        bars = [(n, _value(r, key), (r.get("intervals") or {}).get(key)) for n, r in metrics["methods"].items()]
+        bars = [b for b in bars if b[1] is not None]
+        if not bars:
+            continue
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.bar([n for n, _ in nll], [v for _, v in nll], color="#4c78a8")
-        ax.set_ylabel("NLL per completion token")
-        ax.tick_params(axis="x", labelrotation=20)
-        out.append(("Likelihood of the real replies (lower is better)", _svg(fig)))
+        # Error bars: the bootstrap 95% interval over prompts (asymmetric; none where it was not computed).
+        err = [[max(v - iv[0], 0.0) if iv else 0.0 for _, v, iv in bars],
+               [max(iv[1] - v, 0.0) if iv else 0.0 for _, v, iv in bars]]
+        ax.bar([n for n, _, _ in bars], [v for _, v, _ in bars], color="#4c78a8", yerr=err, capsize=4,
+               ecolor="#333")
+        if key == "auc":
+            ax.axhline(0.5, color="#0a6", linestyle="--", linewidth=1)
+            ax.set_ylim(0, 1)
+        ax.set_ylabel(label)
+        ax.tick_params(axis="x", labelrotation=25)
+        out.append((title + " · bars: 95% bootstrap interval", _svg(fig)))
 
     curve = read_train_log(train_log) if train_log else {}
     if curve:
@@ -106,6 +120,10 @@ def _plots(metrics: dict, comparisons: list[dict], train_log: Path | None) -> li
         ax.legend(fontsize=7)
         out.append(("Adapter training loss", _svg(fig)))
     return out
+
+
+def _value(r: dict, key: str):
+    return r.get(key)
 
 
 def read_train_log(path: Path) -> dict[str, list[tuple[float, float]]]:
@@ -134,18 +152,36 @@ def _fmt(x, digits=3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def _cell(r: dict, key: str, value, digits=3) -> str:
+    """A value with its bootstrap interval below it, when there is one."""
+    iv = (r.get("intervals") or {}).get(key)
+    text = html.escape(_fmt(value, digits))
+    if iv and value is not None:
+        text += f'<br><span class="ci">[{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]</span>'
+    return text
+
+
 def _table(metrics: dict) -> str:
-    cols = ["method", "context tokens", "NLL/token", "perplexity", "style distance", *M.STYLE_COMPONENTS,
+    cols = ["method", "context tokens", "NLL/token", "perplexity", "semantic", "style (calibrated)", "style (raw)",
+            *M.STYLE_COMPONENTS,
             "AUC", "empty", "repeated", "copied", "seconds"]
     rows = []
     for name, r in metrics["methods"].items():
         d, s = r["degeneration"], r["style"]
-        cells = [name, f"{r['context_tokens_mean']:.0f}", _fmt(r["nll_per_token"]), _fmt(r["perplexity"], 1),
-                 _fmt(s["combined"]), *(_fmt(s[k], 2) for k in M.STYLE_COMPONENTS), _fmt(r["auc"]),
-                 _fmt(d["empty"], 2), _fmt(d["repeated"], 2), _fmt(d["copied"], 2), _fmt(r.get("seconds"), 1)]
-        rows.append(f'<tr data-method="{html.escape(name)}">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+        cells = [html.escape(name), f"{r['context_tokens_mean']:.0f}", _cell(r, "nll_per_token", r["nll_per_token"]),
+                 html.escape(_fmt(r["perplexity"], 1)), _cell(r, "semantic", r.get("semantic")),
+                 _cell(r, "style_calibrated", (r.get("style_calibrated") or {}).get("combined")),
+                 _cell(r, "style", s["combined"]), *(html.escape(_fmt(s[k], 2)) for k in M.STYLE_COMPONENTS),
+                 _cell(r, "auc", r["auc"]), _cell(r, "empty", d["empty"], 2), _cell(r, "repeated", d["repeated"], 2),
+                 _cell(r, "copied", d["copied"], 2), html.escape(_fmt(r.get("seconds"), 1))]
+        rows.append(f'<tr data-method="{html.escape(name)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     rd = metrics["real"]["degeneration"]
-    real = ["(real replies)", "", "", "", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", _fmt(rd["empty"], 2),
+    ref = metrics["real"].get("style_reference")
+    if ref:
+        other = ["(another sample of the person's replies)", "", "", "", "", "0", _fmt(ref["combined"]),
+                 *(_fmt(ref[k], 2) for k in M.STYLE_COMPONENTS), "", "", "", "", ""]
+        rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in other) + "</tr>")
+    real = ["(real replies)", "", "", "", "1", "0", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", _fmt(rd["empty"], 2),
             _fmt(rd["repeated"], 2), _fmt(rd["copied"], 2), ""]
     rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in real) + "</tr>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
@@ -194,8 +230,11 @@ def render_report(metrics: dict, comparisons: list[dict], train_log: Path | None
 {cfg["context_budget_tokens"]} tokens · seed {cfg["seed"]}</p>
 <h2>Metrics</h2>
 {_table(metrics)}
-<p class="note">NLL/token: mean negative log-likelihood of the real replies given each method's context (context
-tokens carry no loss). Style distance: mean of six components in [0, 1] (0 = same style as the real replies).
+<p class="note">Bracketed ranges and error bars: bootstrap 95% intervals over the validation prompts.
+NLL/token: mean negative log-likelihood of the real replies given each method's context (context
+tokens carry no loss). Semantic: cosine between sentence embeddings of the generated and the real reply (1 = same
+meaning). Style (raw): mean of six components in [0, 1] (0 = same style as the real replies); style (calibrated):
+the excess over what another sample of the person's own replies scores, so 0 = as close as the person themself.
 AUC: cross-validated char n-gram classifier, real vs generated (0.5 = indistinguishable). Empty/repeated: share
 of replies; copied: share of 4+ word messages identical to a training message.</p>
 <h2>Plots</h2><div class="plots">{plots}</div>

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from config.settings import EvalSettings, GenerateSettings
 from convo.errors import EvalError
 from training.evaluate import metrics as M
 from training.evaluate.contexts import (
@@ -28,15 +29,23 @@ from training.evaluate.contexts import (
 )
 from training.evaluate.data import Sample, exchanges, load_meta, read_samples, sessions
 
-METHODS = ("base", "incontext", "retrieval", "adapter", "adapter+retrieval", "api")
-ADAPTER_METHODS = frozenset({"adapter", "adapter+retrieval"})
+METHODS = (
+    "base", "incontext", "retrieval", "retrieval-bm25", "retrieval-dense",
+    "adapter", "adapter+retrieval", "adapter+retrieval-bm25", "adapter+retrieval-dense", "api",
+)
+ADAPTER_METHODS = frozenset({"adapter", "adapter+retrieval", "adapter+retrieval-bm25", "adapter+retrieval-dense"})
 TEXT_ONLY_METHODS = frozenset({"api"})
+# Which context each method puts before the prompt; "retrieval" means the configured retriever (cfg.retriever).
 CONTEXT_OF = {
     "base": None,
     "incontext": "incontext",
     "retrieval": "retrieval",
+    "retrieval-bm25": "retrieval-bm25",
+    "retrieval-dense": "retrieval-dense",
     "adapter": None,
     "adapter+retrieval": "retrieval",
+    "adapter+retrieval-bm25": "retrieval-bm25",
+    "adapter+retrieval-dense": "retrieval-dense",
     "api": "incontext",
 }
 
@@ -50,32 +59,58 @@ def parse_methods(text: str) -> tuple[str, ...]:
     return names
 
 
+_E, _G = EvalSettings(), GenerateSettings()  # the defaults, defined once in config.settings
+
+
 @dataclass(frozen=True)
 class EvalConfig:
-    """Everything one evaluation run depends on (written into metrics.json)."""
+    """Everything one evaluation run depends on (written into metrics.json); defaults from config.settings."""
 
     data_dir: Path
     out_dir: Path
     adapter_dir: Path | None = None
     base: str | None = None
-    methods: tuple[str, ...] = ("base", "incontext", "retrieval", "adapter", "adapter+retrieval")
-    context_budget_tokens: int = 256
-    samples_per_prompt: int = 2
-    max_prompts: int = 100
-    seed: int = 0
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_new_tokens: int = 64
-    batch_size: int = 4
-    api_base: str | None = None
-    api_model: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
+    methods: tuple[str, ...] = parse_methods(_E.methods)
+    context_budget_tokens: int = _E.context_budget_tokens
+    samples_per_prompt: int = _E.samples_per_prompt
+    max_prompts: int = _E.max_prompts
+    seed: int = _E.seed
+    temperature: float = _G.temperature
+    top_p: float = _G.top_p
+    max_new_tokens: int = _G.max_new_tokens
+    batch_size: int = _E.batch_size
+    retriever: str = _E.retriever
+    embedding_model: str | None = _E.embedding_model
+    bootstrap_resamples: int = _E.bootstrap_resamples
+    api_base: str | None = _E.api_base
+    api_model: str | None = _E.api_model
+    api_key_env: str = _E.api_key_env
     report_path: Path | None = None
     max_total_tokens: int | None = None  # context + prompt + reply; default: the model's max positions
+
+    @classmethod
+    def from_settings(cls, settings, data_dir: Path, out_dir: Path, **overrides) -> EvalConfig:
+        """A config from `settings.eval` and `settings.generate`, with the given non-None overrides on top."""
+        e, g = settings.eval, settings.generate
+        values = {
+            "methods": parse_methods(e.methods), "context_budget_tokens": e.context_budget_tokens,
+            "samples_per_prompt": e.samples_per_prompt, "max_prompts": e.max_prompts, "seed": e.seed,
+            "temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
+            "batch_size": e.batch_size, "retriever": e.retriever, "embedding_model": e.embedding_model,
+            "bootstrap_resamples": e.bootstrap_resamples, "api_base": e.api_base, "api_model": e.api_model,
+            "api_key_env": e.api_key_env,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(data_dir=data_dir, out_dir=out_dir, **values)
 
     def report(self) -> Path:
         """Where the HTML report goes."""
         return self.report_path or self.out_dir / "report.html"
+
+    def context_kind(self, method: str) -> str | None:
+        """The context `method` uses, with plain "retrieval" resolved to the configured retriever."""
+        kind = CONTEXT_OF[method]
+        return f"retrieval-{self.retriever}" if kind == "retrieval" else kind
 
 
 @dataclass
@@ -97,6 +132,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvalError(f"--adapter {cfg.adapter_dir}: not a directory (train one with `convo train`)")
     if "api" in cfg.methods and not (cfg.api_base and cfg.api_model):
         raise EvalError("method api needs --api-base URL and --api-model NAME (or eval.api_base/api_model settings)")
+    if cfg.retriever not in ("bm25", "dense"):
+        raise EvalError(f"retriever {cfg.retriever!r}: choose bm25 or dense (--retriever, eval.retriever)")
     if cfg.context_budget_tokens < 0 or cfg.samples_per_prompt < 1 or cfg.max_prompts < 1:
         raise EvalError("--context-budget must be >= 0, --n and --max-prompts >= 1")
 
@@ -148,9 +185,6 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
 
     count = token_counter(engine.tokenizer)
     train_sessions = sessions(train)
-    from training.evaluate.retrieval import ExchangeIndex
-
-    index = ExchangeIndex(exchanges(train, tag))
     max_tokens = cfg.max_total_tokens or _model_max_tokens(engine)
 
     # One prompt per sample, trimmed once for all methods so the longest context still fits the model.
@@ -159,12 +193,15 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
         room = max_tokens - cfg.context_budget_tokens - max(cfg.max_new_tokens, count(s.completion)) - 2
         prompts.append(fit_prompt(s.prompt, count, max(room, 1)))
 
+    from training.evaluate.retrieval import Embedder, build_index
+
+    embedder = Embedder(cfg.embedding_model)
     incontext = incontext_context(train_sessions, tag, count, cfg.context_budget_tokens, cfg.seed)
     contexts: dict[str, list[Context]] = {"incontext": [incontext] * len(chosen)}
-    if any(CONTEXT_OF[m] == "retrieval" for m in cfg.methods):
-        contexts["retrieval"] = [
-            retrieval_context(index, s.history(), count, cfg.context_budget_tokens) for s in chosen
-        ]
+    items = exchanges(train, tag)
+    for kind in sorted({cfg.context_kind(m) for m in cfg.methods} - {None, "incontext"}):
+        index = build_index(kind.removeprefix("retrieval-"), items, embedder)
+        contexts[kind] = [retrieval_context(index, s.history(), count, cfg.context_budget_tokens) for s in chosen]
 
     client = None
     if "api" in cfg.methods:
@@ -173,9 +210,13 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
         client = ApiClient(cfg.api_base, cfg.api_model, os.environ.get(cfg.api_key_env) or None)
 
     real = [s.reply() for s in chosen]
+    # The person's own other replies: the style distance a perfect imitation would still get (see metrics.py).
+    own = [s.reply() for s in train if s.target == tag and s.reply()]
+    style_ref = M.style_reference(real, own, len(chosen) * cfg.samples_per_prompt, seed=cfg.seed)
     training_messages = M.normalise_messages([t.text for sess in train_sessions for t in sess])
     results: dict[str, dict] = {}
     replies: dict[str, list[list[list[str]]]] = {}
+    nll_pairs: dict[str, list[tuple[float, int]]] = {}
 
     task = None
     if progress is not None:
@@ -188,7 +229,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
 
     for method in cfg.methods:
         t0 = time.perf_counter()
-        kind = CONTEXT_OF[method]
+        kind = cfg.context_kind(method)
         ctxs = contexts[kind] if kind else [EMPTY] * len(chosen)
         res: dict = {
             "context": kind or "none",
@@ -206,6 +247,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                     pairs += engine.completion_nll(batch, batch_size=cfg.batch_size)
                     advance(f"{method}: likelihood", len(batch))
                 res.update(M.nll_summary(pairs))
+                nll_pairs[method] = pairs
             else:
                 res.update({"nll_per_token": None, "perplexity": None, "tokens": 0})
             cands: list[list[list[str]]] = []
@@ -223,12 +265,9 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                 cands.append([list(c) for c in out])
                 advance(f"{method}: sampling")
         replies[method] = cands
-        gen = [c for per in cands for c in per]
-        gen_groups = [i for i, per in enumerate(cands) for _ in per]
-        res["style"] = M.style_distance(real, gen)
-        res["style_summary"] = M.summary(gen)
-        res["auc"] = M.distinguishability_auc(real, gen, list(range(len(real))), gen_groups, seed=cfg.seed)
-        res["degeneration"] = M.degeneration(gen, training_messages)
+        res.update(score_replies(real, cands, training_messages, embedder, cfg.seed))
+        res["style_calibrated"] = M.calibrated_style(res["style"], style_ref)
+        res["intervals"] = intervals(real, cands, nll_pairs.get(method), training_messages, embedder, cfg, style_ref)
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[method] = res
 
@@ -240,6 +279,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
             "prompt": prompts[i],
             "real": real[i],
             "replies": {m: replies[m][i] for m in cfg.methods},
+            "nll": {m: list(nll_pairs[m][i]) for m in cfg.methods if m in nll_pairs},  # (nll sum, tokens)
         }
         for i, s in enumerate(chosen)
     ]
@@ -253,12 +293,71 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
         "real": {
             "style_summary": M.summary(real),
             "degeneration": M.degeneration(real, training_messages),
+            "style_reference": style_ref,
         },
         "methods": results,
     }
     result = EvalResult(metrics, comparisons)
     write_outputs(cfg, result)
     return result
+
+
+def score_replies(real: list, cands: list[list[list[str]]], training_messages: set[str], embedder, seed: int) -> dict:
+    """Text metrics of one method's replies against the real ones (style, AUC, semantic, degeneration)."""
+    gen = [c for per in cands for c in per]
+    gen_groups = [i for i, per in enumerate(cands) for _ in per]
+    semantic = M.semantic_similarity(real, gen, gen_groups, embedder)
+    return {
+        "style": M.style_distance(real, gen),
+        "style_summary": M.summary(gen),
+        "auc": M.distinguishability_auc(real, gen, list(range(len(real))), gen_groups, seed=seed),
+        "semantic": sum(semantic) / len(semantic) if semantic else None,
+        "degeneration": M.degeneration(gen, training_messages),
+    }
+
+
+def intervals(
+    real: list, cands: list[list[list[str]]], nll_pairs: list[tuple[float, int]] | None,
+    training_messages: set[str], embedder, cfg: EvalConfig, style_ref: dict | None = None,
+) -> dict[str, list[float] | None]:
+    """Bootstrap 95% intervals over prompts for every headline figure of one method (see metrics.py).
+
+    The AUC interval resamples the classifier's out-of-fold scores (refitting per resample would cost minutes).
+    """
+    n, b, seed = len(real), cfg.bootstrap_resamples, cfg.seed
+    if b <= 0 or n < 2:
+        return {}
+    gen_groups = [i for i, per in enumerate(cands) for _ in per]
+    gen = [c for per in cands for c in per]
+    out: dict[str, list[float] | None] = {}
+
+    def ci(fn) -> list[float] | None:
+        r = M.bootstrap_interval(n, fn, b, seed)
+        return None if r is None else [round(r[0], 6), round(r[1], 6)]
+
+    if nll_pairs:
+        out["nll_per_token"] = ci(lambda idx: M.nll_summary([nll_pairs[i] for i in idx])["nll_per_token"])
+    sem = M.semantic_similarity(real, gen, gen_groups, embedder)
+    out["semantic"] = ci(lambda idx: sum(sem[i] for i in idx) / len(idx))
+    out["style"] = ci(lambda idx: M.style_distance(
+        [real[i] for i in idx], [c for i in idx for c in cands[i]])["combined"])
+    if style_ref is not None:
+        out["style_calibrated"] = ci(lambda idx: M.calibrated_style(M.style_distance(
+            [real[i] for i in idx], [c for i in idx for c in cands[i]]), style_ref)["combined"])
+    scores = M.distinguishability_scores(real, gen, list(range(n)), gen_groups, seed)
+    if scores is not None:
+        by_prompt: dict[int, list[tuple[int, float]]] = {i: [(1, scores[i])] for i in range(n)}
+        for k, g in enumerate(gen_groups):
+            by_prompt[g].append((0, scores[n + k]))
+
+        def auc(idx):
+            pts = [p for i in idx for p in by_prompt[i]]
+            return M.auc_from_scores([y for y, _ in pts], [x for _, x in pts])
+
+        out["auc"] = ci(auc)
+    for key in ("empty", "repeated", "copied"):
+        out[key] = ci(lambda idx, key=key: M.degeneration([c for i in idx for c in cands[i]], training_messages)[key])
+    return out
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -290,7 +389,8 @@ def write_outputs(cfg: EvalConfig, result: EvalResult) -> None:
 def metrics_table(metrics: dict):
     """A rich Table of the headline figures per method: lower is better, except AUC (best at 0.5).
 
-    ctx: mean context tokens; NLL/tok: of the real replies (perplexity is in metrics.json); style: combined
+    ctx: mean context tokens; NLL/tok: of the real replies (perplexity is in metrics.json); sem: semantic
+    similarity to the real reply (higher is better); style: calibrated combined
     style distance; empty/rep: share of empty/self-repeating replies; copy: share of 4+ word messages copied
     from training.
     """
@@ -305,14 +405,15 @@ def metrics_table(metrics: dict):
         box=box.SIMPLE_HEAD, collapse_padding=True,
     )
     table.add_column("method", no_wrap=True)
-    for col in ("ctx", "NLL/tok", "style", "AUC", "empty", "rep", "copy"):
+    for col in ("ctx", "NLL/tok", "sem", "style", "AUC", "empty", "rep", "copy"):
         table.add_column(col, justify="right", no_wrap=True)
     for name, r in metrics["methods"].items():
         d = r["degeneration"]
         table.add_row(
-            name, f"{r['context_tokens_mean']:.0f}", f(r["nll_per_token"]), f(r["style"]["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2), f(d["copied"], 2),
+            name, f"{r['context_tokens_mean']:.0f}", f(r["nll_per_token"]), f(r.get("semantic")),
+            f((r.get("style_calibrated") or r["style"])["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2), f(d["copied"], 2),
         )
     rd = metrics["real"]["degeneration"]
-    table.add_row("(real)", "", "", "0.000", "0.5", f(rd["empty"], 2), f(rd["repeated"], 2), f(rd["copied"], 2),
+    table.add_row("(real)", "", "", "1.000", "0.000", "0.5", f(rd["empty"], 2), f(rd["repeated"], 2), f(rd["copied"], 2),
                   style="dim")
     return table
