@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError
+from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -141,7 +141,7 @@ class BotSettings(BaseModel):
     meaning as in `convo dataset`, so live prompts look like the training samples.
     """
 
-    adapters_dir: str = "adapters"  # persona tags come from <adapters_dir>/<persona>/(current/)convo_adapter.json
+    adapters_dir: str | None = None  # persona tags come from <dir>/<persona>/(current/)convo_adapter.json; unset: worker.adapters_dir
     reply_timeout_s: float = Field(60.0, gt=0)  # how long a bot waits for the worker before saying so
     history_ttl_days: float = Field(30.0, gt=0)  # stored chat history expires after this much silence
     draft_ttl_hours: float = Field(48.0, gt=0)  # a draft (and its buttons) lives this long
@@ -182,7 +182,7 @@ class FeedbackSettings(BaseModel):
     backoff_max_s: float = Field(30.0, gt=0)  # Redis or database down: retry with backoff up to this
     small_edit_ratio: float = Field(0.8, ge=0, le=1)  # an edit this similar (difflib ratio) still counts as accepted
     # Versioned adapters.
-    adapters_dir: str = "adapters"  # adapters/NAME/vN + `current`
+    adapters_dir: str | None = None  # adapters/NAME/vN + `current`; unset: worker.adapters_dir
     # `convo retrain`.
     heldout_fraction: float = Field(0.2, ge=0, lt=1)  # share of drafts (by id) kept out of training for the gate
     min_kto_labels: int = Field(20, ge=2)  # labelled drafts (both 👍 and 👎 present) before a KTO pass runs
@@ -224,6 +224,14 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+
+    @model_validator(mode="after")
+    def _one_adapters_dir(self) -> Settings:
+        """The bots and the learning loop read adapters where the worker serves them unless told otherwise."""
+        for section in (self.bot, self.feedback):
+            if section.adapters_dir is None:
+                section.adapters_dir = self.worker.adapters_dir
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -27,6 +27,9 @@ from inference.protocol import (
 )
 
 
+BLPOP_SLICE_S = 2.0  # s; kept well under any socket_timeout a caller may set
+
+
 class WorkerTimeout(ConvoError):
     """No worker answered in time (is `convo serve worker` running against the same Redis and prefix?)."""
 
@@ -48,6 +51,12 @@ class WorkerClient:
         self.keys = keys or Keys()
         self.max_stream_len = max_stream_len
 
+    def _slice_s(self) -> float:
+        """How long one BLPOP may block: under half the connection's socket timeout, at most BLPOP_SLICE_S."""
+        pool = getattr(self.redis, "connection_pool", None)
+        socket_timeout = (getattr(pool, "connection_kwargs", None) or {}).get("socket_timeout")
+        return min(BLPOP_SLICE_S, socket_timeout / 2) if socket_timeout else BLPOP_SLICE_S
+
     def _prepare(self, request: GenerateRequest, timeout_s: float) -> GenerateRequest:
         """Fill the deadline (now + timeout) and reply key when the caller left them empty; stamp enqueued_at."""
         update: dict = {"enqueued_at": utcnow()}  # queue_ms counts from here, not from when the request was built
@@ -67,7 +76,15 @@ class WorkerClient:
     async def wait(self, request: GenerateRequest, timeout_s: float) -> GenerateResponse:
         """Block until the response to `request` arrives (BLPOP on its reply key) or raise WorkerTimeout."""
         key = request.reply_to or self.keys.reply(request.id)
-        got = await self.redis.blpop([key], timeout=max(timeout_s, 0.01))
+        end = time.monotonic() + timeout_s
+        got = None
+        while got is None:
+            left = end - time.monotonic()
+            if left <= 0:
+                break
+            # BLPOP in slices shorter than the client's socket timeout (redis-py 8 defaults it to 5 s, and a
+            # blocking read longer than that fails with TimeoutError instead of waiting).
+            got = await self.redis.blpop([key], timeout=max(min(left, self._slice_s()), 0.01))
         if got is None:
             raise WorkerTimeout(
                 f"no worker answered request {request.id} within {timeout_s:g} s "

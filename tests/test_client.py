@@ -107,3 +107,34 @@ def test_serve_status_cli(redis_url, cli, capsys, monkeypatch):
     monkeypatch.setenv("CONVO_REDIS__URL", "redis://127.0.0.1:1/0")
     assert cli(["serve", "status"]) == 2
     assert "cannot reach Redis at redis://127.0.0.1:1/0" in capsys.readouterr().err
+
+
+@pytest.mark.redis
+def test_wait_outlasts_the_socket_timeout(redis_url):
+    """A reply that takes longer than the Redis client's socket timeout is still received (BLPOP in slices)."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from inference.client import WorkerClient
+    from inference.protocol import GenerateRequest, GenerateResponse, Keys
+
+    async def scenario():
+        r = aioredis.from_url(redis_url, socket_timeout=0.5)
+        client = WorkerClient(r, Keys("slow"))
+        request = GenerateRequest.build(persona="alice")
+
+        async def answer_late():
+            # The reply appears only after the client has blocked past its socket timeout more than once.
+            for _ in range(3):
+                await r.blpop(["slow:never"], timeout=0.3)
+            await r.lpush(client.keys.reply(request.id), GenerateResponse(id=request.id, candidates=[["hi"]]).dumps())
+
+        late = asyncio.create_task(answer_late())
+        try:
+            return await client.wait(request, timeout_s=10)
+        finally:
+            await late
+            await r.aclose()
+
+    assert asyncio.run(scenario()).candidates == [["hi"]]

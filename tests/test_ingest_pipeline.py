@@ -214,8 +214,11 @@ def test_cli_bad_options_exit_2(tmp_path, capsys):
     assert "--tz" in capsys.readouterr().err
     assert run(["ingest", src, "--out", str(tmp_path / "o.jsonl"), "--format", "csv"]) == 2
     assert "--format 'csv'" in capsys.readouterr().err
-    assert run(["ingest", src, "--out", str(tmp_path / "no" / "o.jsonl")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert run(["ingest", src, "--out", str(tmp_path / "file" / "o.jsonl")]) == 2
+    assert "cannot create folder" in capsys.readouterr().err
+    assert run(["ingest", src, "--out", str(tmp_path / "new" / "o.jsonl"), "--me", "222"]) == 0  # folders made
+    assert (tmp_path / "new" / "o.jsonl").is_file()
 
 
 def test_cli_help_explains_options(capsys):

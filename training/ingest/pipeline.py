@@ -499,8 +499,10 @@ def ingest(
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out {out}: is a folder; expected a file path such as {out / 'messages.jsonl'}")
-    if not out.parent.is_dir():
-        raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot create folder {out.parent} ({e.strerror or e})") from e
     meta_path = meta_path_for(out)
     previous = _read_previous(out, meta_path) if append else {}
     tz = _check_append(previous, tz, scrub, out) if append else (tz or "UTC")
