@@ -471,8 +471,7 @@ def connect_redis(settings):
     import redis.asyncio as aioredis
 
     password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    # No socket timeout: redis-py 8 gives up on any read after 5 s; BLPOP is bounded by bot.reply_timeout_s itself.
-    return aioredis.from_url(settings.redis.url, password=password, socket_timeout=None)
+    return aioredis.from_url(settings.redis.url, password=password)
 
 
 async def ping_redis(client, url: str) -> None:

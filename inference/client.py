@@ -148,9 +148,7 @@ def connect(url: str, password=None):
 
     if password is not None and hasattr(password, "get_secret_value"):
         password = password.get_secret_value()
-    # No socket timeout: redis-py 8 gives up on any read after 5 s, but BLPOP waits up to the reply timeout itself.
-    kwargs = {"socket_timeout": None, **({"password": password} if password else {})}
-    return aioredis.from_url(url, **kwargs)
+    return aioredis.from_url(url, password=password) if password else aioredis.from_url(url)
 
 
 async def ask(redis_url: str, request: GenerateRequest, timeout_s: float, prefix: str = "convo"
@@ -158,7 +156,7 @@ async def ask(redis_url: str, request: GenerateRequest, timeout_s: float, prefix
     """One request, one response, on a fresh connection (`convo ask`)."""
     import redis.asyncio as aioredis
 
-    client = aioredis.from_url(redis_url, socket_timeout=None)  # see connect()
+    client = aioredis.from_url(redis_url)
     try:
         return await asyncio.wait_for(WorkerClient(client, Keys(prefix)).generate(request, timeout_s),
                                       timeout_s + 5)
