@@ -50,3 +50,23 @@ def test_date_order_from_settings(tmp_path, monkeypatch):
     assert json.loads(out.read_text("utf-8").splitlines()[0])["ts"].startswith("2021-01-02")
     monkeypatch.setenv("CONVO_INGEST__DATE_ORDER", "ydm")
     assert run(["ingest", str(src), "--out", str(out), "--me", "Riya"]) == 2
+
+
+def test_me_by_name_takes_every_account_of_that_name(tmp_path):
+    """`--me Sam` where WhatsApp's id is the name "Sam" still takes Telegram's Sam (another id) too."""
+    import json
+
+    from training.ingest.pipeline import ingest
+
+    telegram = tmp_path / "result.json"
+    telegram.write_text(json.dumps({"name": "Jordan", "type": "personal_chat", "id": 7, "messages": [
+        {"id": 1, "type": "message", "date": "2024-01-01T10:00:00", "date_unixtime": "1704103200", "from": "Sam",
+         "from_id": "user1001", "text": "hey", "text_entities": []},
+        {"id": 2, "type": "message", "date": "2024-01-01T10:01:00", "date_unixtime": "1704103260", "from": "Jordan",
+         "from_id": "user2002", "text": "yo", "text_entities": []},
+    ]}), encoding="utf-8")
+    whatsapp = tmp_path / "WhatsApp Chat with Alex.txt"
+    whatsapp.write_text("1/13/24, 9:00 PM - Sam: hi alex\n1/13/24, 9:01 PM - Alex: hi sam\n", encoding="utf-8")
+    ingest([telegram, whatsapp], tmp_path / "m.jsonl", me="Sam")
+    meta = json.loads((tmp_path / "m.meta.json").read_text())
+    assert sorted(meta["me"]["ids"]) == ["Sam", "user1001"]

@@ -154,7 +154,13 @@ def test_round_trip_and_batching_with_echo(redis_url, sync_redis):
     with running(worker):
         responses = ask_many(redis_url, [req(f"msg {i}") for i in range(6)])
         ask(redis_url, req(deadline=utcnow() - timedelta(seconds=1)))
-        metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+        def scrape() -> str:
+            return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+
+        # The worker counts a request just after writing its reply, so the client can be a step ahead.
+        wait_until(lambda: 'convo_worker_errors_total{code="expired"} 1.0' in scrape(), what="expired counted")
+        metrics = scrape()
     assert "convo_worker_batch_size_count" in metrics and "convo_worker_generate_seconds_bucket" in metrics
     assert 'convo_worker_errors_total{code="expired"} 1.0' in metrics
     assert 'convo_worker_requests_total{outcome="ok"} 6.0' in metrics

@@ -382,7 +382,8 @@ def _identify_me(
         return {"name": speakers[best].name, "id": best, "ids": ids, "how": how}
 
     if me:
-        if me in speakers:
+        # A platform id names one account; a name (or a name-only id, as WhatsApp's) names the person everywhere.
+        if me in speakers and speakers[me].name != me:
             return {"name": speakers[me].name, "id": me, "ids": [me], "how": "--me"}
         if any(s.name.casefold() == me.casefold() for s in speakers.values()):
             return by_name(me, "--me")
