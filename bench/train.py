@@ -194,7 +194,6 @@ def main() -> None:
 
     import torch
     from rich.console import Console
-    from transformers import TrainerCallback
 
     from config.settings import TrainSettings
     from training.tiny_base import build_tiny_base, chitchat_texts
@@ -214,18 +213,8 @@ def main() -> None:
     n_train = sum(1 for _ in (data / "train.jsonl").open())
     print(f"dataset: {n_train} training samples from {args.conversations} chitchat conversations")
 
-    class StepTimer(TrainerCallback):
-        """Wall time and non-padding tokens between the first step's start and the last step's end."""
-
-        def on_step_begin(self, a, state, control, **kw):
-            if state.global_step == 1:  # step 0 pays one-off costs; time from the second step on
-                self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
-
-        def on_step_end(self, a, state, control, **kw):
-            self.t1, self.tok1 = time.perf_counter(), state.num_input_tokens_seen
-
     def one(grouped: bool, steps: int) -> dict:
-        timer = StepTimer()
+        timer = _StepTimer.make()
         out = work / f"run-{'grouped' if grouped else 'random'}-{steps}"
         result = train(
             TrainOptions.from_settings(
