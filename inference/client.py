@@ -26,7 +26,6 @@ from inference.protocol import (
     utcnow,
 )
 
-
 BLPOP_SLICE_S = 2.0  # s; kept well under any socket_timeout a caller may set
 
 
