@@ -6,7 +6,8 @@
   to NAME in `discord.users` consents; `/roleplay stop` ends it. While active, the persona answers channel messages
   through a channel webhook named "NAME (AI)" with the person's avatar. Consent is checked before generating and
   again before posting, so a revoke stops the very next reply; `/consent revoke` also posts a notice.
-* 👍/👎 reactions on the persona's messages (`on_raw_reaction_add`) become `liked`/`disliked` feedback events.
+* 👍/👎 reactions on the persona's messages (`on_raw_reaction_add`) by the bot's owners or the simulated person
+  become `liked`/`disliked` feedback events; other members' reactions are ignored.
 
 Needs the privileged Message Content intent (Developer Portal -> Bot -> Privileged Gateway Intents).
 """
@@ -243,13 +244,18 @@ class RoleplayCog(commands.Cog):
 
     @commands.Cog.listener()
     async def on_raw_reaction_add(self, payload: discord.RawReactionActionEvent) -> None:
-        """👍 / 👎 on a persona message becomes a liked / disliked feedback event."""
+        """👍 / 👎 by an owner or the simulated person on a persona message becomes a liked / disliked event."""
         kind = FEEDBACK_EMOJI.get(str(payload.emoji))
         if kind is None or (self.bot.user is not None and payload.user_id == self.bot.user.id):
             return
         draft = await self._draft_of_message(str(payload.channel_id), str(payload.message_id))
-        if draft is not None:
-            await self.core.feedback(draft, kind, 0)
+        if draft is None:
+            return
+        # Only the bot's owners and the simulated person themself judge the imitation; other members' reactions
+        # are not stored (they did not opt in to anything).
+        if payload.user_id not in self.owner_ids and str(payload.user_id) != self._user_of(draft.persona):
+            return
+        await self.core.feedback(draft, kind, 0)
 
     async def _draft_of_message(self, channel: str, message_id: str) -> DraftRecord | None:
         ids = await self.core.redis.smembers(self.core.keys.chat_drafts(PLATFORM, channel))

@@ -293,10 +293,11 @@ def test_reactions_become_feedback_and_forget_deletes(redis_url, tmp_path):
             hook_ids = [c for c in h.session.calls if c[1].startswith("/webhooks/")]
             assert hook_ids
             persona_message = str(h.session._next_id - 1)  # the 2nd webhook message (alice's own came after)
-            await h.react(CAROL, persona_message, "👍")
-            await h.react(CAROL, persona_message, "👎")
-            await h.react(CAROL, persona_message, "🎉")  # not feedback
-            await h.react(CAROL, "123", "👍")  # not a persona message
+            await h.react(CAROL, persona_message, "👍")  # not the owner nor alice: ignored, nothing stored
+            await h.react(ALICE, persona_message, "👍")  # the simulated person judges her imitation
+            await h.react(ALICE, persona_message, "👎")
+            await h.react(ALICE, persona_message, "🎉")  # not feedback
+            await h.react(ALICE, "123", "👍")  # not a persona message
             events = await feedback_events(h.bot.redis)
             history = await h.cog.core.history(str(CHANNEL))
             await h.command(ALICE, "forget")
