@@ -261,10 +261,14 @@ def test_redis_unreachable_is_retried_not_fatal(caplog):
 
     worker = Worker(aioredis.from_url("redis://127.0.0.1:1/0"), Keys("t"), CountingEcho(),
                     WorkerSettings(metrics_port=0), name="lonely")
+    def retries() -> int:
+        return sum("redis unreachable" in r.message for r in caplog.records)
+
     with caplog.at_level(logging.WARNING, logger="convo.worker"), running(worker):
-        wait_until(lambda: sum("redis unreachable" in r.message for r in caplog.records) >= 2, 15,
-                   "two retries logged")
-    # running() asserted the loop stopped cleanly when asked, without raising
+        wait_until(lambda: retries() >= 2, 15, "two retries logged")
+    # running() re-raises anything the loop raised and fails when it did not stop when asked
+    assert retries() >= 2 and worker.stopping.is_set()
+    assert worker.answered == 0  # nothing was served, and nothing crashed
 
 
 def test_status_reports_workers_and_queue(redis_url, sync_redis):
