@@ -72,6 +72,20 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
+def make_persona_adapters(tiny_base: Path, root: Path) -> Path:
+    """Two personas with different random LoRA weights on `tiny_base`: alice (versioned, v1) and bob (unversioned)."""
+    from inference.adapter_meta import base_model_ref
+    from inference.adapters import random_adapter
+    from inference.versions import set_current
+
+    with torch_threads(1):
+        ref = base_model_ref(tiny_base)
+        random_adapter(tiny_base, root / "alice" / "v1", "Alice", seed=1, me="Riya", base_model=ref)
+        set_current(root / "alice", "v1")
+        random_adapter(tiny_base, root / "bob", "Bob", seed=2, me="Riya", base_model=ref)
+    return root
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run torch ops on `n` threads inside the block. Tiny models on a shared 2-core machine run many times

@@ -22,7 +22,7 @@ from inference.protocol import (
     entry_payload,
     utcnow,
 )
-from tests.conftest import torch_threads
+from tests.conftest import make_persona_adapters, torch_threads
 
 pytestmark = pytest.mark.redis
 
@@ -299,16 +299,11 @@ def test_status_reports_workers_and_queue(redis_url, sync_redis):
 @pytest.fixture(scope="module")
 def adapters_root(tiny_base, tmp_path_factory):
     """alice (versioned, v1), bob (unversioned) and carol (trained on another base: skipped)."""
-    from inference.adapter_meta import BaseModelRef, base_model_ref
+    from inference.adapter_meta import BaseModelRef
     from inference.adapters import random_adapter
-    from inference.versions import set_current
 
+    root = make_persona_adapters(tiny_base, tmp_path_factory.mktemp("served"))
     with torch_threads(1):
-        root = tmp_path_factory.mktemp("served")
-        ref = base_model_ref(tiny_base)
-        random_adapter(tiny_base, root / "alice" / "v1", "Alice", seed=1, me="Riya", base_model=ref)
-        set_current(root / "alice", "v1")
-        random_adapter(tiny_base, root / "bob", "Bob", seed=2, me="Riya", base_model=ref)
         other = BaseModelRef(id="/elsewhere/model", local_path_sha256="0" * 64)
         random_adapter(tiny_base, root / "carol", "Carol", seed=3, base_model=other)
     return root

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from inference.protocol import GenerateRequest
-from tests.conftest import torch_threads
+from tests.conftest import make_persona_adapters, torch_threads
 
 
 @pytest.fixture(autouse=True)
@@ -17,17 +17,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def adapters_dir(tiny_base, tmp_path_factory):
     """Two personas with different random LoRA weights (alice versioned v1, bob unversioned)."""
-    from inference.adapter_meta import base_model_ref
-    from inference.adapters import random_adapter
-    from inference.versions import set_current
-
-    with torch_threads(1):
-        root = tmp_path_factory.mktemp("adapters")
-        ref = base_model_ref(tiny_base)
-        random_adapter(tiny_base, root / "alice" / "v1", "Alice", seed=1, me="Riya", base_model=ref)
-        set_current(root / "alice", "v1")
-        random_adapter(tiny_base, root / "bob", "Bob", seed=2, me="Riya", base_model=ref)
-    return root
+    return make_persona_adapters(tiny_base, tmp_path_factory.mktemp("adapters"))
 
 
 @pytest.fixture(scope="module")
