@@ -65,20 +65,11 @@ def load_base(base: str | Path, quantize: str = "auto", device: str | None = Non
     four_bit = quantize == "4bit" or (quantize == "auto" and device.startswith("cuda"))
     kwargs: dict = {}
     if four_bit:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError as e:
-            raise ConfigError("--quantize 4bit needs bitsandbytes: pip install -e '.[ml]'") from e
-        from transformers import BitsAndBytesConfig
+        from inference.engine import qlora_config, qlora_device_map
 
         cuda = device.startswith("cuda")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32,
-        )
-        kwargs["device_map"] = {"": 0 if cuda else "cpu"}
+        kwargs["quantization_config"] = qlora_config(torch.bfloat16 if cuda else torch.float32, "--quantize 4bit")
+        kwargs["device_map"] = qlora_device_map(device)
     else:
         kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:

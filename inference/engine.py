@@ -117,7 +117,7 @@ class Engine:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs: dict = {}
         if qlora:
-            kwargs["quantization_config"] = qlora_config(device)
+            kwargs["quantization_config"] = qlora_config()
             kwargs["device_map"] = qlora_device_map(device)
         else:
             kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
@@ -257,22 +257,23 @@ class Engine:
         return results
 
 
-def qlora_config(device: str | None = None):
-    """BitsAndBytes 4-bit NF4 with double quantization and bf16 compute; TrainError without bitsandbytes.
+def qlora_config(compute_dtype: torch.dtype = torch.bfloat16, flag: str = "--qlora"):
+    """BitsAndBytes 4-bit NF4 with double quantization; TrainError naming `flag` without bitsandbytes.
 
-    bitsandbytes >= 0.49 runs 4-bit NF4 on the CPU too, so QLoRA works on either device.
+    bitsandbytes >= 0.49 runs 4-bit NF4 on the CPU too, so QLoRA and the quantized worker work on either device.
+    Training and simulate compute in bf16; the worker computes in fp32 on the CPU (`compute_dtype`).
     """
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as e:
-        raise TrainError("--qlora needs bitsandbytes: pip install -e '.[ml]'") from e
+        raise TrainError(f"{flag} needs bitsandbytes: pip install -e '.[ml]'") from e
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 
