@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from convo.errors import ConfigError, ConvoError
-from inference.client import WorkerClient, WorkerError
+from inference.client import WorkerClient, WorkerError, connect
 from inference.prompt_format import ROLE_ME, make_tag
 from inference.protocol import (
     MAX_HISTORY,
@@ -468,10 +468,7 @@ class BotCore:
 
 def connect_redis(settings):
     """An async Redis client for the bot (settings.redis url and password)."""
-    import redis.asyncio as aioredis
-
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    return aioredis.from_url(settings.redis.url, password=password)
+    return connect(settings.redis.url, settings.redis.password)
 
 
 async def ping_redis(client, url: str) -> None:

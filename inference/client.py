@@ -11,7 +11,6 @@ request to the requests stream, and waits on the reply list with BLPOP: no polli
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -149,15 +148,3 @@ def connect(url: str, password=None):
         password = password.get_secret_value()
     return aioredis.from_url(url, password=password) if password else aioredis.from_url(url)
 
-
-async def ask(redis_url: str, request: GenerateRequest, timeout_s: float, prefix: str = "convo"
-              ) -> GenerateResponse:
-    """One request, one response, on a fresh connection (`convo ask`)."""
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(redis_url)
-    try:
-        return await asyncio.wait_for(WorkerClient(client, Keys(prefix)).generate(request, timeout_s),
-                                      timeout_s + 5)
-    finally:
-        await client.aclose()
