@@ -4,6 +4,8 @@ Telegram, Discord and `convo chat` all go through `BotCore`; it knows Redis and 
 (inference/protocol.py), never a platform and never a model.
 
     history   {prefix}:history:{platform}:{chat}   list of HistoryMessage JSON, last `context_messages`, TTL
+    ids       {prefix}:msgids:{platform}:{chat}    hash platform message id -> "speaker|ts" of its history entry
+                                                   (so an edit or deletion on the platform finds it), TTL
     drafts    {prefix}:draft:{id}                  DraftRecord JSON (context, candidates, platform refs), TTL
               {prefix}:drafts:{platform}:{chat}    set of a chat's draft ids (so /forget finds them)
     feedback  {prefix}:feedback                    FeedbackEvent entries, each complete on its own
@@ -20,13 +22,14 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import WatchError
 
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerClient, WorkerError, connect
@@ -51,7 +54,7 @@ from inference.protocol import (
 logger = logging.getLogger(__name__)
 _PERSONA_RE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # the wire rule for persona names
 
-DraftStatus = Literal["open", "sent", "edited", "closed"]
+DraftStatus = Literal["open", "sending", "sent", "edited", "closed"]
 
 
 class DraftExpired(ConvoError):
@@ -191,6 +194,8 @@ class DraftRecord(BaseModel):
     created_at: datetime = Field(default_factory=utcnow)
     status: DraftStatus = "open"
     refs: dict[str, str] = Field(default_factory=dict)  # platform ids (chat, message, business connection...)
+    chosen: int | None = None  # the candidate being sent; set once its first message went out
+    delivered: int = 0  # messages of `chosen` already delivered (a retry resumes after them)
 
 
 def session_context(messages: Sequence[HistoryMessage], now: datetime, session_gap_min: float, limit: int
@@ -210,6 +215,11 @@ def session_context(messages: Sequence[HistoryMessage], now: datetime, session_g
     return out[::-1]
 
 
+def _fingerprint(message: HistoryMessage) -> str:
+    """What finds a stored message again without keeping its text: speaker and timestamp (to the microsecond)."""
+    return f"{message.speaker}|{message.ts.isoformat() if message.ts else '-'}"
+
+
 def clip_text(text: str) -> str:
     """A message text cut to what the wire format carries."""
     return text if len(text) <= MAX_TEXT_CHARS else text[: MAX_TEXT_CHARS - 1] + "…"
@@ -227,16 +237,101 @@ class BotCore:
 
     # ------------------------------------------------------------ history
 
-    async def add_message(self, chat: str, speaker: str, text: str, ts: datetime | None = None) -> HistoryMessage:
-        """Append one message to a chat's rolling history (trimmed to `context_messages`, TTL refreshed)."""
+    async def add_message(self, chat: str, speaker: str, text: str, ts: datetime | None = None,
+                          message_id: str | None = None) -> HistoryMessage:
+        """Append one message to a chat's rolling history (trimmed to `context_messages`, TTL refreshed);
+        `message_id` (the platform's) lets a later edit or deletion find it."""
         message = HistoryMessage.build(speaker=speaker, text=clip_text(text), ts=ts or utcnow())
         key = self.keys.history(self.platform, chat)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.rpush(key, message.dumps())
             pipe.ltrim(key, -self.config.context_messages, -1)
             pipe.expire(key, self.config.history_ttl_s)
+            if message_id is not None:
+                pipe.hset(self._ids_key(chat), message_id, _fingerprint(message))
+                pipe.expire(self._ids_key(chat), self.config.history_ttl_s)
             await pipe.execute()
         return message
+
+    def _ids_key(self, chat: str) -> str:
+        return f"{self.keys.prefix}:msgids:{self.platform}:{chat}"
+
+    async def amend_message(self, chat: str, message_id: str, text: str | None) -> int:
+        """The platform says message `message_id` was edited to `text` (or deleted: None): change or drop it in
+        the chat's history and in the context of the chat's stored drafts, so the next request and every later
+        feedback event carry what was finally said. Returns how many stored copies changed."""
+        ids_key = self._ids_key(chat)
+        raw_print = await self.redis.hget(ids_key, message_id)
+        if raw_print is None:
+            return 0  # never stored here (unmapped chat, or older than the history)
+        fingerprint = raw_print.decode() if isinstance(raw_print, bytes) else raw_print
+        if text is None:
+            await self.redis.hdel(ids_key, message_id)
+
+        def amended(messages: list) -> list | None:
+            """`messages` (HistoryMessage, or raw entries as stored) with the message changed; None if absent."""
+            out, hit = [], False
+            for item in messages:
+                try:
+                    message = item if isinstance(item, HistoryMessage) else HistoryMessage.loads(item)
+                except ConvoError:
+                    out.append(item)  # a malformed entry is nobody's message: keep it as it is
+                    continue
+                if _fingerprint(message) != fingerprint:
+                    out.append(item)
+                    continue
+                hit = True
+                if text is not None:
+                    new = message.model_copy(update={"text": clip_text(text)})
+                    out.append(new if isinstance(item, HistoryMessage) else new.dumps())
+            return out if hit else None
+
+        history_key = self.keys.history(self.platform, chat)
+
+        async def on_history(pipe):
+            new = amended(await pipe.lrange(history_key, 0, -1))
+            if new is None:
+                return 0
+            pipe.multi()
+            pipe.delete(history_key)
+            if new:
+                pipe.rpush(history_key, *new)
+                pipe.expire(history_key, self.config.history_ttl_s)
+            return 1
+
+        changed = await self._atomically(history_key, on_history)
+        index = self.keys.chat_drafts(self.platform, chat)
+        for draft_id in [i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(index)]:
+            async def on_draft(pipe, key=self.keys.draft(draft_id)):
+                raw = await pipe.get(key)
+                if raw is None:
+                    return 0
+                draft = DraftRecord.model_validate_json(raw)
+                new = amended(draft.context)
+                if new is None:
+                    return 0
+                pipe.multi()
+                pipe.set(key, draft.model_copy(update={"context": new}).model_dump_json(), keepttl=True)
+                return 1
+
+            changed += await self._atomically(self.keys.draft(draft_id), on_draft)
+        logger.info("%s message in %s:%s: %d stored copies changed", "edited" if text is not None else "deleted",
+                    self.platform, chat, changed)
+        return changed
+
+    async def _atomically(self, key: str, step: Callable[[object], Awaitable]):
+        """Run `step(pipe)` under WATCH `key`, again whenever another client changed the key meanwhile. `step`
+        reads through `pipe`, then either returns without writing or calls `pipe.multi()` and queues its writes."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    result = await step(pipe)
+                    if pipe.explicit_transaction:
+                        await pipe.execute()
+                    return result
+                except WatchError:
+                    continue
 
     async def add_messages(self, chat: str, speaker: str, texts: Sequence[str]) -> None:
         """Append a burst of one speaker's messages."""
@@ -262,16 +357,17 @@ class BotCore:
 
     async def generate(self, chat: str, persona: Persona, mode: Mode, n: int = 1,
                        on_partial: Callable[[str], Awaitable[None]] | None = None,
-                       refs: dict[str, str] | None = None) -> DraftRecord:
-        """Ask the worker for `n` candidates from the chat's context, store the draft and emit `shown` events.
+                       refs: dict[str, str] | None = None, shown: bool = True) -> DraftRecord:
+        """Ask the worker for `n` candidates from the chat's context, store the draft and emit `shown` events
+        (`shown=False`: the caller emits each once the platform has really shown it).
 
         With `on_partial` the request streams and each newer text of candidate 1 is passed to it. Raises
         WorkerTimeout (nobody answered) or WorkerError (the worker refused).
         """
         context = await self.context(chat)
-        return await self._generate(chat, persona, mode, n, context, on_partial, refs or {})
+        return await self._generate(chat, persona, mode, n, context, on_partial, refs or {}, shown)
 
-    async def _generate(self, chat, persona, mode, n, context, on_partial, refs) -> DraftRecord:
+    async def _generate(self, chat, persona, mode, n, context, on_partial, refs, shown=True) -> DraftRecord:
         cfg = self.config
         request = GenerateRequest.build(
             persona=persona.name, mode=mode, history=context, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -301,17 +397,18 @@ class BotCore:
         await self.save_draft(draft)
         logger.info("draft %s persona=%s mode=%s n=%d %.2fs", draft.id, persona.name, mode, len(candidates),
                     time.monotonic() - started)
-        for i in range(len(candidates)):
+        for i in range(len(candidates) if shown else 0):
             await self.feedback(draft, "shown", i)
         return draft
 
     async def regenerate(self, draft: DraftRecord, persona: Persona, n: int | None = None,
-                         on_partial: Callable[[str], Awaitable[None]] | None = None) -> DraftRecord:
+                         on_partial: Callable[[str], Awaitable[None]] | None = None, shown: bool = True
+                         ) -> DraftRecord:
         """Emit `regenerated` for `draft` and make a new draft from the very same context."""
         await self.feedback(draft, "regenerated")
         await self.set_status(draft, "closed")
         return await self._generate(draft.chat, persona, draft.mode, n or len(draft.candidates), draft.context,
-                                    on_partial, dict(draft.refs))
+                                    on_partial, dict(draft.refs), shown)
 
     async def save_draft(self, draft: DraftRecord) -> None:
         """Store a draft record and index it under its chat, both with the draft TTL."""
@@ -335,18 +432,42 @@ class BotCore:
         await self.redis.set(self.keys.draft(draft.id), updated.model_dump_json(), keepttl=True)
         return updated
 
-    async def open_draft(self, chat: str) -> DraftRecord | None:
-        """The newest draft of a chat still waiting for the owner (None when there is none)."""
+    async def transition(self, draft_id: str, allowed: Collection[DraftStatus], **changes) -> DraftRecord | None:
+        """Apply `changes` to a stored draft if its status is in `allowed`, atomically (compare-and-set: of two
+        handlers racing on one draft only one wins). None when the status is not allowed; DraftExpired when gone."""
+        key = self.keys.draft(draft_id)
+
+        async def step(pipe):
+            raw = await pipe.get(key)
+            if raw is None:
+                raise DraftExpired(f"draft {draft_id} has expired or was forgotten")
+            draft = DraftRecord.model_validate_json(raw)
+            if draft.status not in allowed:
+                return None
+            updated = draft.model_copy(update=changes)
+            pipe.multi()
+            pipe.set(key, updated.model_dump_json(), keepttl=True)
+            return updated
+
+        return await self._atomically(key, step)
+
+    async def open_drafts(self, chat: str) -> list[DraftRecord]:
+        """The drafts of a chat still waiting for the owner, oldest first."""
         ids = await self.redis.smembers(self.keys.chat_drafts(self.platform, chat))
         if not ids:
-            return None
+            return []
         drafts = []
         for raw in await self.redis.mget([self.keys.draft(i.decode() if isinstance(i, bytes) else i) for i in ids]):
             if raw is not None:
                 draft = DraftRecord.model_validate_json(raw)
                 if draft.status == "open":
                     drafts.append(draft)
-        return max(drafts, key=lambda d: d.created_at, default=None)
+        return sorted(drafts, key=lambda d: d.created_at)
+
+    async def open_draft(self, chat: str) -> DraftRecord | None:
+        """The newest draft of a chat still waiting for the owner (None when there is none)."""
+        drafts = await self.open_drafts(chat)
+        return drafts[-1] if drafts else None
 
     # ------------------------------------------------------------ feedback
 
@@ -385,7 +506,7 @@ class BotCore:
         """Delete a chat's history and drafts; returns the number of keys deleted."""
         index = self.keys.chat_drafts(self.platform, chat)
         ids = [i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(index)]
-        keys = [self.keys.history(self.platform, chat), index, *(self.keys.draft(i) for i in ids)]
+        keys = [self.keys.history(self.platform, chat), self._ids_key(chat), index, *(self.keys.draft(i) for i in ids)]
         deleted = await self.redis.delete(*keys)
         logger.info("forgot chat %s:%s (%d keys)", self.platform, chat, deleted)
         return deleted

@@ -9,14 +9,33 @@
   connection only while the connection's rights allow replying (checked with getBusinessConnection at that moment).
   Text the owner then writes in that chat becomes an `edited` event (or `sent` when it is a draft as drafted).
 
+What real servers do, and how the bot copes (each has a test named for it in tests/test_bot_telegram.py):
+
+* Updates run concurrently, so two taps on ✅ race: the callback is answered at once and the draft is claimed
+  with a compare-and-set on its stored status (`BotCore.transition`) before anything is sent.
+* A friend writes in bursts: drafting waits `telegram.debounce_ms` after their last message and drafts once; a new
+  message closes the chat's open drafts and takes their buttons away (a stale ✅ is refused).
+* 429 Too Many Requests: every call is retried `telegram.max_retries` times after Telegram's `retry_after`. A
+  `shown` event is recorded only for a card Telegram accepted; live previews are throttled to one per
+  `telegram.live_draft_interval_s` (Telegram allows about one edit of a message per second).
+* ✅ failing half-way (403 blocked, 429): the draft stays open with the messages already delivered recorded; the
+  owner is told why, and the next ✅ sends only the rest.
+* Edited and deleted business messages change or drop the stored copies (history, draft contexts).
+* A business bot may reply only within 24 h of the friend's last message: an older draft is refused with that reason.
+* A callback query Telegram no longer accepts ("query is too old") is not answered, but the button still acts.
+
 Callback data is `d|ACTION|DRAFT_ID|INDEX` (at most 38 bytes; Telegram allows 64). Every callback query is answered.
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dtm
+import itertools
 import logging
 import secrets
 import time
+from typing import get_args
 
 from telegram import (
     BusinessConnection,
@@ -26,13 +45,14 @@ from telegram import (
     Update,
 )
 from telegram.constants import ChatAction
-from telegram.error import TelegramError
+from telegram.error import BadRequest, Forbidden, NetworkError, RetryAfter, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
     ApplicationBuilder,
     ApplicationHandlerStop,
     BusinessConnectionHandler,
+    BusinessMessagesDeletedHandler,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
@@ -46,6 +66,7 @@ from bot.core import (
     BotCore,
     DraftExpired,
     DraftRecord,
+    DraftStatus,
     PersonaBook,
     check_persona_name,
     connect_redis,
@@ -53,6 +74,7 @@ from bot.core import (
 )
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
+from inference.protocol import utcnow
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +82,10 @@ PLATFORM = "telegram"
 CALLBACK_PREFIX = "d"
 ACTIONS = {"s": "send", "l": "liked", "x": "disliked", "r": "regenerate"}
 REFUSAL = "Sorry, this is a private bot: it only works for its owner."
+BUSINESS_REPLY_WINDOW_H = 24  # Telegram lets a business bot reply only in chats with an incoming message this recent
+ANY_STATUS: tuple[DraftStatus, ...] = get_args(DraftStatus)
+USED = {"sending": "This draft is being sent already.", "sent": "This draft was already used.",
+        "edited": "This draft was already used.", "closed": "This draft was replaced by a newer one."}
 HELP = (
     "/personas: who I can write as\n"
     "/simulate NAME: chat with the simulated friend (/stop ends)\n"
@@ -97,6 +123,54 @@ def worker_problem(e: ConvoError, timeout_s: float) -> str:
     return "The model worker could not draft a reply right now; try again shortly."
 
 
+def _retry_after_s(e: RetryAfter) -> float:
+    return e._retry_after.total_seconds()  # the timedelta behind `retry_after` (the public int form is deprecated)
+
+
+def telegram_problem(e: TelegramError) -> str:
+    """Why Telegram did not take a message, in words for the owner."""
+    if isinstance(e, RetryAfter):
+        return f"Telegram is rate-limiting the bot (it asks to wait {_retry_after_s(e):g} s)"
+    if isinstance(e, Forbidden):
+        return f"Telegram refused it: {e.message.removeprefix('Forbidden: ')}"
+    if isinstance(e, BadRequest):
+        return f"Telegram rejected it: {e.message}"
+    if isinstance(e, NetworkError):
+        return "Telegram could not be reached"
+    return f"Telegram said: {e.message}"
+
+
+class RetryingRateLimiter(AIORateLimiter):
+    """PTB's AIORateLimiter (flood limits, `max_retries` retries after a 429) with Telegram's retry_after
+    multiplied by `retry_after_scale`: 1 in production, small in tests so a real 3 s wait takes milliseconds."""
+
+    def __init__(self, max_retries: int, retry_after_scale: float = 1.0):
+        super().__init__(max_retries=max_retries)
+        self.retry_after_scale = retry_after_scale
+
+    async def process_request(self, callback, args, kwargs, endpoint, data, rate_limit_args):
+        """Run one Bot API call through the limiter, scaling any RetryAfter it raises."""
+        if self.retry_after_scale == 1:
+            return await super().process_request(callback, args, kwargs, endpoint, data, rate_limit_args)
+
+        async def scaled(*a, **kw):
+            try:
+                return await callback(*a, **kw)
+            except RetryAfter as e:
+                raise RetryAfter(dtm.timedelta(seconds=_retry_after_s(e) * self.retry_after_scale)) from e
+
+        return await super().process_request(scaled, args, kwargs, endpoint, data, rate_limit_args)
+
+
+async def answer(query, text: str | None = None, **kwargs) -> None:
+    """Answer a callback query; one Telegram no longer accepts ("query is too old") is logged, not raised, so the
+    button still does its work."""
+    try:
+        await query.answer(text, **kwargs)
+    except TelegramError as e:
+        logger.info("callback query not answered (%s)", type(e).__name__)
+
+
 class TelegramBot:
     """Handlers and state of the Telegram bot (built by `build_app`)."""
 
@@ -112,6 +186,9 @@ class TelegramBot:
         self.core: BotCore | None = None
         self.refused: set[int] = set()  # in memory only: strangers are never stored
         self.connections: dict[str, BusinessConnection] = {}
+        self._seq = itertools.count(1)
+        self._locks: dict[str, asyncio.Lock] = {}  # per chat (mapped chats and the owner's sessions only)
+        self._latest: dict[str, int] = {}  # chat -> number of its newest incoming message (debounce, staleness)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -243,19 +320,59 @@ class TelegramBot:
                                typing=lambda: context.bot.send_chat_action(message.chat_id, ChatAction.TYPING))
             await core.add_messages(chat, persona.tag, burst)
             return
-        await core.add_message(chat, persona.tag, message.text)
-        await self._draft_for(context, owner_chat=message.chat_id, chat=chat, persona=persona, refs={})
+        async with self._arrival(chat):
+            await core.add_message(chat, persona.tag, message.text)
+        await self._incoming(context, owner_chat=message.chat_id, chat=chat, persona=persona, refs={})
 
     # ------------------------------------------------------------ drafts
 
-    async def _draft_for(self, context, owner_chat: int, chat: str, persona, refs: dict[str, str]) -> None:
+    def _arrival(self, chat: str) -> asyncio.Lock:
+        """The lock that keeps a chat's messages in the order Telegram sent them. Updates run concurrently; a
+        handler takes it before its first await, and asyncio.Lock wakes waiters first come, first served."""
+        return self._locks.setdefault(chat, asyncio.Lock())
+
+    async def _incoming(self, context, owner_chat: int, chat: str, persona, refs: dict[str, str]) -> None:
+        """The friend wrote: their earlier drafts no longer answer the chat; draft once their burst is over."""
+        seq = next(self._seq)
+        self._latest[chat] = seq
+        await self._supersede(context, chat)
+        delay_s = self.settings.telegram.debounce_ms / 1000
+        if delay_s > 0:
+            await asyncio.sleep(delay_s)  # the debounce window (updates run concurrently, so nothing waits on it)
+        if self._latest.get(chat) != seq:
+            return  # a newer message of the burst drafts instead
+        await self._draft_for(context, owner_chat, chat, persona, refs, seq)
+
+    async def _supersede(self, context, chat: str) -> None:
+        """Close the chat's open drafts and take the buttons off their cards."""
+        for draft in await self.core.open_drafts(chat):
+            if await self.core.transition(draft.id, {"open"}, status="closed") is not None:
+                await self._close_cards(context, draft)
+
+    async def _close_cards(self, context, draft: DraftRecord, keep: int | None = None) -> None:
+        """Remove the buttons from a draft's cards (all of them, or all but message `keep`)."""
+        owner_chat = draft.refs.get("owner_chat")
+        for message_id in filter(None, draft.refs.get("cards", "").split(",")):
+            if owner_chat is None or int(message_id) == keep:
+                continue
+            try:
+                await context.bot.edit_message_reply_markup(int(owner_chat), int(message_id), reply_markup=None)
+            except TelegramError as e:  # too old to edit, or deleted by the owner: the stale ✅ is refused anyway
+                logger.info("draft %s: could not close a card (%s)", draft.id, type(e).__name__)
+
+    async def _draft_for(self, context, owner_chat: int, chat: str, persona, refs: dict[str, str],
+                         seq: int | None = None) -> None:
         """Generate drafts of the owner's next message, stream them live, then show each with its buttons."""
         streamer = self._live_streamer(context, owner_chat) if self.settings.telegram.live_drafts else None
         try:
             draft = await self.core.generate(chat, persona, "self", n=self.config.drafts, on_partial=streamer,
-                                             refs={**refs, "owner_chat": str(owner_chat)})
+                                             refs={**refs, "owner_chat": str(owner_chat)}, shown=False)
         except (WorkerTimeout, WorkerError) as e:
             await context.bot.send_message(owner_chat, worker_problem(e, self.config.reply_timeout_s))
+            return
+        if seq is not None and self._latest.get(chat) != seq:
+            # The friend wrote again while this was generating: the draft for their newest message will come.
+            await self.core.transition(draft.id, {"open"}, status="closed")
             return
         await self._show(context, owner_chat, draft, persona.name)
 
@@ -279,12 +396,31 @@ class TelegramBot:
         return on_partial
 
     async def _show(self, context, owner_chat: int, draft: DraftRecord, persona_name: str) -> None:
-        """Send each candidate to the owner's chat with its buttons."""
-        total = len(draft.candidates)
+        """Send each candidate to the owner's chat with its buttons; `shown` only for a card Telegram accepted."""
+        total, cards = len(draft.candidates), []
         for i, candidate in enumerate(draft.candidates):
             header = f"✍️ {persona_name} · draft {i + 1}/{total}"
-            await context.bot.send_message(owner_chat, f"{header}\n" + "\n".join(candidate),
-                                           reply_markup=draft_keyboard(draft.id, i))
+            try:
+                card = await context.bot.send_message(owner_chat, f"{header}\n" + "\n".join(candidate),
+                                                      reply_markup=draft_keyboard(draft.id, i))
+            except TelegramError as e:  # retries are spent: the cards already shown stay usable
+                logger.warning("draft %s: card %d/%d not shown (%s)", draft.id, i + 1, total, type(e).__name__)
+                if not cards:
+                    await self.core.transition(draft.id, {"open"}, status="closed")
+                    await self._tell(context, owner_chat, f"A draft was ready but could not be shown: "
+                                                          f"{telegram_problem(e)}.")
+                break
+            cards.append(str(card.message_id))
+            await self.core.feedback(draft, "shown", i)
+        if cards:
+            await self.core.transition(draft.id, ANY_STATUS, refs={**draft.refs, "cards": ",".join(cards)})
+
+    async def _tell(self, context, chat_id: int, text: str) -> None:
+        """A short note to the owner that may itself fail (blocked, rate-limited): then the log has it."""
+        try:
+            await context.bot.send_message(chat_id, text)
+        except TelegramError as e:
+            logger.warning("could not tell the owner (%s)", type(e).__name__)
 
     # ------------------------------------------------------------ business mode
 
@@ -320,97 +456,164 @@ class TelegramBot:
     async def business_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         """A message in a connected chat: a friend's makes drafts; the owner's closes the open draft."""
         message = update.business_message
-        if not message.text:
-            return
-        conn = await self._connection(context, message.business_connection_id)
-        if conn.user.id not in self.owner_ids:
-            return
-        name = self._mapped_persona(message)
+        name = self._mapped_persona(message) if message.text else None
         if name is None:
             return  # not a chat the owner asked for drafts in: store nothing
-        persona = self.book.get(name)
         chat = self._business_chat(message.chat.id)
-        if message.from_user and message.from_user.id == conn.user.id:
-            if message.sender_business_bot is not None:
-                return  # sent by a bot (our ✅): already recorded
-            await self.core.add_message(chat, persona.me_tag, message.text)
-            await self.core.owner_wrote(chat, message.text)
-            return
-        await self.core.add_message(chat, persona.tag, message.text)
-        await self._draft_for(context, owner_chat=conn.user_chat_id, chat=chat, persona=persona,
-                              refs={"business_connection_id": conn.id, "chat_id": str(message.chat.id)})
+        async with self._arrival(chat):
+            conn = await self._connection(context, message.business_connection_id)
+            if conn.user.id not in self.owner_ids:
+                return
+            persona = self.book.get(name)
+            message_id = str(message.message_id)
+            if message.from_user and message.from_user.id == conn.user.id:
+                if message.sender_business_bot is not None:
+                    return  # sent by a bot (our ✅): already recorded
+                await self.core.add_message(chat, persona.me_tag, message.text, message_id=message_id)
+                await self.core.owner_wrote(chat, message.text)
+                return
+            await self.core.add_message(chat, persona.tag, message.text, message_id=message_id)
+        await self._incoming(context, owner_chat=conn.user_chat_id, chat=chat, persona=persona,
+                             refs={"business_connection_id": conn.id, "chat_id": str(message.chat.id)})
+
+    async def _owned(self, context, connection_id: str) -> bool:
+        conn = await self._connection(context, connection_id)
+        return conn.user.id in self.owner_ids
+
+    async def business_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A message in a connected chat was edited: history and draft contexts take the new text."""
+        message = update.edited_business_message
+        if await self._owned(context, message.business_connection_id):
+            await self.core.amend_message(self._business_chat(message.chat.id), str(message.message_id),
+                                          message.text or "")
+
+    async def business_deleted(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
+        """Messages in a connected chat were deleted: they leave the history and the draft contexts."""
+        deleted = update.deleted_business_messages
+        if await self._owned(context, deleted.business_connection_id):
+            for message_id in deleted.message_ids:
+                await self.core.amend_message(self._business_chat(deleted.chat.id), str(message_id), None)
 
     # ------------------------------------------------------------ buttons
 
     async def button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """✅ / 👍 / 👎 / 🔄 on a draft; always answers the callback query."""
+        """✅ / 👍 / 👎 / 🔄 on a draft; always answers the callback query, before any slow work."""
         query = update.callback_query
         try:
             _, code, draft_id, index_s = query.data.split("|")
             action, index = ACTIONS[code], int(index_s)
         except (ValueError, KeyError):
-            await query.answer("Unknown button.")
+            await answer(query, "Unknown button.")
             return
         try:
             draft = await self.core.get_draft(draft_id)
         except DraftExpired:
-            await query.answer("This draft has expired.")
+            await answer(query, "This draft has expired.")
             return
         if not 0 <= index < len(draft.candidates):
-            await query.answer("Unknown button.")
+            await answer(query, "Unknown button.")
             return
         if action in ("liked", "disliked"):
             await self.core.feedback(draft, action, index)
-            await query.answer("Noted 👍" if action == "liked" else "Noted 👎")
+            await answer(query, "Noted 👍" if action == "liked" else "Noted 👎")
         elif action == "regenerate":
-            await query.answer("Drafting again…")
+            await answer(query, "Drafting again…")
             persona = self.book.get(draft.persona)
             owner_chat = int(draft.refs.get("owner_chat", query.message.chat.id))
             streamer = self._live_streamer(context, owner_chat) if self.settings.telegram.live_drafts else None
             try:
-                new = await self.core.regenerate(draft, persona, on_partial=streamer)
+                new = await self.core.regenerate(draft, persona, on_partial=streamer, shown=False)
             except (WorkerTimeout, WorkerError) as e:
                 await context.bot.send_message(owner_chat, worker_problem(e, self.config.reply_timeout_s))
                 return
+            await self._close_cards(context, draft)
             await self._show(context, owner_chat, new, persona.name)
         else:
             await self._send(update, context, draft, index)
 
+    def _too_old(self, draft: DraftRecord) -> float | None:
+        """Hours since the friend's message this draft answers, when that is past Telegram's reply window."""
+        incoming = [m.ts for m in draft.context if m.ts is not None and m.speaker != draft.target]
+        age_h = (utcnow() - max(incoming, default=draft.created_at)).total_seconds() / 3600
+        return age_h if age_h > BUSINESS_REPLY_WINDOW_H else None
+
     async def _send(self, update: Update, context, draft: DraftRecord, index: int) -> None:
-        """✅: send the candidate into the friend's chat if the connection allows it, else say why."""
+        """✅: claim the draft, then send the candidate into the friend's chat (resuming after a failure)."""
         query = update.callback_query
-        if draft.status != "open":
-            await query.answer("This draft was already used.")
+        connection_id = draft.refs.get("business_connection_id")
+        if connection_id is not None and draft.status == "open" and (age_h := self._too_old(draft)) is not None:
+            await answer(query, f"Can't send: Telegram lets a bot reply for you only within "
+                                f"{BUSINESS_REPLY_WINDOW_H} h of your friend's last message, and this draft answers "
+                                f"one from {age_h:.0f} h ago. Write to them yourself.", show_alert=True)
             return
+        claimed = await self.core.transition(draft.id, {"open"}, status="sending")
+        if claimed is None:
+            current = await self.core.get_draft(draft.id)
+            await answer(query, USED.get(current.status, "This draft is not open any more."))
+            return
+        if claimed.chosen is not None and claimed.chosen != index:
+            await self.core.transition(draft.id, {"sending"}, status="open")
+            await answer(query, f"Draft {claimed.chosen + 1} was partly sent: tap its ✅ to send the rest.")
+            return
+        done = False
+        try:
+            done = await self._deliver(update, context, claimed, index)
+        finally:
+            if not done:  # the owner may tap ✅ again: the next try resumes after what was delivered
+                await self.core.transition(draft.id, {"sending"}, status="open")
+
+    async def _deliver(self, update: Update, context, draft: DraftRecord, index: int) -> bool:
+        """Send candidate `index` of a claimed draft message by message; True once all of it was delivered."""
+        query = update.callback_query
         candidate = draft.candidates[index]
         persona = self.book.get(draft.persona)
         connection_id = draft.refs.get("business_connection_id")
         if connection_id is None:  # a /draft session: the owner copies it themself
+            await answer(query, "Marked as sent: copy it into your chat.")
             await self.core.add_messages(draft.chat, persona.me_tag, candidate)
-            await self.core.set_status(draft, "sent")
-            await self.core.feedback(draft, "sent", index)
-            await query.answer("Marked as sent: copy it into your chat.")
-            return
-        conn = await self._connection(context, connection_id, fresh=True)
-        if not conn.is_enabled:
-            await query.answer("Can't send: the business connection is switched off.", show_alert=True)
-            return
-        if not (conn.rights and conn.rights.can_reply):
-            await query.answer("Can't send: this bot isn't allowed to reply for you. Allow 'Reply to messages' "
-                               "in Telegram Business → Chatbots.", show_alert=True)
-            return
-        chat_id = int(draft.refs["chat_id"])
-        await self.core.deliver(
-            candidate,
-            send=lambda t: context.bot.send_message(chat_id, t, business_connection_id=connection_id),
-            typing=lambda: context.bot.send_chat_action(chat_id, ChatAction.TYPING,
-                                                        business_connection_id=connection_id),
-        )
-        await self.core.add_messages(draft.chat, persona.me_tag, candidate)
-        await self.core.set_status(draft, "sent")
+        else:
+            conn = await self._connection(context, connection_id, fresh=True)
+            if not conn.is_enabled:
+                await answer(query, "Can't send: the business connection is switched off.", show_alert=True)
+                return False
+            if not (conn.rights and conn.rights.can_reply):
+                await answer(query, "Can't send: this bot isn't allowed to reply for you. Allow 'Reply to messages' "
+                                    "in Telegram Business → Chatbots.", show_alert=True)
+                return False
+            await answer(query, "Sending…")
+            chat_id = int(draft.refs["chat_id"])
+            owner_chat = int(draft.refs.get("owner_chat", query.message.chat.id))
+            sent: list[Message] = []
+
+            async def send(text: str) -> None:
+                sent.append(await context.bot.send_message(chat_id, text, business_connection_id=connection_id))
+
+            async def typing() -> None:
+                await context.bot.send_chat_action(chat_id, ChatAction.TYPING, business_connection_id=connection_id)
+
+            for i in range(draft.delivered if draft.chosen == index else 0, len(candidate)):
+                sent.clear()
+                try:
+                    await self.core.deliver([candidate[i]], send=send, typing=typing)
+                except TelegramError as e:
+                    logger.warning("draft %s: message %d/%d not delivered (%s)", draft.id, i + 1, len(candidate),
+                                   type(e).__name__)
+                    progress = f"Sent {i} of {len(candidate)} messages" if i else "Not sent"
+                    await self._tell(context, owner_chat, f"{progress}: {telegram_problem(e)}. "
+                                     + ("Tap ✅ again to send the rest." if i else "Tap ✅ to try again."))
+                    return False
+                if sent:
+                    await self.core.add_message(draft.chat, persona.me_tag, candidate[i],
+                                                message_id=str(sent[0].message_id))
+                draft = await self.core.transition(draft.id, {"sending"}, chosen=index, delivered=i + 1)
+        await self.core.transition(draft.id, {"sending"}, status="sent")
         await self.core.feedback(draft, "sent", index)
-        await query.answer("Sent ✅")
-        await query.edit_message_reply_markup(reply_markup=None)
+        await self._close_cards(context, draft, keep=query.message.message_id if query.message else None)
+        try:
+            await query.edit_message_reply_markup(reply_markup=None)
+        except TelegramError as e:
+            logger.info("draft %s: could not close the sent card (%s)", draft.id, type(e).__name__)
+        return True
 
     # ------------------------------------------------------------ errors
 
@@ -447,7 +650,7 @@ def build_app(settings, redis=None, request=None) -> Application:
     builder = (
         ApplicationBuilder()
         .token(settings.telegram.token.get_secret_value())
-        .rate_limiter(AIORateLimiter())
+        .rate_limiter(RetryingRateLimiter(settings.telegram.max_retries, settings.telegram.retry_after_scale))
         .concurrent_updates(True)  # drafting takes seconds: other chats need not wait
         .post_init(tb.start)
         .post_shutdown(tb.stop)
@@ -459,6 +662,8 @@ def build_app(settings, redis=None, request=None) -> Application:
     app.add_handler(TypeHandler(Update, tb.gate), group=-1)
     app.add_handler(BusinessConnectionHandler(tb.business_connection))
     app.add_handler(MessageHandler(filters.UpdateType.BUSINESS_MESSAGE & filters.TEXT, tb.business_message))
+    app.add_handler(MessageHandler(filters.UpdateType.EDITED_BUSINESS_MESSAGE & filters.TEXT, tb.business_edit))
+    app.add_handler(BusinessMessagesDeletedHandler(tb.business_deleted))
     app.add_handler(CommandHandler(["start", "help"], tb.help))
     app.add_handler(CommandHandler("personas", tb.personas))
     app.add_handler(CommandHandler("simulate", tb.simulate))

@@ -157,7 +157,10 @@ class TelegramSettings(BaseModel):
     owner_ids: list[int] = Field(default_factory=list)  # Telegram user ids allowed to use the bot
     chats: dict[str, str] = Field(default_factory=dict)  # friend's user/chat id -> persona (Business chats)
     live_drafts: bool = True  # stream drafts with sendMessageDraft while the worker generates
-    live_draft_interval_s: float = Field(0.5, ge=0)  # at most one live-draft update per this many seconds
+    live_draft_interval_s: float = Field(1.0, ge=0)  # at most one live-draft update per this many seconds (Telegram allows ~1 edit/s per message)
+    debounce_ms: int = Field(1500, ge=0)  # a friend's burst drafts once: wait this long after their last message
+    max_retries: int = Field(3, ge=0)  # retries of a Bot API call Telegram answered 429, each after its retry_after
+    retry_after_scale: float = Field(1.0, gt=0)  # multiplies Telegram's retry_after wait (tests shrink it; keep 1)
 
 
 class DiscordSettings(BaseModel):

@@ -1,11 +1,19 @@
 """The Telegram bot: real `Update.de_json` payloads through the real PTB Application, the real Redis and a fake
-worker; every Bot API call is recorded by a request class that answers canned results and flags anything else."""
+worker; every Bot API call is recorded by a request class that answers canned results and flags anything else.
+
+What real servers do is part of the harness: updates go through the Application's update queue and are handled
+concurrently (`feed` with several updates delivers them at once, like one getUpdates batch); typing pauses are on,
+only shortened; the fake HTTP layer answers with Telegram's real error bodies when a test scripts it (429 with
+retry_after, 403 blocked, 400 query too old), and Telegram's retry_after is scaled down by a setting, not slept.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 
 import pytest
 from telegram import Update
@@ -23,12 +31,33 @@ def _user(uid: int, name: str) -> dict:
     return {"id": uid, "is_bot": False, "first_name": name}
 
 
+TOO_MANY = (429, {"ok": False, "error_code": 429, "description": "Too Many Requests: retry after 3",
+                  "parameters": {"retry_after": 3}})
+BLOCKED = (403, {"ok": False, "error_code": 403, "description": "Forbidden: bot was blocked by the user"})
+TOO_OLD = (400, {"ok": False, "error_code": 400,
+                 "description": "Bad Request: query is too old and response timeout expired or query id is invalid"})
+
+
+@dataclass
+class Failure:
+    """Answer the matching calls of one method with an error body: after `skip` matches, `times` of them."""
+
+    method: str
+    response: tuple[int, dict]
+    when: Callable[[dict], bool] = lambda params: True
+    skip: int = 0
+    times: int = 1
+
+
 class RecordingRequest(BaseRequest):
     """Answers Bot API calls with canned valid results, records each call, and flags any unexpected method."""
 
-    def __init__(self, can_reply: bool = True, connection_owner: int = OWNER, drafts_fail: bool = False):
+    def __init__(self, can_reply: bool = True, connection_owner: int = OWNER, drafts_fail: bool = False,
+                 failures: Sequence[Failure] = ()):
         self.drafts_fail = drafts_fail
-        self.calls: list[tuple[str, dict]] = []
+        self.failures = list(failures)
+        self.calls: list[tuple[str, dict]] = []  # every attempt, refused ones included
+        self.refused: list[dict] = []  # the parameters of the attempts answered with an error
         self.unexpected: list[str] = []
         self.can_reply = can_reply
         self.connection_owner = connection_owner
@@ -59,6 +88,15 @@ class RecordingRequest(BaseRequest):
         name = url.rsplit("/", 1)[-1]
         params = request_data.parameters if request_data else {}
         self.calls.append((name, params))
+        for failure in self.failures:
+            if failure.method == name and failure.times > 0 and failure.when(params):
+                if failure.skip > 0:
+                    failure.skip -= 1
+                    continue
+                failure.times -= 1
+                self.refused.append(params)
+                status, body = failure.response
+                return status, json.dumps(body).encode()
         if name == "getMe":
             result = {"id": BOT_ID, "is_bot": True, "first_name": "Convo", "username": "convo_test_bot"}
         elif name in ("sendMessage", "editMessageReplyMarkup"):
@@ -80,16 +118,23 @@ class RecordingRequest(BaseRequest):
         """The parameters of every call of one method, in order."""
         return [p for n, p in self.calls if n == name]
 
+    def delivered(self, name: str) -> list[dict]:
+        """The parameters of the calls of one method that Telegram accepted, in order."""
+        return [p for p in self.named(name) if not any(p is r for r in self.refused)]
+
 
 def _settings(redis_url, tmp_path, chats=None, **bot):
     from config.settings import Settings
 
+    telegram = {"token": "123:TEST", "owner_ids": [OWNER], "chats": chats or {str(FRIEND): "alice"},
+                "live_draft_interval_s": 0.01, "debounce_ms": 20, "retry_after_scale": 0.001}
+    telegram.update({k: bot.pop(k) for k in list(bot) if k in ("debounce_ms", "max_retries", "live_draft_interval_s")})
     return Settings(
         redis={"url": redis_url, "prefix": PREFIX},
-        bot={"adapters_dir": str(tmp_path / "adapters"), "typing_s_per_char": 0.0, "reply_timeout_s": 5.0,
-             "drafts": 2, **bot},
-        telegram={"token": "123:TEST", "owner_ids": [OWNER], "chats": chats or {str(FRIEND): "alice"},
-                  "live_draft_interval_s": 0.0},
+        # Real pacing, shortened: a 20-character message pauses 20 ms before it is sent.
+        bot={"adapters_dir": str(tmp_path / "adapters"), "typing_s_per_char": 0.001, "max_typing_s": 0.05,
+             "reply_timeout_s": 5.0, "drafts": 2, **bot},
+        telegram=telegram,
     )
 
 
@@ -136,6 +181,17 @@ class Updates:
             "message_id": self.n, "date": int(time.time()), "text": text, "business_connection_id": CONN,
             "from": _user(sender, "Alice"), "chat": {"id": chat, "type": "private", "first_name": "Alice"}}}
 
+    def edited_business_message(self, message_id: int, text: str, sender: int = FRIEND) -> dict:
+        return {"update_id": self._next(), "edited_business_message": {
+            "message_id": message_id, "date": int(time.time()) - 5, "edit_date": int(time.time()), "text": text,
+            "business_connection_id": CONN, "from": _user(sender, "Alice"),
+            "chat": {"id": sender, "type": "private", "first_name": "Alice"}}}
+
+    def deleted_business_messages(self, *message_ids: int, chat: int = FRIEND) -> dict:
+        return {"update_id": self._next(), "deleted_business_messages": {
+            "business_connection_id": CONN, "message_ids": list(message_ids),
+            "chat": {"id": chat, "type": "private", "first_name": "Alice"}}}
+
     def callback(self, data: str, user: int = OWNER) -> dict:
         return {"update_id": self._next(), "callback_query": {
             "id": f"cq{self.n}", "from": _user(user, "Owner"), "chat_instance": "ci", "data": data,
@@ -144,8 +200,14 @@ class Updates:
                         "from": {"id": BOT_ID, "is_bot": True, "first_name": "Convo"}}}}
 
 
-async def feed(app, payload: dict) -> None:
-    await app.process_update(Update.de_json(payload, app.bot))
+async def feed(app, *payloads: dict) -> None:
+    """Hand updates to the Application the way polling does (its update queue; handled concurrently, as
+    `concurrent_updates` says) and return once every one of them has been handled."""
+    for payload in payloads:
+        await app.update_queue.put(Update.de_json(payload, app.bot))
+    await app.start()
+    await app.update_queue.join()  # every queued update handled
+    await app.stop()
 
 
 def _buttons(params: dict) -> list[str]:
@@ -218,7 +280,7 @@ def test_business_message_streams_live_drafts_then_send_uses_the_connection(redi
     assert all(p["business_connection_id"] == CONN for p in to_friend)
     assert request.named("getBusinessConnection")[0]["business_connection_id"] == CONN
     answers = [p.get("text") for p in request.named("answerCallbackQuery")]
-    assert answers == ["Sent ✅", "This draft was already used."]
+    assert answers == ["Sending…", "This draft was already used."]
     assert [e.kind for e in events] == ["shown", "shown", "sent"]
     sent = events[-1]
     assert sent.candidate_index == 1 and sent.final_text == "alice/self #1 re: are you coming tonight?\nsecond msg"
@@ -367,3 +429,230 @@ def test_a_bad_persona_name_in_the_config_is_refused_at_start(redis_url, tmp_pat
 
     with pytest.raises(ConfigError, match=r"telegram.chats\[4004\] 'not/a/persona'"):
         build_app(_settings(redis_url, tmp_path, chats={"4004": "not/a/persona"}), request=RecordingRequest())
+
+
+# ---------------------------------------------------------------- real conditions (issue 18)
+
+
+def _to(request: RecordingRequest, chat: int) -> list[str]:
+    """The texts that reached a chat."""
+    return [p["text"] for p in request.delivered("sendMessage") if int(p["chat_id"]) == chat]
+
+
+def _cards(request: RecordingRequest) -> list[dict]:
+    """The draft cards that reached the owner."""
+    return [p for p in request.delivered("sendMessage") if p.get("reply_markup")]
+
+
+def test_telegram_double_tap_sends_once(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url), telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.business_message("are you coming?"))
+            send = _buttons(_cards(request)[0])[0]
+            await feed(app, u.callback(send), u.callback(send))  # two taps, handled concurrently
+            return await feedback_events(app.bot_data["convo"].redis)
+
+    events = run(scenario())
+    assert _to(request, FRIEND) == ["alice/self #0 re: are you coming?", "second msg"]
+    assert [e.kind for e in events] == ["shown", "shown", "sent"]
+    answers = [p.get("text") for p in request.named("answerCallbackQuery")]
+    assert sorted(answers) == sorted(["Sending…", "This draft is being sent already."])
+    names = [(n, int(p.get("chat_id", 0))) for n, p in request.calls]
+    assert names.index(("answerCallbackQuery", 0)) < names.index(("sendMessage", FRIEND))  # answered at once
+
+
+def test_telegram_friend_burst_drafts_once_and_stale_send_is_refused(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, \
+                telegram_app(redis_url, tmp_path, request, debounce_ms=300) as app:
+            await feed(app, u.business_message("hey"), u.business_message("are you there?"),
+                       u.business_message("call me"))
+            first_cards = _cards(request)
+            await feed(app, u.business_message("never mind"))
+            await feed(app, u.callback(_buttons(first_cards[0])[0]))  # ✅ on a superseded draft
+            return worker.requests, first_cards
+
+    requests, first_cards = run(scenario())
+    assert len(first_cards) == 2  # one generation for the burst, `bot.drafts` cards
+    assert len(requests) == 2
+    assert [m.text for m in requests[0].history] == ["hey", "are you there?", "call me"]
+    assert requests[1].history[-1].text == "never mind"
+    closed = {int(p["message_id"]) for p in request.named("editMessageReplyMarkup") if not p.get("reply_markup")}
+    assert len(closed) == 2  # the first draft's cards lost their buttons
+    assert request.named("answerCallbackQuery")[-1]["text"] == "This draft was replaced by a newer one."
+    assert _to(request, FRIEND) == []
+
+
+def test_telegram_forwards_into_draft_session_draft_once(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, \
+                telegram_app(redis_url, tmp_path, request, debounce_ms=300) as app:
+            await feed(app, u.message("/draft alice"))
+            await feed(app, u.message("first forward"), u.message("second forward"), u.message("third forward"))
+            return worker.requests
+
+    requests = run(scenario())
+    assert len(requests) == 1 and len(requests[0].history) == 3
+    assert len(_cards(request)) == 2
+
+
+def test_telegram_429_on_a_card_is_retried_after_retry_after(redis_url, tmp_path):
+    card_2 = Failure("sendMessage", TOO_MANY, when=lambda p: "draft 2/2" in p.get("text", ""))
+    request = RecordingRequest(failures=[card_2])
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url), telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.business_message("hi"))
+            return await feedback_events(app.bot_data["convo"].redis)
+
+    started = time.monotonic()
+    events = run(scenario())
+    assert card_2.times == 0 and len(request.refused) == 1  # Telegram did answer 429 once
+    assert len(_cards(request)) == 2  # the retry got card 2 through
+    assert [(e.kind, e.candidate_index) for e in events] == [("shown", 0), ("shown", 1)]
+    assert time.monotonic() - started < 3  # retry_after 3 s, scaled down by telegram.retry_after_scale
+
+
+def test_telegram_429_past_retries_records_only_shown_cards_and_blames_nobody(redis_url, tmp_path):
+    card_2 = Failure("sendMessage", TOO_MANY, when=lambda p: "draft 2/2" in p.get("text", ""), times=5)
+    request = RecordingRequest(failures=[card_2])
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url), telegram_app(redis_url, tmp_path, request, max_retries=1) as app:
+            await feed(app, u.business_message("hi"))
+            return await feedback_events(app.bot_data["convo"].redis)
+
+    events = run(scenario())
+    assert [(e.kind, e.candidate_index) for e in events] == [("shown", 0)]
+    assert len(request.refused) == 2  # card 2 and its one retry
+    texts = _to(request, OWNER)
+    assert len(texts) == 1 and texts[0].startswith("✍️ alice · draft 1/2")
+    assert not any("Couldn't draft" in t or "could not" in t for t in [p["text"] for p in request.named("sendMessage")])
+
+
+def test_telegram_live_previews_default_to_one_per_second():
+    from config.settings import Settings
+
+    assert Settings().telegram.live_draft_interval_s >= 1.0  # Telegram allows about one edit of a message a second
+
+
+@pytest.mark.parametrize(("failure", "times", "reason"), [
+    (BLOCKED, 1, "Telegram refused it: bot was blocked by the user"),
+    (TOO_MANY, 2, "Telegram is rate-limiting the bot"),  # the first try and its one retry
+], ids=["blocked_403", "rate_limited_429"])
+def test_telegram_send_failing_mid_burst_resumes_after_what_was_sent(redis_url, tmp_path, failure, times, reason):
+    second = Failure("sendMessage", failure, when=lambda p: int(p["chat_id"]) == FRIEND, skip=1, times=times)
+    request = RecordingRequest(failures=[second])
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url), telegram_app(redis_url, tmp_path, request, max_retries=1) as app:
+            await feed(app, u.business_message("ping"))
+            send = _buttons(_cards(request)[0])[0]
+            await feed(app, u.callback(send))
+            after_first = list(_to(request, FRIEND))
+            kinds_first = [e.kind for e in await feedback_events(app.bot_data["convo"].redis)]
+            await feed(app, u.callback(send))  # the owner taps ✅ again
+            tb = app.bot_data["convo"]
+            return after_first, kinds_first, await feedback_events(tb.redis), await tb.core.history(f"biz:{FRIEND}")
+
+    after_first, kinds_first, events, history = run(scenario())
+    delivered = "alice/self #0 re: ping"
+    assert after_first[0] == delivered and "second msg" not in after_first  # message 2 was refused
+    assert "sent" not in kinds_first
+    note = next(t for t in _to(request, OWNER) if t.startswith("Sent 1 of 2 messages"))
+    assert reason in note and "Tap ✅ again" in note
+    friend_got = [t for t in _to(request, FRIEND)]
+    assert friend_got.count(delivered) == 1 and friend_got[-1] == "second msg"  # resumed after message 1
+    assert [e.kind for e in events].count("sent") == 1
+    assert [(m.speaker, m.text) for m in history] == [("ALICE", "ping"), ("ME", delivered), ("ME", "second msg")]
+
+
+def test_telegram_edited_and_deleted_business_messages_change_history_and_drafts(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request) as app:
+            tb = app.bot_data["convo"]
+            first = u.business_message("dinner at 8?")
+            await feed(app, first)
+            like = _buttons(_cards(request)[0])[1]
+            await feed(app, u.edited_business_message(first["business_message"]["message_id"], "dinner at 9?"))
+            edited_history = [m.text for m in await tb.core.history(f"biz:{FRIEND}")]
+            await feed(app, u.callback(like))
+            second = u.business_message("or lunch")
+            await feed(app, second)
+            dislike = _buttons(_cards(request)[-1])[2]
+            await feed(app, u.deleted_business_messages(first["business_message"]["message_id"]))
+            await feed(app, u.callback(dislike))
+            return worker.requests, edited_history, await tb.core.history(f"biz:{FRIEND}"), \
+                await feedback_events(tb.redis)
+
+    requests, edited_history, history, events = run(scenario())
+    assert edited_history == ["dinner at 9?"]
+    liked = next(e for e in events if e.kind == "liked")
+    assert [m.text for m in liked.context] == ["dinner at 9?"]  # the draft's context took the edit
+    assert [m.text for m in requests[1].history] == ["dinner at 9?", "or lunch"]
+    assert [m.text for m in history] == ["or lunch"]  # the deleted message left the history
+    disliked = next(e for e in events if e.kind == "disliked")
+    assert [m.text for m in disliked.context] == ["or lunch"]  # and the open draft's context
+
+
+def test_telegram_draft_older_than_24h_is_refused_with_the_reason(redis_url, tmp_path):
+    from datetime import timedelta
+
+    from bot.core import DraftRecord
+
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url), telegram_app(redis_url, tmp_path, request) as app:
+            tb = app.bot_data["convo"]
+            await feed(app, u.business_message("still on for tomorrow?"))
+            send = _buttons(_cards(request)[0])[0]
+            draft = await tb.core.get_draft(send.split("|")[2])
+            old = draft.created_at - timedelta(hours=30)  # drafts live 48 h; replies are allowed for 24 h
+            aged = DraftRecord.model_validate({**draft.model_dump(), "created_at": old,
+                                               "context": [m.model_copy(update={"ts": old}) for m in draft.context]})
+            await tb.core.save_draft(aged)
+            await feed(app, u.callback(send))
+            return await feedback_events(tb.redis), await tb.core.get_draft(draft.id)
+
+    events, draft = run(scenario())
+    answer = request.named("answerCallbackQuery")[-1]
+    assert "within 24 h" in answer["text"] and "30 h ago" in answer["text"] and answer["show_alert"] is True
+    assert _to(request, FRIEND) == [] and "sent" not in [e.kind for e in events]
+    assert draft.status == "open"
+
+
+def test_telegram_expired_callback_query_still_sends_and_regenerates(redis_url, tmp_path):
+    request = RecordingRequest(failures=[Failure("answerCallbackQuery", TOO_OLD, times=99)])
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.business_message("lunch?"))
+            _send, _like, _dislike, regen = _buttons(_cards(request)[0])
+            await feed(app, u.callback(regen))
+            send = _buttons(_cards(request)[-1])[0]
+            await feed(app, u.callback(send))
+            return worker.requests, await feedback_events(app.bot_data["convo"].redis)
+
+    requests, events = run(scenario())
+    assert len(requests) == 2 and len(_cards(request)) == 4  # 🔄 drafted again
+    assert _to(request, FRIEND) == ["alice/self #1 re: lunch?", "second msg"]
+    assert [e.kind for e in events][-1] == "sent"
+    assert any(p["message_id"] == 77 for p in request.named("editMessageReplyMarkup"))  # the sent card closed
