@@ -6,11 +6,15 @@ self mode:   you paste the friend's messages, the bot drafts your next message (
 Commands: /good and /bad (👍 / 👎 on the last reply or draft N: `/good 2`), /regen (🔄), /send N (self mode: send
 draft N as drafted), /me TEXT (self mode: what you sent instead, an `edited` event), /forget, /help, /quit.
 History lives in Redis under the chat `console:<persona>:<mode>`, so a new session continues the conversation.
+However the chat ends (/quit, Ctrl-D, Ctrl-C at the prompt), the persona's last reply stays in the history.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import Awaitable, Callable
 
 from rich.console import Console
@@ -67,7 +71,7 @@ class ConsoleChat:
         name, _, arg = line.partition(" ")
         name = name.lower()
         if name in ("/quit", "/exit"):
-            await self._commit_reply()
+            await self.close()
             return False
         if name == "/help":
             self.console.print(HELP)
@@ -144,6 +148,10 @@ class ConsoleChat:
         if event is not None:
             self.console.print(f"[dim]recorded ({event.kind})[/]")
 
+    async def close(self) -> None:
+        """The chat ends: the persona's last reply stands, as if you had answered it."""
+        await self._commit_reply()
+
     async def _commit_reply(self) -> None:
         """Friend mode: the persona's last reply stands once you answer it."""
         if self.mode == "friend" and self.pending is not None:
@@ -189,19 +197,62 @@ async def run_chat(core: BotCore, persona: Persona, mode: str, read_line: Callab
     history = await core.context(chat.chat)
     chat.console.print(f"[dim]chatting with {escape(persona.name)} ({mode} mode, {len(history)} message(s) of "
                        "context from earlier); /help for commands[/]")
-    while True:
-        line = await read_line()
-        if line is None or not await chat.handle(line):
-            break
+    try:
+        while True:
+            line = await read_line()
+            if line is None or not await chat.handle(line):
+                break
+    finally:  # end of input, /quit, or Ctrl-C (the task is cancelled while it waits for a line)
+        await chat.close()
 
 
-def stdin_reader(prompt: str = "> ") -> Callable[[], Awaitable[str | None]]:
-    """Read a line from the terminal off the event loop; None at end of input."""
+def stdin_reader(prompt: str = "> ", fd: int | None = None) -> Callable[[], Awaitable[str | None]]:
+    """Read a line from the terminal off the event loop; None at end of input (Ctrl-D).
+
+    Lines come from a daemon thread that reads the file descriptor with os.read. Not `input()` in the loop's
+    executor: on Ctrl-C asyncio.run cancels the chat and then joins its executor's threads, which would wait for
+    Enter; and a daemon thread inside `input()` holds stdin's buffer lock, which aborts the interpreter at exit.
+    """
+    fd = sys.stdin.fileno() if fd is None else fd
+    encoding = sys.stdin.encoding or "utf-8"
+    lines: asyncio.Queue[str | None] | None = None
+
+    def pump(loop: asyncio.AbstractEventLoop) -> None:
+        pending = b""
+        while True:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                chunk = b""
+            if chunk:
+                pending += chunk
+            while b"\n" in pending or (not chunk and pending):
+                line, _, pending = pending.partition(b"\n")
+                if not _hand_over(loop, line.decode(encoding, errors="replace").rstrip("\r")):
+                    return
+            if not chunk:
+                _hand_over(loop, None)
+                return
+
+    def _hand_over(loop: asyncio.AbstractEventLoop, line: str | None) -> bool:
+        try:
+            loop.call_soon_threadsafe(lines.put_nowait, line)
+            return True
+        except RuntimeError:  # the loop is closed: the chat has ended
+            return False
 
     async def read() -> str | None:
-        try:
-            return await asyncio.to_thread(input, prompt)
-        except EOFError:
-            return None
+        nonlocal lines
+        if lines is None:
+            lines = asyncio.Queue()
+            threading.Thread(target=pump, args=(asyncio.get_running_loop(),), name="convo-chat-stdin",
+                             daemon=True).start()
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        line = await lines.get()
+        if line is None:
+            lines.put_nowait(None)  # end of input stays the end
+            sys.stdout.write("\n")  # Ctrl-D: the shell's prompt starts on a line of its own
+        return line
 
     return read

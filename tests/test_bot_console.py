@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -85,6 +92,75 @@ def test_worker_timeout_is_reported_and_chat_goes_on(redis_url, tmp_path):
     assert "no reply from the model worker within 0.3 s" in out
     assert "nothing to regenerate yet" in out and "unknown command /nope" in out
     assert events == []
+
+
+@pytest.mark.redis
+def test_console_end_of_input_keeps_the_last_reply(redis_url, tmp_path):
+    async def scenario():
+        async with FakeWorker(redis_url):
+            return await _chat(redis_url, tmp_path, "friend", ["hey alice"])  # then Ctrl-D: end of input
+
+    out, events, history = run(scenario())
+    assert [(m.speaker, m.text) for m in history] == [
+        ("ME", "hey alice"), ("ALICE", "alice/friend #0 re: hey alice"), ("ALICE", "second msg")]
+
+
+@pytest.mark.redis
+def test_console_ctrl_c_at_the_prompt_keeps_the_last_reply(redis_url, tmp_path):
+    import redis.asyncio as aioredis
+
+    from bot.console import run_chat
+    from bot.core import BotCore, Persona
+
+    async def scenario():
+        waiting = asyncio.Event()
+        lines = iter(["hey alice"])
+
+        async def read():
+            line = next(lines, None)
+            if line is None:
+                waiting.set()
+                await asyncio.Event().wait()  # at the prompt until Ctrl-C cancels the chat
+            return line
+
+        core = BotCore(aioredis.from_url(redis_url), bot_config(tmp_path), "console")
+        async with FakeWorker(redis_url):
+            chat = asyncio.create_task(run_chat(core, Persona(name="alice", tag="ALICE", me_tag="ME"), "friend",
+                                                read, Console(file=io.StringIO())))
+            await waiting.wait()
+            chat.cancel()  # what asyncio.run does on Ctrl-C
+            with pytest.raises(asyncio.CancelledError):
+                await chat
+        history = await core.history("alice:friend")
+        await core.redis.aclose()
+        return history
+
+    history = run(scenario())
+    assert [m.speaker for m in history] == ["ME", "ALICE", "ALICE"]
+
+
+@pytest.mark.redis
+def test_console_ctrl_c_at_the_prompt_exits_at_once(redis_url, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1", CONVO_REDIS__URL=redis_url,
+               CONVO_REDIS__PREFIX="bottest", CONVO_BOT__ADAPTERS_DIR=str(tmp_path / "adapters"))
+    proc = subprocess.Popen([sys.executable, "-m", "convo", "chat", "--persona", "alice"], env=env, cwd=root,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        banner = proc.stdout.readline()  # printed just before the first prompt
+        assert "chatting with alice" in banner, banner + proc.stderr.read()
+        proc.send_signal(signal.SIGINT)  # stdin stays open: nobody presses Enter
+        started = time.monotonic()
+        proc.wait(timeout=15)
+        assert time.monotonic() - started < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == 130
 
 
 def test_cli_errors_are_one_line(cli, capsys, monkeypatch):
