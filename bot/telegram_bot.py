@@ -30,6 +30,7 @@ Callback data is `d|ACTION|DRAFT_ID|INDEX` (at most 38 bytes; Telegram allows 64
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dtm
 import itertools
 import logging
@@ -320,21 +321,26 @@ class TelegramBot:
                                typing=lambda: context.bot.send_chat_action(message.chat_id, ChatAction.TYPING))
             await core.add_messages(chat, persona.tag, burst)
             return
+        seq = self._arrived(chat)
         async with self._arrival(chat):
             await core.add_message(chat, persona.tag, message.text)
-        await self._incoming(context, owner_chat=message.chat_id, chat=chat, persona=persona, refs={})
+        await self._incoming(context, seq, owner_chat=message.chat_id, chat=chat, persona=persona, refs={})
 
     # ------------------------------------------------------------ drafts
+
+    def _arrived(self, chat: str) -> int:
+        """Number a new message of a chat (called before the handler's first await, so a batch of updates is
+        numbered in Telegram's order): only the newest message's handler drafts."""
+        seq = self._latest[chat] = next(self._seq)
+        return seq
 
     def _arrival(self, chat: str) -> asyncio.Lock:
         """The lock that keeps a chat's messages in the order Telegram sent them. Updates run concurrently; a
         handler takes it before its first await, and asyncio.Lock wakes waiters first come, first served."""
         return self._locks.setdefault(chat, asyncio.Lock())
 
-    async def _incoming(self, context, owner_chat: int, chat: str, persona, refs: dict[str, str]) -> None:
+    async def _incoming(self, context, seq: int, owner_chat: int, chat: str, persona, refs: dict[str, str]) -> None:
         """The friend wrote: their earlier drafts no longer answer the chat; draft once their burst is over."""
-        seq = next(self._seq)
-        self._latest[chat] = seq
         await self._supersede(context, chat)
         delay_s = self.settings.telegram.debounce_ms / 1000
         if delay_s > 0:
@@ -460,6 +466,7 @@ class TelegramBot:
         if name is None:
             return  # not a chat the owner asked for drafts in: store nothing
         chat = self._business_chat(message.chat.id)
+        seq = self._arrived(chat)  # any newer message, the owner's too, makes a pending draft stale
         async with self._arrival(chat):
             conn = await self._connection(context, message.business_connection_id)
             if conn.user.id not in self.owner_ids:
@@ -473,7 +480,7 @@ class TelegramBot:
                 await self.core.owner_wrote(chat, message.text)
                 return
             await self.core.add_message(chat, persona.tag, message.text, message_id=message_id)
-        await self._incoming(context, owner_chat=conn.user_chat_id, chat=chat, persona=persona,
+        await self._incoming(context, seq, owner_chat=conn.user_chat_id, chat=chat, persona=persona,
                              refs={"business_connection_id": conn.id, "chat_id": str(message.chat.id)})
 
     async def _owned(self, context, connection_id: str) -> bool:
@@ -560,7 +567,8 @@ class TelegramBot:
             done = await self._deliver(update, context, claimed, index)
         finally:
             if not done:  # the owner may tap ✅ again: the next try resumes after what was delivered
-                await self.core.transition(draft.id, {"sending"}, status="open")
+                with contextlib.suppress(DraftExpired):
+                    await self.core.transition(draft.id, {"sending"}, status="open")
 
     async def _deliver(self, update: Update, context, draft: DraftRecord, index: int) -> bool:
         """Send candidate `index` of a claimed draft message by message; True once all of it was delivered."""
@@ -605,7 +613,7 @@ class TelegramBot:
                 if sent:
                     await self.core.add_message(draft.chat, persona.me_tag, candidate[i],
                                                 message_id=str(sent[0].message_id))
-                draft = await self.core.transition(draft.id, {"sending"}, chosen=index, delivered=i + 1)
+                draft = await self.core.transition(draft.id, {"sending"}, chosen=index, delivered=i + 1) or draft
         await self.core.transition(draft.id, {"sending"}, status="sent")
         await self.core.feedback(draft, "sent", index)
         await self._close_cards(context, draft, keep=query.message.message_id if query.message else None)
