@@ -421,7 +421,8 @@ class BotCore:
         """Delete a chat's history and drafts; returns the number of keys deleted."""
         index = self.keys.chat_drafts(self.platform, chat)
         ids = [i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(index)]
-        keys = [self.keys.history(self.platform, chat), index, *(self.keys.draft(i) for i in ids)]
+        keys = [self.keys.history(self.platform, chat), self.keys.private_history(self.platform, chat), index,
+                *(self.keys.draft(i) for i in ids)]
         deleted = await self.redis.delete(*keys)
         logger.info("forgot chat %s:%s (%d keys)", self.platform, chat, deleted)
         return deleted

@@ -26,7 +26,8 @@ pytestmark = pytest.mark.redis
 GUILD, CHANNEL, THREAD, BOT_ID = 100, 200, 201, 999
 GUILD2, CHANNEL2 = 110, 210  # another server, where alice is not a member
 ALICE, CAROL, ADMIN, ADMIN2 = 301, 302, 303, 304  # alice is simulated, carol chats, the admins have Manage Server
-NAMES = {ALICE: "alice", CAROL: "carol", ADMIN: "admin", ADMIN2: "admin2"}
+NAMEALIKE = 305  # another member who calls herself "Alice"
+NAMES = {ALICE: "alice", CAROL: "carol", ADMIN: "admin", ADMIN2: "admin2", NAMEALIKE: "alice"}
 GUILD_OF = {CHANNEL: GUILD, THREAD: GUILD, CHANNEL2: GUILD2}
 MANAGE_GUILD = 1 << 5
 NOW = datetime.now(UTC).isoformat()
@@ -190,7 +191,7 @@ class Harness:
         self.state = state
         state.user = discord.ClientUser(state=state, data=_user(BOT_ID, "convo", bot=True))
         state.application_id = BOT_ID
-        guild = discord.Guild(state=state, data=_guild(GUILD, "friends", CHANNEL, [ALICE, CAROL, ADMIN],
+        guild = discord.Guild(state=state, data=_guild(GUILD, "friends", CHANNEL, [ALICE, CAROL, NAMEALIKE, ADMIN],
                                                        [_thread(THREAD, CHANNEL, "plans")]))
         state._add_guild(guild)
         state._add_guild(discord.Guild(state=state, data=_guild(GUILD2, "elsewhere", CHANNEL2, [CAROL, ADMIN2], [])))
@@ -565,3 +566,17 @@ def test_messages_of_members_who_did_not_opt_in_are_short_lived_context_never_tr
     assert [m.text for m in later] == ["admin opted in", "alice/friend #0 re: admin opted in", "second msg",
                                        "alice/friend #0 re: carol did not", "second msg"]
     assert key_left == 0
+
+
+def test_member_named_like_the_persona_is_never_recorded_as_the_persona(redis_url, tmp_path):
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, discord_bot(redis_url, tmp_path) as h:
+            await h.command(ALICE, "consent", "grant")
+            await h.command(NAMEALIKE, "consent", "grant")  # opted in: her messages are kept, under her own tag
+            await h.command(ADMIN, "roleplay", "start", permissions=MANAGE_GUILD, persona="alice")
+            await h.say(NAMEALIKE, "I am the real alice, honest")
+            return worker.requests, await h.cog.core.history(str(CHANNEL))
+
+    requests, history = run(scenario())
+    assert [m.speaker for m in requests[0].history] == ["ALICE_"]
+    assert [m.speaker for m in history] == ["ALICE_", "ALICE", "ALICE"]  # then the persona's own reply
