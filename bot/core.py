@@ -6,13 +6,15 @@ Telegram, Discord and `convo chat` all go through `BotCore`; it knows Redis and 
     history   {prefix}:history:{platform}:{chat}   list of HistoryMessage JSON, last `context_messages`, TTL
     ids       {prefix}:msgids:{platform}:{chat}    hash platform message id -> "speaker|ts" of its history entry
                                                    (so an edit or deletion on the platform finds it), TTL
+              {prefix}:private:{platform}:{chat}   people who did not opt in: context only, each message with a TTL
     drafts    {prefix}:draft:{id}                  DraftRecord JSON (context, candidates, platform refs), TTL
               {prefix}:drafts:{platform}:{chat}    set of a chat's draft ids (so /forget finds them)
     feedback  {prefix}:feedback                    FeedbackEvent entries, each complete on its own
 
 A request's context is what `convo dataset` would have used: the chat's last `context_messages` messages that
 sit in one session (no silence longer than `session_gap_min` between them, nor between the last one and now).
-Speakers are prompt tags: a persona's tags come from its adapter's `convo_adapter.json`, so live names map to
+Messages of people who did not opt in (Discord members other than the person simulated) are private context: sent
+to the worker, never kept in a draft or a feedback event, so never in training data. Speakers are prompt tags: a persona's tags come from its adapter's `convo_adapter.json`, so live names map to
 the tags the adapter learned.
 """
 
@@ -193,6 +195,7 @@ class DraftRecord(BaseModel):
     adapter_version: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
     status: DraftStatus = "open"
+    withheld: int = 0  # private context messages the worker saw that `context` leaves out
     refs: dict[str, str] = Field(default_factory=dict)  # platform ids (chat, message, business connection...)
     chosen: int | None = None  # the candidate being sent; set once its first message went out
     delivered: int = 0  # messages of `chosen` already delivered (a retry resumes after them)
@@ -238,29 +241,39 @@ class BotCore:
     # ------------------------------------------------------------ history
 
     async def add_message(self, chat: str, speaker: str, text: str, ts: datetime | None = None,
-                          message_id: str | None = None) -> HistoryMessage:
+                          private_ttl_s: float | None = None, message_id: str | None = None) -> HistoryMessage:
         """Append one message to a chat's rolling history (trimmed to `context_messages`, TTL refreshed);
-        `message_id` (the platform's) lets a later edit or deletion find it."""
+        `message_id` (the platform's) lets a later edit or deletion find it.
+
+        With `private_ttl_s` the speaker did not opt in: the message goes to the chat's private context, where it
+        is deleted `private_ttl_s` after it was written (a sorted set scored by expiry time)."""
         message = HistoryMessage.build(speaker=speaker, text=clip_text(text), ts=ts or utcnow())
+        if private_ttl_s is not None:
+            key = self.keys.private_history(self.platform, chat)
+            now = time.time()
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zadd(key, {message.dumps(): now + private_ttl_s})
+                pipe.zremrangebyscore(key, "-inf", now)
+                pipe.zremrangebyrank(key, 0, -self.config.context_messages - 1)
+                pipe.expire(key, max(1, round(private_ttl_s)))
+                await pipe.execute()
+            return message
         key = self.keys.history(self.platform, chat)
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.rpush(key, message.dumps())
             pipe.ltrim(key, -self.config.context_messages, -1)
             pipe.expire(key, self.config.history_ttl_s)
             if message_id is not None:
-                pipe.hset(self._ids_key(chat), message_id, _fingerprint(message))
-                pipe.expire(self._ids_key(chat), self.config.history_ttl_s)
+                pipe.hset(self.keys.message_ids(self.platform, chat), message_id, _fingerprint(message))
+                pipe.expire(self.keys.message_ids(self.platform, chat), self.config.history_ttl_s)
             await pipe.execute()
         return message
-
-    def _ids_key(self, chat: str) -> str:
-        return f"{self.keys.prefix}:msgids:{self.platform}:{chat}"
 
     async def amend_message(self, chat: str, message_id: str, text: str | None) -> int:
         """The platform says message `message_id` was edited to `text` (or deleted: None): change or drop it in
         the chat's history and in the context of the chat's stored drafts, so the next request and every later
         feedback event carry what was finally said. Returns how many stored copies changed."""
-        ids_key = self._ids_key(chat)
+        ids_key = self.keys.message_ids(self.platform, chat)
         raw_print = await self.redis.hget(ids_key, message_id)
         if raw_print is None:
             return 0  # never stored here (unmapped chat, or older than the history)
@@ -348,10 +361,28 @@ class BotCore:
                 logger.warning("history %s:%s: skipped a malformed entry", self.platform, chat)
         return out
 
+    async def private_history(self, chat: str) -> list[HistoryMessage]:
+        """The chat's private context still alive, oldest first (expired messages are deleted here)."""
+        key = self.keys.private_history(self.platform, chat)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zremrangebyscore(key, "-inf", time.time())
+            pipe.zrange(key, 0, -1)
+            _, raws = await pipe.execute()
+        return [HistoryMessage.loads(raw) for raw in raws]
+
     async def context(self, chat: str, now: datetime | None = None) -> list[HistoryMessage]:
-        """The context a request for this chat carries now (current session, last `context_messages`)."""
-        return session_context(await self.history(chat), now or utcnow(), self.config.session_gap_min,
-                               self.config.context_messages)
+        """The context a request for this chat carries now (current session, last `context_messages`), private
+        context included."""
+        return (await self._context(chat, now))[0]
+
+    async def _context(self, chat: str, now: datetime | None = None) -> tuple[list[HistoryMessage], set]:
+        """(the request context, the private messages among it)."""
+        now = now or utcnow()
+        messages, private = await self.history(chat), await self.private_history(chat)
+        if private:
+            messages = sorted([*messages, *private], key=lambda m: m.ts or now)  # stable: history first on ties
+        context = session_context(messages, now, self.config.session_gap_min, self.config.context_messages)
+        return context, set(private) & set(context)
 
     # ------------------------------------------------------------ drafts
 
@@ -364,10 +395,11 @@ class BotCore:
         With `on_partial` the request streams and each newer text of candidate 1 is passed to it. Raises
         WorkerTimeout (nobody answered) or WorkerError (the worker refused).
         """
-        context = await self.context(chat)
-        return await self._generate(chat, persona, mode, n, context, on_partial, refs or {}, shown)
+        context, private = await self._context(chat)
+        return await self._generate(chat, persona, mode, n, context, on_partial, refs or {}, private, shown)
 
-    async def _generate(self, chat, persona, mode, n, context, on_partial, refs, shown=True) -> DraftRecord:
+    async def _generate(self, chat, persona, mode, n, context, on_partial, refs, private=frozenset(), shown=True
+                        ) -> DraftRecord:
         cfg = self.config
         request = GenerateRequest.build(
             persona=persona.name, mode=mode, history=context, n=n, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -391,7 +423,8 @@ class BotCore:
             raise WorkerError(GenerateResponse.failure(request.id, "internal", "the model produced only empty text"))
         draft = DraftRecord(
             id=new_id(), persona=persona.name, mode=mode, platform=self.platform, chat=chat,
-            target=persona.target(mode), context=list(context), candidates=candidates,
+            target=persona.target(mode), context=[m for m in context if m not in private], withheld=len(private),
+            candidates=candidates,
             adapter_version=response.adapter.version if response.adapter else persona.version, refs=refs,
         )
         await self.save_draft(draft)
@@ -408,7 +441,7 @@ class BotCore:
         await self.feedback(draft, "regenerated")
         await self.set_status(draft, "closed")
         return await self._generate(draft.chat, persona, draft.mode, n or len(draft.candidates), draft.context,
-                                    on_partial, dict(draft.refs), shown)
+                                    on_partial, dict(draft.refs), shown=shown)
 
     async def save_draft(self, draft: DraftRecord) -> None:
         """Store a draft record and index it under its chat, both with the draft TTL."""
@@ -506,7 +539,8 @@ class BotCore:
         """Delete a chat's history and drafts; returns the number of keys deleted."""
         index = self.keys.chat_drafts(self.platform, chat)
         ids = [i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(index)]
-        keys = [self.keys.history(self.platform, chat), self._ids_key(chat), index, *(self.keys.draft(i) for i in ids)]
+        keys = [self.keys.history(self.platform, chat), self.keys.private_history(self.platform, chat),
+                self.keys.message_ids(self.platform, chat), index, *(self.keys.draft(i) for i in ids)]
         deleted = await self.redis.delete(*keys)
         logger.info("forgot chat %s:%s (%d keys)", self.platform, chat, deleted)
         return deleted

@@ -1,13 +1,19 @@
 """`convo serve discord`: roleplay of a friend who opted in, in a Discord channel, through a webhook.
 
-* Consent is the simulated person's own: `/consent grant`, `/consent revoke`, `/consent status`, set only for
-  oneself. `/forget` deletes one's drafts, feedback events and history messages.
+* Consent is the simulated person's own and belongs to one server: `/consent grant`, `/consent revoke`,
+  `/consent status`, set only for oneself, in the server where it is run. `/forget` deletes one's drafts, feedback
+  events and history messages.
 * `/roleplay start persona:NAME` (bot owners or members with Manage Server) works only while the Discord user mapped
-  to NAME in `discord.users` consents; `/roleplay stop` ends it. While active, the persona answers channel messages
-  through a channel webhook named "NAME (AI)" with the person's avatar. Consent is checked before generating and
-  again before posting, so a revoke stops the very next reply; `/consent revoke` also posts a notice.
+  to NAME in `discord.users` consents in that server; `/roleplay stop` ends it. While active, the persona answers
+  channel (or thread) messages through a webhook of the channel named "NAME (AI)" with the person's avatar (in a
+  thread: the parent channel's webhook, posting into the thread). Consent is checked before generating and again
+  before posting, so a revoke stops the very next reply; `/consent revoke` also posts a notice.
+* Messages of members who have not opted in in that server are private context (bot/core.py): the worker sees
+  them, they expire after `discord.private_context_ttl_min` and never reach a draft or a feedback event.
 * 👍/👎 reactions on the persona's messages (`on_raw_reaction_add`) by the bot's owners or the simulated person
-  become `liked`/`disliked` feedback events; other members' reactions are ignored.
+  become `liked`/`disliked` feedback events, unless the reply answered private context (an event without what the
+  persona answered would teach it nonsense); other members' reactions are ignored.
+* Slash commands only: no text commands, so "@bot some text" is not parsed (nor logged).
 
 Needs the privileged Message Content intent (Developer Portal -> Bot -> Privileged Gateway Intents).
 """
@@ -33,11 +39,13 @@ from bot.core import (
 )
 from convo.errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
+from inference.prompt_format import make_tag
 
 logger = logging.getLogger(__name__)
 
 PLATFORM = "discord"
 FEEDBACK_EMOJI = {"👍": "liked", "👎": "disliked"}
+MAX_WEBHOOKS_REACHED = 30007  # Discord's JSON error code: the channel already has 15 webhooks
 
 
 def webhook_name(persona: str) -> str:
@@ -48,7 +56,8 @@ def webhook_name(persona: str) -> str:
 class RoleplayCog(commands.Cog):
     """Consent, roleplay and feedback commands and listeners."""
 
-    consent = app_commands.Group(name="consent", description="Your own opt-in to be simulated by this bot")
+    consent = app_commands.Group(name="consent", description="Your own opt-in to be simulated in this server",
+                                 guild_only=True)
     roleplay = app_commands.Group(name="roleplay", description="A consenting friend's AI persona in this channel",
                                   guild_only=True)
 
@@ -62,55 +71,66 @@ class RoleplayCog(commands.Cog):
         self.book = PersonaBook(self.config.adapters_dir)
         self.core = BotCore(redis, self.config, PLATFORM)
         self.registry = ConsentRegistry(redis, self.core.keys, PLATFORM)
+        self.private_ttl_s = settings.discord.private_context_ttl_min * 60
 
     def _user_of(self, persona: str) -> str | None:
         return next((uid for uid, name in self.users.items() if name == persona), None)
 
     # ------------------------------------------------------------ consent
 
-    @consent.command(name="grant", description="Allow roleplays of you as your persona (only you can do this)")
+    @consent.command(name="grant", description="Allow roleplays of you in this server (only you can do this)")
     async def consent_grant(self, interaction: discord.Interaction) -> None:
-        """Record the caller's own consent."""
+        """Record the caller's own consent in this server."""
         uid = str(interaction.user.id)
-        await self.registry.grant(uid)
+        await self.registry.grant(uid, str(interaction.guild_id))
         persona = self.users.get(uid)
-        note = (f" Members with Manage Server can now start `/roleplay start persona:{persona}`." if persona else
-                " No persona is configured for you yet, so nobody can roleplay you until the bot owner adds one.")
+        note = (f" Members with Manage Server here can now start `/roleplay start persona:{persona}`." if persona
+                else " No persona is configured for you yet, so nobody can roleplay you until the bot owner adds "
+                "one.")
         await interaction.response.send_message(
-            "You opted in to being simulated by this bot." + note + " `/consent revoke` ends it at any time.",
-            ephemeral=True)
+            "You opted in to being simulated by this bot in this server (not in others)." + note + " Your messages "
+            "in roleplay channels here may now be kept with the persona's replies as training data. "
+            "`/consent revoke` ends it at any time.", ephemeral=True)
 
-    @consent.command(name="revoke", description="Withdraw your consent; running roleplays of you stop at once")
+    @consent.command(name="revoke", description="Withdraw your consent here; roleplays of you here stop at once")
     async def consent_revoke(self, interaction: discord.Interaction) -> None:
-        """Withdraw the caller's consent and end every roleplay of them, with a notice in each channel."""
-        ended = await self.registry.revoke(str(interaction.user.id))
+        """Withdraw the caller's consent in this server and end every roleplay of them there, with notices."""
+        # Answer within Discord's 3 s first: the work below scans Redis and posts in every channel concerned.
+        await interaction.response.defer(ephemeral=True)
+        ended = await self.registry.revoke(str(interaction.user.id), str(interaction.guild_id))
         for record in ended:
             await self._notify(record, f"{webhook_name(record.persona)} has left: the person withdrew consent.")
-        await interaction.response.send_message(
+        await interaction.followup.send(
             f"Consent withdrawn. {len(ended)} roleplay(s) of you stopped. `/forget` deletes what was stored.",
             ephemeral=True)
 
-    @consent.command(name="status", description="Whether you currently allow roleplays of you")
+    @consent.command(name="status", description="Whether you currently allow roleplays of you in this server")
     async def consent_status(self, interaction: discord.Interaction) -> None:
-        """Tell the caller whether their consent is active."""
-        record = await self.registry.status(str(interaction.user.id))
-        text = (f"You opted in on {record.granted_at:%Y-%m-%d %H:%M} UTC." if record else
-                "You have not opted in: nobody can roleplay you.")
+        """Tell the caller whether their consent is active in this server."""
+        uid = str(interaction.user.id)
+        record = await self.registry.status(uid, str(interaction.guild_id))
+        if record is not None:
+            text = f"You opted in in this server on {record.granted_at:%Y-%m-%d %H:%M} UTC."
+        elif await self.registry.legacy(uid) is not None:
+            text = ("Your earlier opt-in was for every server and no longer counts: consent is now per server. "
+                    "Run `/consent grant` here (and in each server where you allow it).")
+        else:
+            text = "You have not opted in in this server: nobody can roleplay you here."
         await interaction.response.send_message(text, ephemeral=True)
 
     @app_commands.command(name="forget", description="Delete your drafts, feedback events and history messages")
     async def forget(self, interaction: discord.Interaction) -> None:
         """Delete everything stored about the caller's persona on Discord."""
-        uid = str(interaction.user.id)
-        name = self.users.get(uid)
+        # Answer within Discord's 3 s first: forgetting scans every history, draft and feedback event.
+        await interaction.response.defer(ephemeral=True)
+        name = self.users.get(str(interaction.user.id))
         if name is None:
-            await interaction.response.send_message("Nothing is stored about you: you have no persona here.",
-                                                    ephemeral=True)
-            return
-        counts = await self.core.forget_persona(self.book.get(name))
-        await interaction.response.send_message(
-            f"Deleted {counts['messages']} history message(s), {counts['drafts']} draft(s) and "
-            f"{counts['events']} feedback event(s) not yet archived.", ephemeral=True)
+            text = "Nothing is stored about you: you have no persona here."
+        else:
+            counts = await self.core.forget_persona(self.book.get(name))
+            text = (f"Deleted {counts['messages']} history message(s), {counts['drafts']} draft(s) and "
+                    f"{counts['events']} feedback event(s) not yet archived.")
+        await interaction.followup.send(text, ephemeral=True)
 
     # ------------------------------------------------------------ roleplay
 
@@ -134,12 +154,19 @@ class RoleplayCog(commands.Cog):
                 f"{persona} is not linked to a Discord user in this bot's config, so it cannot be roleplayed.",
                 ephemeral=True)
             return
-        if await self.registry.status(uid) is None:
+        if await self.registry.status(uid, str(interaction.guild_id)) is None:
             await interaction.response.send_message(
-                f"{persona} has not opted in: they must run `/consent grant` themself first.", ephemeral=True)
+                f"{persona} has not opted in in this server: they must run `/consent grant` here themself first.",
+                ephemeral=True)
+            return
+        if _webhook_channel(interaction.channel) is None:
+            await interaction.response.send_message(
+                "A persona can only speak in a text channel or a thread of one (it needs a channel webhook).",
+                ephemeral=True)
             return
         await self.registry.start(RoleplayRecord(channel=str(interaction.channel_id), persona=persona, user_id=uid,
-                                                 started_by=str(interaction.user.id)))
+                                                 started_by=str(interaction.user.id),
+                                                 guild=str(interaction.guild_id)))
         logger.info("roleplay started persona=%s channel=%s", persona, interaction.channel_id)
         await interaction.response.send_message(
             f"{webhook_name(persona)} will answer messages here: an AI trained on {persona}'s texts, with their "
@@ -176,7 +203,9 @@ class RoleplayCog(commands.Cog):
         if str(message.author.id) == record.user_id:
             await self.core.add_message(channel_key, persona.tag, message.content)
             return  # the real person is talking: the persona stays quiet
-        await self.core.add_message(channel_key, persona.tag_for(message.author.display_name), message.content)
+        opted_in = await self.registry.status(str(message.author.id), str(message.guild.id)) is not None
+        await self.core.add_message(channel_key, _member_tag(persona, message.author.display_name), message.content,
+                                    private_ttl_s=None if opted_in else self.private_ttl_s)
         try:
             async with message.channel.typing():
                 draft = await self.core.generate(channel_key, persona, "friend", n=1,
@@ -198,13 +227,24 @@ class RoleplayCog(commands.Cog):
         except discord.Forbidden:
             await channel.send(f"I need the Manage Webhooks permission here to speak as {webhook_name(persona.name)}.")
             return
+        except discord.HTTPException as e:
+            if e.code != MAX_WEBHOOKS_REACHED:
+                raise
+            logger.warning("roleplay reply dropped: channel has the maximum of webhooks persona=%s", persona.name)
+            await channel.send(f"{webhook_name(persona.name)} can't speak here: this channel already has 15 webhooks, "
+                               "Discord's maximum. Delete one (channel settings -> Integrations -> Webhooks), then "
+                               "write again.")
+            return
         avatar = await self._avatar(channel.guild, int(record.user_id))
+        # In a thread the parent channel's webhook posts into the thread.
+        where = {"thread": channel} if isinstance(channel, discord.Thread) else {}
         ids: list[str] = []
 
         async def send(text: str) -> None:
             if await self.registry.active(str(channel.id)) is None:
                 raise _ConsentGone
-            sent = await webhook.send(text, username=webhook_name(persona.name), avatar_url=avatar, wait=True)
+            sent = await webhook.send(text, username=webhook_name(persona.name), avatar_url=avatar, wait=True,
+                                      **where)
             ids.append(str(sent.id))
 
         try:
@@ -228,12 +268,13 @@ class RoleplayCog(commands.Cog):
         return member.display_avatar.url
 
     async def _webhook(self, channel, persona: str) -> discord.Webhook:
-        """The channel's "NAME (AI)" webhook made by this bot, created on first use."""
+        """The "NAME (AI)" webhook this bot made in the channel (a thread's parent), created on first use."""
         name = webhook_name(persona)
-        for hook in await channel.webhooks():
+        target = _webhook_channel(channel)
+        for hook in await target.webhooks():
             if hook.name == name and hook.token:
                 return hook
-        return await channel.create_webhook(name=name, reason="convo roleplay (the person consented)")
+        return await target.create_webhook(name=name, reason="convo roleplay (the person consented)")
 
     async def _notify(self, record: RoleplayRecord, text: str) -> None:
         channel = self.bot.get_channel(int(record.channel))
@@ -254,6 +295,11 @@ class RoleplayCog(commands.Cog):
         # Only the bot's owners and the simulated person themself judge the imitation; other members' reactions
         # are not stored (they did not opt in to anything).
         if payload.user_id not in self.owner_ids and str(payload.user_id) != self._user_of(draft.persona):
+            return
+        if draft.withheld:
+            # The reply answered members who did not opt in; without their messages the event would teach the
+            # persona a reply to nothing.
+            logger.info("reaction not recorded draft=%s: its context was private", draft.id)
             return
         await self.core.feedback(draft, kind, 0)
 
@@ -283,8 +329,21 @@ class _ConsentGone(Exception):
     """Consent was withdrawn while a reply was being posted."""
 
 
+def _webhook_channel(channel):
+    """The channel whose webhooks speak in `channel` (a thread's parent), or None where webhooks cannot."""
+    target = channel.parent if isinstance(channel, discord.Thread) else channel
+    return target if hasattr(target, "create_webhook") else None
+
+
+def _member_tag(persona: Persona, display_name: str) -> str:
+    """The tag of a member other than the person simulated: never the persona's own, whatever their name."""
+    tag = persona.tag_for(display_name)
+    return tag if tag != persona.tag else make_tag(display_name, reserved={persona.tag, persona.me_tag})
+
+
 class ConvoDiscordBot(commands.Bot):
-    """The Discord client: opens Redis and adds the cog in setup_hook, syncs slash commands."""
+    """The Discord client: opens Redis and adds the cog in setup_hook, syncs slash commands. Slash commands only:
+    `on_message` is overridden so no text command is ever parsed (the prefix below is never used)."""
 
     def __init__(self, settings, redis=None, sync_commands: bool = True):
         intents = discord.Intents.default()
@@ -308,6 +367,10 @@ class ConvoDiscordBot(commands.Bot):
                 await self.tree.sync(guild=guild)
             if not self.settings.discord.guild_ids:
                 await self.tree.sync()
+
+    async def on_message(self, message: discord.Message, /) -> None:
+        """No text commands: "@bot some text" is a message like any other (the cog's listener sees it), never a
+        command lookup that would log its first word as an unknown command."""
 
     async def close(self) -> None:
         """Close the gateway, then Redis."""

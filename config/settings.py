@@ -170,6 +170,8 @@ class DiscordSettings(BaseModel):
     owner_ids: list[int] = Field(default_factory=list)  # may start roleplays anywhere (besides Manage Server)
     users: dict[str, str] = Field(default_factory=dict)  # Discord user id -> persona they can be simulated as
     guild_ids: list[int] = Field(default_factory=list)  # sync slash commands to these guilds at once (else global)
+    # Messages of members who did not opt in are context only: each is deleted this long after it was written.
+    private_context_ttl_min: float = Field(60.0, gt=0)
 
 
 class FeedbackSettings(BaseModel):

@@ -310,9 +310,19 @@ class Keys:
         """Set of the draft ids of one chat (so /forget finds them)."""
         return f"{self.prefix}:drafts:{platform}:{chat}"
 
-    def consent(self, platform: str, user_id: str) -> str:
-        """A person's own opt-in to be simulated (Discord)."""
-        return f"{self.prefix}:consent:{platform}:{user_id}"
+    def private_history(self, platform: str, chat: str) -> str:
+        """Short-lived context of people who did not opt in (a sorted set of HistoryMessage JSON by expiry time)."""
+        return f"{self.prefix}:private:{platform}:{chat}"
+
+    def message_ids(self, platform: str, chat: str) -> str:
+        """A chat's platform message id -> "speaker|ts" of its history entry (hash; finds edited/deleted messages)."""
+        return f"{self.prefix}:msgids:{platform}:{chat}"
+
+    def consent(self, platform: str, user_id: str, guild: str | None = None) -> str:
+        """A person's own opt-in to be simulated in one server (Discord); without `guild` the global form used
+        before consent was per server, read only to tell its holder to grant again."""
+        scope = f"{guild}:" if guild is not None else ""
+        return f"{self.prefix}:consent:{platform}:{scope}{user_id}"
 
     def roleplay(self, platform: str, channel: str) -> str:
         """An active roleplay in a channel."""

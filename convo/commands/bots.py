@@ -35,7 +35,8 @@ def _logging(debug: bool) -> None:
     if not debug:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_NoStartupTraceback())
-    for noisy in ("httpx", "httpcore", "discord.gateway", "discord.http"):
+    # discord.webhook logs webhook URLs (their tokens) at DEBUG.
+    for noisy in ("httpx", "httpcore", "discord.gateway", "discord.http", "discord.webhook"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
