@@ -217,7 +217,7 @@ class TelegramBot:
         if user is not None and user.id in self.owner_ids:
             return
         if update.callback_query is not None:
-            await update.callback_query.answer(REFUSAL)
+            await answer(update.callback_query, REFUSAL)
         elif user is not None and user.id not in self.refused and update.message is not None \
                 and update.message.chat.type == "private":
             self.refused.add(user.id)
