@@ -21,6 +21,7 @@ the tags the adapter learned.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -483,6 +484,22 @@ class BotCore:
             return updated
 
         return await self._atomically(key, step)
+
+    async def reopen_interrupted(self) -> int:
+        """Drafts of this platform left "sending" by a process that stopped mid-delivery go back to "open" (what
+        was delivered stays recorded, so ✅ resumes). Only for the platform's one bot process, at its start."""
+        reopened = 0
+        async for key in self.redis.scan_iter(match=self.keys.draft("*"), count=500):
+            raw = await self.redis.get(key)
+            if raw is None:
+                continue
+            draft = DraftRecord.model_validate_json(raw)
+            if draft.platform == self.platform and draft.status == "sending":
+                with contextlib.suppress(DraftExpired):
+                    reopened += await self.transition(draft.id, {"sending"}, status="open") is not None
+        if reopened:
+            logger.info("%d interrupted draft(s) reopened on %s", reopened, self.platform)
+        return reopened
 
     async def open_drafts(self, chat: str) -> list[DraftRecord]:
         """The drafts of a chat still waiting for the owner, oldest first."""

@@ -199,6 +199,7 @@ class TelegramBot:
             self.redis = connect_redis(self.settings)
         await ping_redis(self.redis, self.settings.redis.url)
         self.core = BotCore(self.redis, self.config, PLATFORM)
+        await self.core.reopen_interrupted()  # a ✅ cut short by the last stop resumes on the next tap
         logger.info("telegram bot ready owners=%d mapped_chats=%d", len(self.owner_ids), len(self.chats))
 
     async def stop(self, app: Application | None = None) -> None:

@@ -658,3 +658,24 @@ def test_telegram_expired_callback_query_still_sends_and_regenerates(redis_url, 
     assert _to(request, FRIEND) == ["alice/self #1 re: lunch?", "second msg"]
     assert [e.kind for e in events][-1] == "sent"
     assert any(p["message_id"] == 77 for p in request.named("editMessageReplyMarkup"))  # the sent card closed
+
+
+def test_telegram_send_cut_short_by_a_restart_resumes_after_it(redis_url, tmp_path):
+    u = Updates()
+    first, second = RecordingRequest(), RecordingRequest()
+
+    async def scenario():
+        async with FakeWorker(redis_url):
+            async with telegram_app(redis_url, tmp_path, first) as app:
+                await feed(app, u.business_message("ping"))
+                send = _buttons(_cards(first)[0])[0]
+                core = app.bot_data["convo"].core
+                # The process stopped after message 1 of the burst went out, before the rest.
+                await core.transition(send.split("|")[2], {"open"}, status="sending", chosen=0, delivered=1)
+            async with telegram_app(redis_url, tmp_path, second) as app:
+                await feed(app, u.callback(send))
+                return await feedback_events(app.bot_data["convo"].redis)
+
+    events = run(scenario())
+    assert _to(second, FRIEND) == ["second msg"]
+    assert [e.kind for e in events].count("sent") == 1
