@@ -55,7 +55,7 @@ def event(kind="sent", persona="alice", draft=None, **kw) -> FeedbackEvent:
 
 
 def consumer(client, store, keys, name="c1", **kw) -> FeedbackConsumer:
-    return FeedbackConsumer(client, store, keys, consumer=name, batch_size=4, block_ms=50, **kw)
+    return FeedbackConsumer(client, store, keys, consumer=name, **{"batch_size": 4, "block_ms": 50, **kw})
 
 
 def test_round_trip_and_crash_before_ack(client, store, keys, monkeypatch):
