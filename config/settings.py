@@ -110,6 +110,8 @@ class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:6379/0"  # redis://[user@]host:port/db (rediss:// for TLS)
     password: SecretStr | None = None  # kept out of the url so it is never logged with it
     prefix: str = "convo"  # every Redis key and stream name starts with "{prefix}:" (inference/protocol.py)
+    connect_timeout_s: float = Field(5.0, gt=0)  # give up connecting after this long (every client: inference.client.connect)
+    socket_timeout_s: float = Field(5.0, gt=0)  # a reply slower than this fails; blocking reads get their block time on top
 
 
 class WorkerSettings(BaseModel):
