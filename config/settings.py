@@ -201,6 +201,11 @@ class FeedbackSettings(BaseModel):
     retrain_interval_h: float = Field(24.0, ge=0)  # at most one retrain per persona in this many hours
     scheduler_poll_s: float = Field(300.0, gt=0)  # the scheduler checks every persona this often
     metrics_port: int | None = None  # Prometheus metrics of the scheduler (and store) on this port
+    # Retention (`convo prune`; `convo serve scheduler` prunes every prune_interval_h). 0 keeps forever.
+    retention_days: float = Field(365.0, ge=0)  # feedback events received longer ago are deleted from the store
+    dead_letter_retention_days: float = Field(30.0, ge=0)  # entries of {prefix}:dead and {prefix}:feedback:dead
+    rejected_retention_days: float = Field(30.0, ge=0)  # adapter versions a retrain rejected, created longer ago
+    prune_interval_h: float = Field(24.0, gt=0)  # the scheduler prunes this often
 
 
 class Settings(BaseSettings):

@@ -257,6 +257,16 @@ class FeedbackStore:
         with self.engine.connect() as conn:
             return sorted(r[0] for r in conn.execute(sa.select(self.events.c.persona).distinct()))
 
+    def prune_events(self, received_before: datetime, dry_run: bool = False) -> int:
+        """Delete the events received before `received_before` (count them only, with dry_run); returns how many."""
+        t = self.events
+        cond = t.c.received_at < to_db_ts(received_before)
+        if dry_run:
+            with self.engine.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(cond)).scalar_one())
+        with self.engine.begin() as conn:
+            return int(conn.execute(t.delete().where(cond)).rowcount or 0)
+
     # ------------------------------------------------------------ retrain runs
 
     def record_run(self, run: RetrainRun) -> int:
