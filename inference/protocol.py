@@ -216,7 +216,7 @@ class FeedbackEvent(_Wire):
     Python's datetime range once converted to UTC.
     """
 
-    v: int = PROTOCOL_VERSION
+    v: Literal[PROTOCOL_VERSION] = PROTOCOL_VERSION  # another version is refused ("FeedbackEvent.v: Input should be 1")
     event_id: str = Field(default_factory=new_id, min_length=1, max_length=MAX_ID_CHARS, pattern=_TOKEN)
     kind: FeedbackKind
     draft_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, pattern=_TOKEN)
@@ -230,13 +230,6 @@ class FeedbackEvent(_Wire):
     final_text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     platform: str = Field("console", min_length=1, max_length=MAX_PLATFORM_CHARS, pattern=_TOKEN)
     ts: AwareDatetime = Field(default_factory=utcnow)
-
-    @field_validator("v")
-    @classmethod
-    def _version(cls, value: int) -> int:
-        if value != PROTOCOL_VERSION:
-            raise ValueError(f"protocol version {value} is not {PROTOCOL_VERSION}")
-        return value
 
     @field_validator("ts")
     @classmethod
