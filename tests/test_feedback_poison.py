@@ -10,6 +10,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
+import redis
 import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 from convo.errors import ProtocolError
 from inference.protocol import FEEDBACK_GROUP, MAX_HISTORY, MAX_TEXT_CHARS, FeedbackEvent, Keys, entry_payload
 from tests.test_feedback_store import client, consumer, event, keys, store  # noqa: F401
-from training.feedback.consumer import FeedbackConsumer
+from training.feedback.consumer import FeedbackConsumer, entry_fault
 from training.feedback.store import FeedbackStore
 
 pytestmark = pytest.mark.redis
@@ -64,6 +65,27 @@ def test_feedback_event_limits_agree_with_the_store_columns():
         assert table.c[name].type.length == limit, name
     extreme = FeedbackEvent.loads(json.dumps({**VALID, "ts": "0001-01-01T00:00:00-01:00"}))
     assert extreme.ts.year == 1  # the earliest instant that still has a UTC value is accepted
+
+
+def _db(cls, **kw):
+    return cls("INSERT ...", {}, Exception("x"), **kw)
+
+
+@pytest.mark.parametrize(("error", "dead"), [
+    (OverflowError("date value out of range"), True),
+    (UnicodeEncodeError("utf-8", "x", 0, 1, "surrogates not allowed"), True),
+    (_db(sa.exc.DataError), True),
+    (_db(sa.exc.IntegrityError), True),  # not the duplicate key: store.add returns False for that one
+    (_db(sa.exc.OperationalError), False),  # connection lost, database locked
+    (_db(sa.exc.InterfaceError), False),
+    (_db(sa.exc.ProgrammingError), False),  # a missing table is the database's fault, not the entry's
+    (_db(sa.exc.DataError, connection_invalidated=True), False),
+    (sa.exc.TimeoutError("pool exhausted"), False),
+    (redis.ConnectionError("gone"), False),
+    (AttributeError("a bug"), False),  # retried with its traceback, never a reason to dead-letter everything
+])
+def test_entry_fault_tells_the_entry_from_the_database(error, dead):
+    assert entry_fault(error) is dead
 
 
 # ---------------------------------------------------------------- poison entries on a real stream and store

@@ -74,7 +74,10 @@ def entry_fault(e: BaseException) -> bool:
         return False
     if isinstance(e, sa_exc.StatementError):  # a parameter the driver could not convert
         return True
-    return not isinstance(e, sa_exc.SQLAlchemyError)  # pool timeouts and disconnects are the database's
+    # A value Python cannot convert (a date out of range, a string that cannot be encoded) is the entry's; any other
+    # exception (pool timeouts, disconnects, a bug) is not: retried with its traceback, never a reason to drain the
+    # stream into dead letters.
+    return isinstance(e, (ValueError, TypeError, OverflowError)) and not isinstance(e, sa_exc.SQLAlchemyError)
 
 
 def _refusal(e: BaseException) -> str:
