@@ -20,8 +20,8 @@ def prune_cmd(
     apply: Annotated[bool, typer.Option("--apply", help="Delete. Without it, only show what would be deleted.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Delete what is older than the retention settings: feedback events (feedback.retention_days), dead letters
-    (feedback.dead_letter_retention_days) and rejected adapter versions (feedback.rejected_retention_days)."""
+    """Show (dry run) or, with --apply, delete what is past retention: feedback events (feedback.retention_days),
+    dead letters (feedback.dead_letter_retention_days), rejected adapter versions (feedback.rejected_retention_days)."""
     from convo.cli import state
     from training.feedback.retention import prune
     from training.feedback.store import FeedbackStore
