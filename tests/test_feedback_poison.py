@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 import redis
@@ -146,6 +146,19 @@ def test_feedback_database_down_is_retried_not_dead_lettered(client, keys):
     assert not t.is_alive() and retries == ["OperationalError", "OperationalError"]
     assert pending(client, keys) == 3 and client.xlen(keys.feedback_dead) == 0
     down.close()
+
+
+def test_feedback_entry_without_event_id_or_ts_is_stored_once_across_redeliveries(client, store, keys, monkeypatch):
+    entry = push_raw(client, keys, {"kind": "liked", "draft_id": "d1", "persona": "alice"})  # a minimal producer
+    first = consumer(client, store, keys)
+    monkeypatch.setattr(first, "_ack", lambda ids: (_ for _ in ()).throw(SystemExit("killed before the ack")))
+    with pytest.raises(SystemExit):
+        first.poll_once()
+    total = consumer(client, store, keys).drain()  # the same entry again
+    assert (total.stored, total.duplicates) == (0, 1)
+    (row,) = store.iter_events()
+    assert row.event.event_id == f"entry-{entry}"
+    assert row.event.ts == datetime.fromtimestamp(int(entry.split("-")[0]) / 1000, UTC)
 
 
 # ---------------------------------------------------------------- kills mid-batch
@@ -294,8 +307,10 @@ def test_feedback_fuzz_every_entry_stored_or_dead_lettered(client, store, payloa
     assert set(stored) == {ev.event_id for _, ev in accepted.values()} | {sentinel.event_id}
     for entry_id, (payload, ev) in accepted.items():
         row = stored[ev.event_id]
-        same = {"ts"} if "ts" not in payload else set()  # no ts on the wire: the consumer's clock fills it in
-        assert row.event.model_dump(exclude=same) == ev.model_dump(exclude=same) and row.stream_id == entry_id
+        if "ts" not in payload:  # no ts on the wire: the entry's own time, the same on every delivery
+            assert row.event.ts == datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000, UTC)
+            ev = ev.model_copy(update={"ts": row.event.ts})
+        assert row.event == ev and row.stream_id == entry_id
     assert set(dead_letters(client, keys)) == rejected
     assert (total.stored, total.dead, total.duplicates) == (len(accepted) + 1, len(rejected), 0)
     assert pending(client, keys) == 0 and client.xlen(keys.feedback) == 0

@@ -24,6 +24,7 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis
 from sqlalchemy import exc as sa_exc
@@ -78,6 +79,19 @@ def entry_fault(e: BaseException) -> bool:
     # exception (pool timeouts, disconnects, a bug) is not: retried with its traceback, never a reason to drain the
     # stream into dead letters.
     return isinstance(e, (ValueError, TypeError, OverflowError)) and not isinstance(e, sa_exc.SQLAlchemyError)
+
+
+def from_entry(entry_id: str, raw: str) -> FeedbackEvent:
+    """The event of a stream entry. An entry without `event_id` or `ts` (bots always send both) gets them from the
+    entry itself ("entry-<id>", the entry's time) rather than from defaults, so a redelivery is the same event:
+    stored once, not twice."""
+    event = FeedbackEvent.loads(raw)
+    update = {}
+    if "event_id" not in event.model_fields_set:
+        update["event_id"] = f"entry-{entry_id}"
+    if "ts" not in event.model_fields_set:
+        update["ts"] = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000, UTC)
+    return event.model_copy(update=update) if update else event
 
 
 def _refusal(e: BaseException) -> str:
@@ -152,7 +166,7 @@ class FeedbackConsumer:
                 dead.append((entry_id, {}, "entry deleted from the stream while pending"))
                 continue
             try:
-                event = FeedbackEvent.loads(entry_data(fields))
+                event = from_entry(entry_id, entry_data(fields))
             except ProtocolError as e:
                 dead.append((entry_id, fields, str(e)))
                 continue
