@@ -102,10 +102,11 @@ class Scheduler:
         from training.feedback.retention import prune
 
         now = self.clock()
-        if self._last_prune is not None and now - self._last_prune < timedelta(hours=self.settings.feedback.prune_interval_h):
+        interval = timedelta(hours=self.settings.feedback.prune_interval_h)
+        if self._last_prune is not None and now - self._last_prune < interval:
             return None
-        self._last_prune = now
         report = prune(self.settings, self.store, apply=True, now=now)
+        self._last_prune = now  # after it worked: a failed prune is tried again at the next poll
         m = _metrics()["pruned"]
         m.labels("feedback_events").inc(report.feedback_events)
         m.labels("dead_letters").inc(sum((report.dead_letters or {}).values()))
