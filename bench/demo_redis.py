@@ -49,7 +49,9 @@ def redis_answers(url: str, timeout_s: float = 1.0) -> bool:
     """True when a Redis at `url` answers PING within `timeout_s`."""
     import redis
 
-    client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+    from inference.client import connect
+
+    client = connect(url, sync=True, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
     try:
         return bool(client.ping())
     except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError, OSError):

@@ -95,7 +95,7 @@ class WorkerThread:
         from inference.worker import build_worker
 
         s = self.settings
-        client = connect(s.redis.url, s.redis.password)
+        client = connect(s.redis)
         self.worker = build_worker(s, client, base=self.base, adapters_dir=s.worker.adapters_dir, quantize="none",
                                    name=s.worker.name)
 
@@ -124,13 +124,11 @@ class WorkerThread:
 
     def heartbeat_seen(self) -> bool:
         """True once the worker has written its heartbeat key."""
-        import redis
-
+        from inference.client import connect
         from inference.protocol import Keys
 
         s = self.settings
-        password = s.redis.password.get_secret_value() if s.redis.password else None
-        client = redis.Redis.from_url(s.redis.url, password=password)
+        client = connect(s.redis, sync=True)
         try:
             return bool(client.exists(Keys(s.redis.prefix).heartbeat(self.worker.name)))
         finally:
@@ -255,16 +253,14 @@ def _s(value) -> str:
 
 def store_feedback(settings):
     """Drain the feedback stream into the feedback database; returns (BatchResult totals, FeedbackStore)."""
-    import redis
-
+    from inference.client import connect
     from inference.protocol import Keys
     from training.feedback.consumer import FeedbackConsumer
     from training.feedback.store import FeedbackStore
 
     fs = settings.feedback
     store = FeedbackStore.from_settings(fs)
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    client = redis.Redis.from_url(settings.redis.url, password=password)
+    client = connect(settings.redis, sync=True, block_s=fs.block_ms / 1000)
     try:
         consumer = FeedbackConsumer(client, store, Keys(settings.redis.prefix), consumer=fs.consumer,
                                     batch_size=fs.batch_size, block_ms=fs.block_ms)
@@ -287,8 +283,9 @@ def cleanup_prefix(settings) -> int:
     """Delete every key under the demo's prefix (a local Redis keeps nothing of the demo); returns the count."""
     import redis
 
-    password = settings.redis.password.get_secret_value() if settings.redis.password else None
-    client = redis.Redis.from_url(settings.redis.url, password=password, socket_timeout=5)
+    from inference.client import connect
+
+    client = connect(settings.redis, sync=True)
     try:
         keys = list(client.scan_iter(match=f"{settings.redis.prefix}:*", count=500))
         return client.delete(*keys) if keys else 0

@@ -147,12 +147,10 @@ def worker_thread(worker):
 
 def latencies(redis_url: str, keys: Keys, make, total: int, concurrency: int) -> list[float]:
     """End-to-end ms of `total` requests sent by `concurrency` clients back to back."""
-    import redis.asyncio as aioredis
-
-    from inference.client import WorkerClient
+    from inference.client import WorkerClient, connect
 
     async def run():
-        r = aioredis.from_url(redis_url, max_connections=concurrency + 8)
+        r = connect(redis_url, max_connections=concurrency + 8)
         client = WorkerClient(r, keys)
         out: list[float] = []
         counter = iter(range(total))
@@ -177,13 +175,12 @@ def latencies(redis_url: str, keys: Keys, make, total: int, concurrency: int) ->
 
 def run_echo_worker(redis_url: str, prefix: str) -> None:
     """A no-op worker process (EchoBackend) until SIGTERM: the queue's own cost, apart from the clients' process."""
-    import redis.asyncio as aioredis
-
     from inference.batching import EchoBackend
+    from inference.client import connect
     from inference.worker import Worker
 
     ws = WorkerSettings(metrics_port=0, max_batch=32, max_wait_ms=0, watch_interval_s=0, heartbeat_interval_s=0.2)
-    worker = Worker(aioredis.from_url(redis_url), Keys(prefix), EchoBackend(), ws, name=f"{prefix}-noop")
+    worker = Worker(connect(redis_url), Keys(prefix), EchoBackend(), ws, name=f"{prefix}-noop")
     asyncio.run(worker.main())
 
 
@@ -192,11 +189,11 @@ def echo_worker_process(redis_url: str, prefix: str):
     """Run `run_echo_worker` in a spawned process; SIGTERM it (a clean drain) when the block ends."""
     import multiprocessing
 
-    import redis
+    from inference.client import connect
 
     proc = multiprocessing.get_context("spawn").Process(target=run_echo_worker, args=(redis_url, prefix))
     proc.start()
-    r = redis.Redis.from_url(redis_url)
+    r = connect(redis_url, sync=True)
     try:
         end = time.monotonic() + 60
         while not r.exists(Keys(prefix).heartbeat(f"{prefix}-noop")):  # bounded wait for the worker to be up
@@ -227,28 +224,14 @@ def draft_engine_only(backend, registry, persona: str, count: int) -> dict:
     return dict(summary(ms), tokens_per_s=tokens / (sum(ms) / 1000))
 
 
-def redis_answers(url: str) -> bool:
-    """True when a Redis server answers at `url`."""
-    try:
-        import redis
-
-        r = redis.Redis.from_url(url, socket_connect_timeout=1)
-        try:
-            return bool(r.ping())
-        finally:
-            r.close()
-    except Exception:  # noqa: BLE001 - no server, no package: either way no queue figures
-        return False
-
-
 def summary(ms: list[float]) -> dict:
     return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": percentile(ms, 99), "max_ms": max(ms)}
 
 
 def cleanup(redis_url: str, prefix: str) -> None:
-    import redis
+    from inference.client import connect
 
-    r = redis.Redis.from_url(redis_url)
+    r = connect(redis_url, sync=True)
     for key in r.scan_iter(match=f"{prefix}:*", count=1000):
         r.delete(key)
     r.close()
@@ -271,10 +254,11 @@ def main() -> None:
 
     import logging
 
-    import redis.asyncio as aioredis
     import torch
 
+    from bench.demo_redis import redis_answers
     from inference.adapters import AdapterRegistry, load_base
+    from inference.client import connect
     from inference.peft_backend import PeftBackend
     from inference.versions import discover
     from inference.worker import Worker
@@ -331,7 +315,7 @@ def main() -> None:
         keys = Keys(prefix)
         try:
             ws = WorkerSettings(metrics_port=0, max_batch=32, max_wait_ms=2, watch_interval_s=0)
-            redis = aioredis.from_url(args.redis_url)
+            redis = connect(args.redis_url)
             worker = Worker(redis, keys, backend, ws, registry=registry, base=str(base), name=f"{prefix}-model")
             with worker_thread(worker):
                 draft = latencies(args.redis_url, keys, lambda i: request(personas[i % len(personas)], i, 24),

@@ -640,7 +640,7 @@ class BotCore:
 
 def connect_redis(settings):
     """An async Redis client for the bot (settings.redis url and password)."""
-    return connect(settings.redis.url, settings.redis.password)
+    return connect(settings.redis)
 
 
 async def ping_redis(client, url: str) -> None:

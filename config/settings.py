@@ -110,6 +110,8 @@ class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:6379/0"  # redis://[user@]host:port/db (rediss:// for TLS)
     password: SecretStr | None = None  # kept out of the url so it is never logged with it
     prefix: str = "convo"  # every Redis key and stream name starts with "{prefix}:" (inference/protocol.py)
+    connect_timeout_s: float = Field(5.0, gt=0)  # give up connecting after this long (every client: inference.client.connect)
+    socket_timeout_s: float = Field(5.0, gt=0)  # a reply slower than this fails; blocking reads get their block time on top
 
 
 class WorkerSettings(BaseModel):
@@ -204,6 +206,11 @@ class FeedbackSettings(BaseModel):
     retrain_interval_h: float = Field(24.0, ge=0)  # at most one retrain per persona in this many hours
     scheduler_poll_s: float = Field(300.0, gt=0)  # the scheduler checks every persona this often
     metrics_port: int | None = None  # Prometheus metrics of the scheduler (and store) on this port
+    # Retention (`convo prune`; `convo serve scheduler` prunes every prune_interval_h). 0 keeps forever.
+    retention_days: float = Field(365.0, ge=0)  # feedback events received longer ago are deleted from the store
+    dead_letter_retention_days: float = Field(30.0, ge=0)  # entries of {prefix}:dead and {prefix}:feedback:dead
+    rejected_retention_days: float = Field(30.0, ge=0)  # adapter versions a retrain rejected, created longer ago
+    prune_interval_h: float = Field(24.0, gt=0)  # the scheduler prunes this often
 
 
 class Settings(BaseSettings):

@@ -1,6 +1,7 @@
-"""`WorkerClient`: how bots and `convo ask` talk to inference workers (import-light: redis + pydantic).
+"""`WorkerClient`: how bots and `convo ask` talk to inference workers (import-light: redis + pydantic), and
+`connect`, the one factory of Redis clients (async and sync) with the timeouts of the `redis.*` settings.
 
-    client = WorkerClient(redis.asyncio.from_url(url), Keys(prefix))
+    client = WorkerClient(connect(settings.redis), Keys(settings.redis.prefix))
     response = await client.generate(GenerateRequest.build(persona="alice", history=[...]), timeout_s=30)
     async for item in client.stream(request, timeout_s=30):   # Partial..., then the GenerateResponse
         ...
@@ -140,11 +141,23 @@ class WorkerClient:
             await pubsub.aclose()
 
 
-def connect(url: str, password=None):
-    """A redis.asyncio client for `url` (`password`: a SecretStr or str, or None to use the URL's)."""
-    import redis.asyncio as aioredis
+def connect(target, password=None, *, sync: bool = False, block_s: float = 0.0, **options):
+    """A Redis client: redis.asyncio by default, redis.Redis with `sync=True`.
 
-    if password is not None and hasattr(password, "get_secret_value"):
-        password = password.get_secret_value()
-    return aioredis.from_url(url, password=password) if password else aioredis.from_url(url)
+    `target` is the `redis` settings (url, password, timeouts) or a URL (then `password`, a SecretStr or str, and
+    the default timeouts). A caller that blocks in Redis (XREADGROUP BLOCK, BLPOP) passes the longest block in
+    `block_s`: it is added to the socket timeout, so a blocking read is never cut short. `options` go to
+    `from_url` as they are (max_connections, or a probe's own short timeouts).
+    """
+    from config.settings import RedisSettings
 
+    settings = RedisSettings(url=target, password=password) if isinstance(target, str) else target
+    if sync:
+        import redis as module
+    else:
+        import redis.asyncio as module
+    kwargs = {"socket_connect_timeout": settings.connect_timeout_s,
+              "socket_timeout": settings.socket_timeout_s + block_s}
+    if settings.password is not None:
+        kwargs["password"] = settings.password.get_secret_value()
+    return module.from_url(settings.url, **{**kwargs, **options})

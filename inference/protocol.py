@@ -26,7 +26,15 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from convo.errors import ProtocolError
 
@@ -43,11 +51,13 @@ MAX_N = 8
 MAX_NEW_TOKENS = 256
 MAX_NAME_CHARS = 64
 MAX_ID_CHARS = 128
+MAX_PLATFORM_CHARS = 32
 
 Mode = Literal["friend", "self"]
 ErrorCode = Literal["unknown_persona", "expired", "invalid", "dead_letter", "internal"]
 FeedbackKind = Literal["shown", "sent", "edited", "liked", "disliked", "regenerated"]
 _NAME = Field(min_length=1, max_length=MAX_NAME_CHARS, pattern=r"^[A-Za-z0-9_.\-]+$")
+_TOKEN = r"^[A-Za-z0-9_.:\-]+$"  # ids and labels that become database keys: no NUL, spaces or control characters
 
 
 def new_id() -> str:
@@ -199,22 +209,36 @@ class FeedbackEvent(_Wire):
     `context` is the exact history the draft was generated from; `candidate` the draft's messages; `final_text`
     what the owner actually sent (`edited`: their own text; `sent`: the candidate). `target` is the tag the
     candidate was written as (the persona's tag in friend mode, the owner's in self mode).
+
+    The bounds of the fields the feedback store keeps in columns (event_id, draft_id, persona, adapter_version,
+    platform, ts) are the columns' bounds (training/feedback/store.py builds its columns from these constants), so
+    every event this model accepts can be stored: ids are plain tokens, `ts` carries an offset and lies within
+    Python's datetime range once converted to UTC.
     """
 
-    v: int = PROTOCOL_VERSION
-    event_id: str = Field(default_factory=new_id, min_length=1, max_length=MAX_ID_CHARS)
+    v: Literal[PROTOCOL_VERSION] = PROTOCOL_VERSION  # another version is refused ("FeedbackEvent.v: Input should be 1")
+    event_id: str = Field(default_factory=new_id, min_length=1, max_length=MAX_ID_CHARS, pattern=_TOKEN)
     kind: FeedbackKind
-    draft_id: str = Field(min_length=1, max_length=MAX_ID_CHARS)
+    draft_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, pattern=_TOKEN)
     persona: str = _NAME
     mode: Mode = "self"
-    adapter_version: str | None = None
+    adapter_version: str | None = Field(None, min_length=1, max_length=MAX_NAME_CHARS, pattern=_TOKEN)
     context: list[HistoryMessage] = Field(default_factory=list, max_length=MAX_HISTORY)
     target: str | None = Field(None, max_length=MAX_NAME_CHARS)
     candidate: list[str] = Field(default_factory=list, max_length=32)
     candidate_index: int | None = Field(None, ge=0, le=MAX_N)
     final_text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
-    platform: str = Field("console", max_length=32)
-    ts: datetime = Field(default_factory=utcnow)
+    platform: str = Field("console", min_length=1, max_length=MAX_PLATFORM_CHARS, pattern=_TOKEN)
+    ts: AwareDatetime = Field(default_factory=utcnow)
+
+    @field_validator("ts")
+    @classmethod
+    def _utc_in_range(cls, value: datetime) -> datetime:
+        try:
+            value.astimezone(UTC)  # 0001-01-01T00:00+01:00 is a valid datetime but no UTC one
+        except OverflowError:
+            raise ValueError("out of range: in UTC it must fall between 0001-01-01 and 9999-12-31") from None
+        return value
 
     @model_validator(mode="after")
     def _edited_has_text(self) -> FeedbackEvent:

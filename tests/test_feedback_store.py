@@ -55,7 +55,7 @@ def event(kind="sent", persona="alice", draft=None, **kw) -> FeedbackEvent:
 
 
 def consumer(client, store, keys, name="c1", **kw) -> FeedbackConsumer:
-    return FeedbackConsumer(client, store, keys, consumer=name, batch_size=4, block_ms=50, **kw)
+    return FeedbackConsumer(client, store, keys, consumer=name, **{"batch_size": 4, "block_ms": 50, **kw})
 
 
 def test_round_trip_and_crash_before_ack(client, store, keys, monkeypatch):
@@ -188,3 +188,13 @@ def test_serve_feedback_process_stores_events_and_stops_on_sigterm(client, keys,
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_prune_events_counts_then_deletes_what_was_received_before_the_cutoff(store):
+    now = datetime.now(UTC)
+    for days in (400, 366, 1):
+        store.add(event(), received_at=now - timedelta(days=days))
+    cutoff = now - timedelta(days=365)
+    assert store.prune_events(cutoff, dry_run=True) == 2 and store.count_events() == 3
+    assert store.prune_events(cutoff) == 2 and store.count_events() == 1
+    assert store.prune_events(cutoff) == 0

@@ -6,6 +6,9 @@ liked, disliked) received since the newest event its last promoted version was t
 time (this loop is sequential, and `retrain` holds a lock on the adapters dir against a manual `convo retrain`). A
 failed run leaves `current` as it was, is logged with its traceback, recorded as `failed` and counted in the
 `convo_retrain_failures_total` metric.
+
+Every `prune_interval_h` (and once at start) it also applies the retention settings (training/feedback/retention.py,
+what `convo prune --apply` does) and counts what went in `convo_pruned_total`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def _metrics():
             "runs": Counter("convo_retrain_runs_total", "Scheduled retrains by outcome", ["persona", "status"]),
             "failures": Counter("convo_retrain_failures_total", "Scheduled retrains that failed", ["persona"]),
             "pending": Gauge("convo_retrain_pending_events", "Labelled events since the last version", ["persona"]),
+            "pruned": Counter("convo_pruned_total", "Items removed by retention", ["kind"]),
         }
     return _METRICS
 
@@ -48,6 +52,7 @@ class Scheduler:
         self.retrain_fn = retrain_fn
         self.clock = clock or (lambda: datetime.now(UTC))
         self._last_attempt: dict[str, datetime] = {}
+        self._last_prune: datetime | None = None
 
     def due(self, persona: str) -> tuple[bool, str]:
         """(due, why) for one persona."""
@@ -91,13 +96,33 @@ class Scheduler:
             outcomes[persona] = outcome.status
         return outcomes
 
+    def prune_if_due(self):
+        """Apply the retention settings when the last prune is `prune_interval_h` old (or none ran yet); returns
+        the PruneReport, or None when not due."""
+        from training.feedback.retention import prune
+
+        now = self.clock()
+        interval = timedelta(hours=self.settings.feedback.prune_interval_h)
+        if self._last_prune is not None and now - self._last_prune < interval:
+            return None
+        report = prune(self.settings, self.store, apply=True, now=now)
+        self._last_prune = now  # after it worked: a failed prune is tried again at the next poll
+        m = _metrics()["pruned"]
+        m.labels("feedback_events").inc(report.feedback_events)
+        m.labels("dead_letters").inc(sum((report.dead_letters or {}).values()))
+        m.labels("adapter_versions").inc(len(report.adapter_versions))
+        for note in report.notes:
+            logger.warning("prune: %s", note)
+        return report
+
     def run(self, stop: threading.Event) -> None:
-        """Check every `scheduler_poll_s` until `stop` is set."""
+        """Check every `scheduler_poll_s` (and prune every `prune_interval_h`) until `stop` is set."""
         poll_s = self.settings.feedback.scheduler_poll_s
         logger.info("scheduler polling every %.0fs", poll_s)
         while not stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # the database may be down for a while: log and keep polling
-                logger.exception("scheduler check failed")
+            for step in (self.prune_if_due, self.run_once):
+                try:
+                    step()
+                except Exception:  # the database may be down for a while: log and keep polling
+                    logger.exception("scheduler %s failed", step.__name__)
             stop.wait(poll_s)

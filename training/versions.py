@@ -105,8 +105,9 @@ def publish_reload(redis_settings, persona: str, version: str | None) -> int | N
     """Publish a ReloadMessage; returns how many subscribers got it, or None when Redis does not answer."""
     import redis
 
-    password = redis_settings.password.get_secret_value() if redis_settings.password else None
-    client = redis.Redis.from_url(redis_settings.url, password=password, socket_connect_timeout=2, socket_timeout=5)
+    from inference.client import connect
+
+    client = connect(redis_settings, sync=True)
     try:
         return int(client.publish(Keys(redis_settings.prefix).reload, ReloadMessage(persona=persona,
                                                                                     version=version).dumps()))

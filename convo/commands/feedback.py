@@ -44,14 +44,6 @@ def _store(settings):
     return FeedbackStore.from_settings(settings.feedback)
 
 
-def _redis(settings, **kw):
-    import redis
-
-    r = settings.redis
-    password = r.password.get_secret_value() if r.password else None
-    return redis.Redis.from_url(r.url, password=password, **kw)
-
-
 def _logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -88,6 +80,7 @@ def serve_feedback_cmd(
     metrics_port: Annotated[int | None, typer.Option("--metrics-port", help="Serve Prometheus metrics on this port.")] = None,
 ) -> None:
     """Move feedback events from the Redis stream into the database (write, then ack; idempotent by event id)."""
+    from inference.client import connect
     from inference.protocol import Keys
     from training.feedback.consumer import FeedbackConsumer
 
@@ -95,7 +88,7 @@ def serve_feedback_cmd(
     fs = settings.feedback
     _logging()
     store = _store(settings)
-    client = _redis(settings, socket_timeout=max(10.0, fs.block_ms / 1000 + 5), socket_connect_timeout=5)
+    client = connect(settings.redis, sync=True, block_s=fs.block_ms / 1000)
     c = FeedbackConsumer(client, store, Keys(settings.redis.prefix), consumer=fs.consumer, batch_size=fs.batch_size,
                          block_ms=fs.block_ms, claim_idle_s=fs.claim_idle_s, backoff_max_s=fs.backoff_max_s)
     _metrics_server(fs.metrics_port)
@@ -362,6 +355,7 @@ def forget_cmd(
     """Remove a persona's feedback rows, drafts, stream entries and every adapter version."""
     import redis
 
+    from inference.client import connect
     from inference.protocol import Keys
     from training.feedback.forget import forget_persona
     from training.versions import persona_dir, publish_reload
@@ -371,7 +365,7 @@ def forget_cmd(
     if not yes and not typer.confirm(f"Remove every feedback row, draft and adapter of {persona}?"):
         raise typer.Abort()
     store = _store(settings)
-    client = _redis(settings, socket_connect_timeout=3, socket_timeout=10)
+    client = connect(settings.redis, sync=True)
     try:
         try:
             client.ping()

@@ -59,7 +59,7 @@ def worker_cmd(
     from inference.worker import build_worker
 
     async def serve() -> None:
-        redis = connect(settings.redis.url, settings.redis.password)
+        redis = connect(settings.redis)
         try:
             worker = build_worker(settings, redis, base=base, adapters_dir=adapters, quantize=quantize, name=name)
             await worker.main()
@@ -81,7 +81,7 @@ def status_cmd(
     settings = _state(ctx).settings
 
     async def run():
-        redis = connect(settings.redis.url, settings.redis.password)
+        redis = connect(settings.redis)
         try:
             return await read_status(redis, Keys(settings.redis.prefix))
         finally:
@@ -128,7 +128,7 @@ def ask_cmd(
     )
 
     async def run():
-        redis = connect(settings.redis.url, settings.redis.password)
+        redis = connect(settings.redis)
         client = WorkerClient(redis, Keys(settings.redis.prefix))
         try:
             if not stream:

@@ -6,9 +6,15 @@
   default the host name) reads its own pending entries first (id "0"), the insert finds the event id already
   stored and counts a duplicate, and the entry is acked: no loss, no duplicate row.
 * Entries another consumer left pending longer than `claim_idle_s` are taken over with XAUTOCLAIM.
-* A malformed entry goes to `{prefix}:feedback:dead` with the reason and is acked; the loop keeps running.
-* Redis or the database down: the batch stays unacked, the loop waits (exponential backoff up to
-  `backoff_max_s`), reconnects and re-reads its pending entries.
+* Each entry is handled on its own. One the protocol rejects (a missing field, a timestamp with no UTC value,
+  an id with a NUL byte) or the database refuses (DataError, a constraint other than the duplicate key, a value
+  the driver cannot encode) goes to `{prefix}:feedback:dead` with the reason and is acked; the rest of the batch
+  is stored. Retrying such an entry could never succeed, and leaving it pending would block the stream for good.
+* Faults of Redis or of the database itself (a lost connection, a locked SQLite file, a missing table) are no
+  fault of the entry: the batch stays unacked, the loop waits (exponential backoff up to `backoff_max_s`),
+  reconnects and re-reads its pending entries. Entries stored before the fault count as duplicates then.
+* The loop never exits on its own: anything else that goes wrong is logged with its traceback and retried the
+  same way; only `stop` ends it.
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import redis
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy import exc as sa_exc
 
 from convo.errors import ProtocolError
 from inference.protocol import FEEDBACK_GROUP, FeedbackEvent, Keys, dumps_dead_letter, entry_data
@@ -55,6 +62,42 @@ def _metrics():
 
 
 _METRICS = None
+
+
+def entry_fault(e: BaseException) -> bool:
+    """True when storing an entry failed because of the entry (dead-letter it), False for a fault of Redis or the
+    database (retry the batch later)."""
+    if isinstance(e, redis.RedisError) or getattr(e, "connection_invalidated", False):
+        return False
+    if isinstance(e, (sa_exc.DataError, sa_exc.IntegrityError)):
+        return True
+    if isinstance(e, sa_exc.DBAPIError):  # OperationalError, InterfaceError, ProgrammingError...: the database's
+        return False
+    if isinstance(e, sa_exc.StatementError):  # a parameter the driver could not convert
+        return True
+    # A value Python cannot convert (a date out of range, a string that cannot be encoded) is the entry's; any other
+    # exception (pool timeouts, disconnects, a bug) is not: retried with its traceback, never a reason to drain the
+    # stream into dead letters.
+    return isinstance(e, (ValueError, TypeError, OverflowError)) and not isinstance(e, sa_exc.SQLAlchemyError)
+
+
+def from_entry(entry_id: str, raw: str) -> FeedbackEvent:
+    """The event of a stream entry. An entry without `event_id` or `ts` (bots always send both) gets them from the
+    entry itself ("entry-<id>", the entry's time) rather than from defaults, so a redelivery is the same event:
+    stored once, not twice."""
+    event = FeedbackEvent.loads(raw)
+    update = {}
+    if "event_id" not in event.model_fields_set:
+        update["event_id"] = f"entry-{entry_id}"
+    if "ts" not in event.model_fields_set:
+        update["ts"] = datetime.fromtimestamp(int(entry_id.split("-")[0]) / 1000, UTC)
+    return event.model_copy(update=update) if update else event
+
+
+def _refusal(e: BaseException) -> str:
+    """What a database refusal says, without the statement or its parameters (they hold chat text)."""
+    lines = str(getattr(e, "orig", None) or e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:300]}" if lines else type(e).__name__
 
 
 class FeedbackConsumer:
@@ -112,24 +155,36 @@ class FeedbackConsumer:
         return got[0][1] if got else []
 
     def handle(self, entries: list[tuple[str, dict]]) -> BatchResult:
-        """Store every well-formed event, set the malformed aside, then ack the whole batch."""
+        """Store each well-formed event, set aside each entry that cannot be stored, then ack the whole batch.
+
+        A fault of Redis or the database raises (nothing of the batch is acked; it is read again)."""
         result = BatchResult(read=len(entries))
-        good, dead = [], []
+        done, dead = [], []
         for entry_id, fields in entries:
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
             if fields is None:  # deleted from the stream while pending
                 dead.append((entry_id, {}, "entry deleted from the stream while pending"))
                 continue
             try:
-                good.append((FeedbackEvent.loads(entry_data(fields)), entry_id))
+                event = from_entry(entry_id, entry_data(fields))
             except ProtocolError as e:
                 dead.append((entry_id, fields, str(e)))
-        result.stored, result.duplicates = self.store.add_many(good)
+                continue
+            try:
+                stored = self.store.add(event, entry_id)
+            except Exception as e:
+                if not entry_fault(e):
+                    raise
+                dead.append((entry_id, fields, f"the database refused it: {_refusal(e)}"))
+                continue
+            result.stored += stored
+            result.duplicates += not stored
+            done.append(entry_id)
         for entry_id, fields, reason in dead:
             self.redis.xadd(self.keys.feedback_dead, dumps_dead_letter(entry_id, fields, reason), maxlen=100_000)
-            logger.warning("feedback entry %s dead-lettered: %s", entry_id, reason[:200])
+            logger.warning("feedback entry %s dead-lettered: %s", entry_id, reason.split(":")[0][:80])
         result.dead = len(dead)
-        self._ack([eid for _, eid in good] + [eid for eid, _, _ in dead])
+        self._ack(done + [eid for eid, _, _ in dead])
         m = _metrics()
         m["stored"].inc(result.stored)
         m["duplicates"].inc(result.duplicates)
@@ -166,23 +221,23 @@ class FeedbackConsumer:
                 setattr(total, k, getattr(total, k) + getattr(r, k))
 
     def run(self, stop: threading.Event, on_retry: Callable[[int, Exception], None] | None = None) -> None:
-        """Consume until `stop` is set; Redis or database errors are retried with exponential backoff."""
+        """Consume until `stop` is set; any fault outside an entry is retried with exponential backoff."""
         logger.info("feedback store consuming %s as %s/%s", self.keys.feedback, FEEDBACK_GROUP, self.consumer)
         failures = 0
         while not stop.is_set():
             try:
                 self.poll_once()
                 failures = 0
-            except (redis.ConnectionError, redis.TimeoutError, SQLAlchemyError) as e:
+            except Exception as e:  # noqa: BLE001 - entry faults were dead-lettered in handle(); never exit
                 failures += 1
                 self._pending_done = False  # the batch in hand was not acked: read it again once back
-                self._group_ready = False  # Redis may have restarted empty
+                self._group_ready = False  # Redis may have restarted empty (NOGROUP)
                 delay = min(self.backoff_max_s, 0.5 * 2 ** min(failures - 1, 10))
                 _metrics()["errors"].inc()
+                expected = isinstance(e, (redis.RedisError, sa_exc.SQLAlchemyError))
                 logger.warning("feedback store: %s (%s); retry %d in %.1fs", type(e).__name__,
-                               str(e).splitlines()[0][:200] if str(e) else "", failures, delay)
+                               _refusal(e) if expected else "unexpected", failures, delay, exc_info=not expected)
                 if on_retry is not None:
                     on_retry(failures, e)
                 stop.wait(delay)
         logger.info("feedback store stopped: %s", self.totals)
-

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from convo.errors import ConfigError
-from inference.protocol import FeedbackEvent
+from inference.protocol import MAX_ID_CHARS, MAX_NAME_CHARS, MAX_PLATFORM_CHARS, FeedbackEvent
 
 LABELLED_KINDS = ("sent", "edited", "liked", "disliked")  # what can become training data
 
@@ -65,15 +65,16 @@ class RetrainRun:
 
 def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
     md = sa.MetaData()
+    # The column bounds are FeedbackEvent's field bounds: whatever the protocol accepts fits (tested).
     events = sa.Table(
         f"{prefix}feedback_events", md,
-        sa.Column("event_id", sa.String(128), primary_key=True),
-        sa.Column("persona", sa.String(64), nullable=False, index=True),
+        sa.Column("event_id", sa.String(MAX_ID_CHARS), primary_key=True),
+        sa.Column("persona", sa.String(MAX_NAME_CHARS), nullable=False, index=True),
         sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("draft_id", sa.String(128), nullable=False, index=True),
+        sa.Column("draft_id", sa.String(MAX_ID_CHARS), nullable=False, index=True),
         sa.Column("mode", sa.String(8), nullable=False),
-        sa.Column("adapter_version", sa.String(64)),
-        sa.Column("platform", sa.String(32), nullable=False),
+        sa.Column("adapter_version", sa.String(MAX_NAME_CHARS)),
+        sa.Column("platform", sa.String(MAX_PLATFORM_CHARS), nullable=False),
         sa.Column("ts", sa.DateTime(), nullable=False),
         sa.Column("received_at", sa.DateTime(), nullable=False, index=True),
         sa.Column("stream_id", sa.String(64)),
@@ -158,7 +159,10 @@ class FeedbackStore:
     # ------------------------------------------------------------ events
 
     def add(self, event: FeedbackEvent, stream_id: str | None = None, received_at: datetime | None = None) -> bool:
-        """Insert one event; False when its event id is already stored (a redelivery)."""
+        """Insert one event; False when its event id is already stored (a redelivery).
+
+        Raises what the database raises otherwise: an IntegrityError that is not the duplicate key, a DataError, a
+        lost connection (the consumer tells entry faults from database faults, consumer.entry_fault)."""
         row = {
             "event_id": event.event_id, "persona": event.persona, "kind": event.kind, "draft_id": event.draft_id,
             "mode": event.mode, "adapter_version": event.adapter_version, "platform": event.platform,
@@ -169,8 +173,16 @@ class FeedbackStore:
             with self.engine.begin() as conn:
                 conn.execute(self.events.insert().values(**row))
         except IntegrityError:
-            return False
+            if self.has_event(event.event_id):
+                return False
+            raise
         return True
+
+    def has_event(self, event_id: str) -> bool:
+        """True when an event with this id is stored."""
+        q = sa.select(sa.func.count()).select_from(self.events).where(self.events.c.event_id == event_id)
+        with self.engine.connect() as conn:
+            return bool(conn.execute(q).scalar_one())
 
     def add_many(self, items: Iterable[tuple[FeedbackEvent, str | None]]) -> tuple[int, int]:
         """Insert (event, stream id) pairs; returns (new, duplicates)."""
@@ -244,6 +256,16 @@ class FeedbackStore:
         """Personas with stored events."""
         with self.engine.connect() as conn:
             return sorted(r[0] for r in conn.execute(sa.select(self.events.c.persona).distinct()))
+
+    def prune_events(self, received_before: datetime, dry_run: bool = False) -> int:
+        """Delete the events received before `received_before` (count them only, with dry_run); returns how many."""
+        t = self.events
+        cond = t.c.received_at < to_db_ts(received_before)
+        if dry_run:
+            with self.engine.connect() as conn:
+                return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(cond)).scalar_one())
+        with self.engine.begin() as conn:
+            return int(conn.execute(t.delete().where(cond)).rowcount or 0)
 
     # ------------------------------------------------------------ retrain runs
 
