@@ -12,6 +12,7 @@ However the chat ends (/quit, Ctrl-D, Ctrl-C at the prompt), the persona's last 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import threading
@@ -61,8 +62,7 @@ class ConsoleChat:
             await self.core.add_message(self.chat, self.persona.me_tag, line)
         else:
             if self.pending is not None:  # new messages from the friend: the old drafts were not used
-                await self.core.set_status(self.pending, "closed")
-                self.pending = None
+                await self._close_pending()
             await self.core.add_message(self.chat, self.persona.tag, line)
         await self._generate()
         return True
@@ -118,11 +118,16 @@ class ConsoleChat:
             self.console.print("[yellow]nothing to regenerate yet[/]")
             return
         try:
-            self.pending = await self.core.regenerate(self.pending, self.persona)
+            new = await self.core.regenerate(self.pending, self.persona)
         except (WorkerTimeout, WorkerError, DraftExpired) as e:
             self._problem(e)
             return
-        await self._show(self.pending)
+        if new is None:
+            self.pending = None
+            self.console.print("[yellow]that draft is not open any more[/]")
+            return
+        self.pending = new
+        await self._show(new)
 
     async def _send(self, arg: str) -> None:
         if self.mode != "self":
@@ -131,11 +136,17 @@ class ConsoleChat:
         index = self._index(arg)
         if index is None:
             return
-        draft = self.pending
+        pending, self.pending = self.pending, None
+        try:
+            draft = await self.core.transition(pending.id, {"open"}, status="sent")
+        except DraftExpired as e:
+            self._problem(e)
+            return
+        if draft is None:
+            self.console.print("[yellow]that draft is not open any more[/]")
+            return
         await self.core.add_messages(self.chat, self.persona.me_tag, draft.candidates[index])
-        await self.core.set_status(draft, "sent")
         await self.core.feedback(draft, "sent", index)
-        self.pending = None
         self.console.print("[dim]sent ✅ (recorded as drafted)[/]")
 
     async def _own_text(self, text: str) -> None:
@@ -156,8 +167,13 @@ class ConsoleChat:
         """Friend mode: the persona's last reply stands once you answer it."""
         if self.mode == "friend" and self.pending is not None:
             await self.core.add_messages(self.chat, self.persona.tag, self.pending.candidates[0])
-            await self.core.set_status(self.pending, "closed")
-            self.pending = None
+            await self._close_pending()
+
+    async def _close_pending(self) -> None:
+        """The pending draft is done with: close it unless it expired or closed meanwhile (never stored again)."""
+        with contextlib.suppress(DraftExpired):
+            await self.core.transition(self.pending.id, {"open"}, status="closed")
+        self.pending = None
 
     async def _generate(self) -> None:
         n = 1 if self.mode == "friend" else self.core.config.drafts

@@ -437,12 +437,30 @@ class BotCore:
 
     async def regenerate(self, draft: DraftRecord, persona: Persona, n: int | None = None,
                          on_partial: Callable[[str], Awaitable[None]] | None = None, shown: bool = True
-                         ) -> DraftRecord:
-        """Emit `regenerated` for `draft` and make a new draft from the very same context."""
-        await self.feedback(draft, "regenerated")
-        await self.set_status(draft, "closed")
-        return await self._generate(draft.chat, persona, draft.mode, n or len(draft.candidates), draft.context,
-                                    on_partial, dict(draft.refs), shown=shown)
+                         ) -> DraftRecord | None:
+        """Make a new draft from the very same context, then close `draft` and emit `regenerated`. None when
+        `draft` is not open, or stopped being open meanwhile (a second tap, ✅, a newer message, /forget: the new
+        draft is deleted then); DraftExpired when it is gone before generating."""
+        draft = await self.get_draft(draft.id)  # the stored record: its status and its context as amended
+        if draft.status != "open":
+            return None
+        new = await self._generate(draft.chat, persona, draft.mode, n or len(draft.candidates), draft.context,
+                                   on_partial, dict(draft.refs), shown=False)
+        # Claimed only now, so a failed generation leaves `draft` open to try again.
+        try:
+            closed = await self.transition(draft.id, {"open"}, status="closed")
+        except DraftExpired:  # forgotten meanwhile: so is what the new draft was made from
+            closed = None
+        if closed is None:  # never shown to anyone: drop it
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.delete(self.keys.draft(new.id))
+                pipe.srem(self.keys.chat_drafts(self.platform, new.chat), new.id)
+                await pipe.execute()
+            return None
+        await self.feedback(closed, "regenerated")
+        for i in range(len(new.candidates) if shown else 0):
+            await self.feedback(new, "shown", i)
+        return new
 
     async def save_draft(self, draft: DraftRecord) -> None:
         """Store a draft record and index it under its chat, both with the draft TTL."""
@@ -459,12 +477,6 @@ class BotCore:
         if raw is None:
             raise DraftExpired(f"draft {draft_id} has expired or was forgotten")
         return DraftRecord.model_validate_json(raw)
-
-    async def set_status(self, draft: DraftRecord, status: DraftStatus) -> DraftRecord:
-        """Store the draft with a new status, keeping its remaining TTL."""
-        updated = draft.model_copy(update={"status": status})
-        await self.redis.set(self.keys.draft(draft.id), updated.model_dump_json(), keepttl=True)
-        return updated
 
     async def transition(self, draft_id: str, allowed: Collection[DraftStatus], **changes) -> DraftRecord | None:
         """Apply `changes` to a stored draft if its status is in `allowed`, atomically (compare-and-set: of two
@@ -539,16 +551,21 @@ class BotCore:
 
     async def owner_wrote(self, chat: str, text: str) -> FeedbackEvent | None:
         """The owner sent `text` in a chat with an open draft: `sent` if it is a candidate as drafted, else
-        `edited` with both texts; the draft closes. None when no draft was waiting."""
+        `edited` with both texts; the draft closes. None when no draft was waiting (or it stopped waiting
+        meanwhile: expired, forgotten, or taken by ✅ or a newer message)."""
         draft = await self.open_draft(chat)
         if draft is None:
             return None
-        for i, candidate in enumerate(draft.candidates):
-            if text.strip() in ("\n".join(candidate).strip(), candidate[0].strip() if candidate else None):
-                await self.set_status(draft, "sent")
-                return await self.feedback(draft, "sent", i)
-        await self.set_status(draft, "edited")
-        return await self.feedback(draft, "edited", 0, final_text=text)
+        index = next((i for i, candidate in enumerate(draft.candidates)
+                      if text.strip() in ("\n".join(candidate).strip(), candidate[0].strip() if candidate else None)),
+                     None)
+        with contextlib.suppress(DraftExpired):
+            closed = await self.transition(draft.id, {"open"}, status="edited" if index is None else "sent")
+            if closed is not None:  # the stored record: it carries any change made meanwhile (an edited context)
+                if index is None:
+                    return await self.feedback(closed, "edited", 0, final_text=text)
+                return await self.feedback(closed, "sent", index)
+        return None
 
     # ------------------------------------------------------------ deletion
 

@@ -525,6 +525,9 @@ class TelegramBot:
             await self.core.feedback(draft, action, index)
             await answer(query, "Noted 👍" if action == "liked" else "Noted 👎")
         elif action == "regenerate":
+            if draft.status != "open":
+                await answer(query, USED.get(draft.status, "This draft is not open any more."))
+                return
             await answer(query, "Drafting again…")
             persona = self.book.get(draft.persona)
             owner_chat = int(draft.refs.get("owner_chat", query.message.chat.id))
@@ -533,6 +536,10 @@ class TelegramBot:
                 new = await self.core.regenerate(draft, persona, on_partial=streamer, shown=False)
             except (WorkerTimeout, WorkerError) as e:
                 await context.bot.send_message(owner_chat, worker_problem(e, self.config.reply_timeout_s))
+                return
+            except DraftExpired:  # forgotten since the tap
+                return
+            if new is None:  # a second tap, ✅ or a newer message took the draft first; that one goes on
                 return
             await self._close_cards(context, draft)
             await self._show(context, owner_chat, new, persona.name)

@@ -95,6 +95,36 @@ def test_worker_timeout_is_reported_and_chat_goes_on(redis_url, tmp_path):
 
 
 @pytest.mark.redis
+def test_console_never_resurrects_an_expired_draft(redis_url, tmp_path):
+    import redis.asyncio as aioredis
+
+    from bot.console import ConsoleChat
+    from bot.core import BotCore, Persona
+
+    async def scenario():
+        out = io.StringIO()
+        core = BotCore(aioredis.from_url(redis_url), bot_config(tmp_path), "console")
+        alice = Persona(name="alice", tag="ALICE", me_tag="ME")
+        left = []
+        async with FakeWorker(redis_url):
+            for mode, lines in (("self", ["are you free?", "/send 1"]), ("friend", ["hey alice", "/quit"])):
+                chat = ConsoleChat(core, alice, mode, Console(file=out, width=200, highlight=False))
+                await chat.handle(lines[0])
+                draft_id = chat.pending.id
+                await core.redis.delete(core.keys.draft(draft_id))  # what Redis does when the draft TTL runs out
+                await chat.handle(lines[1])
+                left.append(await core.redis.exists(core.keys.draft(draft_id)))
+        events = await feedback_events(core.redis)
+        await core.redis.aclose()
+        return out.getvalue(), left, events
+
+    out, left, events = run(scenario())
+    assert left == [0, 0]  # neither /send nor the reply standing at /quit stores it again (without a TTL)
+    assert "has expired or was forgotten" in out
+    assert [e.kind for e in events] == ["shown", "shown", "shown"]  # no `sent` for a draft that is gone
+
+
+@pytest.mark.redis
 def test_console_end_of_input_keeps_the_last_reply(redis_url, tmp_path):
     async def scenario():
         async with FakeWorker(redis_url):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from datetime import timedelta
@@ -228,3 +229,155 @@ def _append(into, value=None):
         into.append(value if value is not None else args[0])
 
     return f
+
+
+
+async def _saved_draft(core, chat: str = "chat"):
+    """A stored open draft answering the chat's current context (no worker needed)."""
+    from bot.core import DraftRecord
+    from inference.protocol import new_id
+
+    draft = DraftRecord(id=new_id(), persona="alice", mode="self", platform=core.platform, chat=chat, target="BOB",
+                        context=await core.context(chat), candidates=[["see you at 8", "bring snacks"]])
+    await core.save_draft(draft)
+    return draft
+
+
+SHIFTS = [*range(-6, 7)] * 3  # round trips one racer waits for before starting (<0: the other one waits)
+ROUNDS = len(SHIFTS)
+
+
+async def _race(core, first, second):
+    """Results of `first(i)` and `second(i)` run concurrently in rounds i = 0..ROUNDS-1, one of them held back by
+    SHIFTS[i] Redis round trips: every interleaving of their Redis commands, each a few times, without sleeping."""
+
+    async def after(round_trips: int, coro):
+        for _ in range(round_trips):
+            await core.redis.ping()
+        return await coro
+
+    return [await asyncio.gather(after(max(s, 0), first(i)), after(max(-s, 0), second(i)))
+            for i, s in enumerate(SHIFTS)]
+
+
+async def _round_drafts(core, messages=("dinner?",)) -> list:
+    """One stored open draft per race round, in chats chat0, chat1, ..., each answering ALICE's `messages`
+    (platform message ids 1, 2, ...)."""
+    drafts = []
+    for i in range(ROUNDS):
+        for n, text in enumerate(messages, 1):
+            await core.add_message(f"chat{i}", "ALICE", text, message_id=str(n))
+        drafts.append(await _saved_draft(core, f"chat{i}"))
+    return drafts
+
+
+@pytest.mark.redis
+def test_owner_wrote_racing_forget_never_resurrects_the_draft(redis_url, tmp_path):
+    async def scenario():
+        core = _core(redis_url, tmp_path, platform="telegram")
+        drafts = await _round_drafts(core)
+        await _race(core, lambda i: core.owner_wrote(f"chat{i}", "sure, 8?"), lambda i: core.forget(f"chat{i}"))
+        left = [await core.redis.ttl(core.keys.draft(d.id)) for d in drafts]
+        await core.redis.aclose()
+        return left
+
+    assert run(scenario()) == [-2] * ROUNDS  # forgotten stays forgotten (not back for good without a TTL)
+
+
+def _race_a_send_claim(redis_url, tmp_path, racer):
+    """Race `racer(core, draft)` against ✅'s claim on the same draft, every round; (racer won, claim won, final
+    status) per round, and the feedback events."""
+
+    async def scenario():
+        core = _core(redis_url, tmp_path, platform="telegram")
+        drafts = await _round_drafts(core)
+        async with FakeWorker(redis_url):
+            results = await _race(core, lambda i: racer(core, drafts[i]),
+                                  lambda i: core.transition(drafts[i].id, {"open"}, status="sending"))
+        statuses = [(await core.get_draft(d.id)).status for d in drafts]
+        events = await feedback_events(core.redis)
+        await core.redis.aclose()
+        return [(won is not None, claimed is not None, status)
+                for (won, claimed), status in zip(results, statuses, strict=True)], events
+
+    return run(scenario())
+
+
+@pytest.mark.redis
+def test_owner_wrote_racing_a_send_claim_lets_only_one_win(redis_url, tmp_path):
+    outcomes, events = _race_a_send_claim(redis_url, tmp_path, lambda core, d: core.owner_wrote(d.chat, "sure, 8?"))
+    for outcome in outcomes:  # either the owner's own text closed it, or ✅ took it; never both
+        assert outcome in [(True, False, "edited"), (False, True, "sending")], outcomes
+    assert len(events) == sum(wrote for wrote, _, _ in outcomes)
+
+
+@pytest.mark.redis
+def test_owner_wrote_racing_a_deletion_keeps_both_changes(redis_url, tmp_path):
+    async def scenario():
+        core = _core(redis_url, tmp_path, platform="telegram")
+        drafts = await _round_drafts(core, ["dinner?", "oops, wrong chat"])
+        await _race(core, lambda i: core.owner_wrote(f"chat{i}", "sure, 8?"),
+                    lambda i: core.amend_message(f"chat{i}", "2", None))
+        stored = [await core.get_draft(d.id) for d in drafts]
+        await core.redis.aclose()
+        return [(d.status, [m.text for m in d.context]) for d in stored]
+
+    assert run(scenario()) == [("edited", ["dinner?"])] * ROUNDS  # closed, and the deleted message stays deleted
+
+
+@pytest.mark.redis
+def test_regenerate_racing_a_send_claim_never_closes_the_draft_being_sent(redis_url, tmp_path):
+    from bot.core import Persona
+
+    alice = Persona(name="alice", tag="ALICE", me_tag="BOB")
+    outcomes, events = _race_a_send_claim(redis_url, tmp_path, lambda core, d: core.regenerate(d, alice))
+    for outcome in outcomes:  # 🔄 replaced it, or ✅ is sending it; never a draft closed under a send
+        assert outcome in [(True, False, "closed"), (False, True, "sending")], outcomes
+    assert sum(e.kind == "regenerated" for e in events) == sum(new for new, _, _ in outcomes)
+
+
+@pytest.mark.redis
+def test_double_tap_regenerate_drafts_once(redis_url, tmp_path):
+    from bot.core import Persona
+
+    alice = Persona(name="alice", tag="ALICE", me_tag="BOB")
+
+    async def scenario():
+        core = _core(redis_url, tmp_path, platform="telegram")
+        drafts = await _round_drafts(core)
+        async with FakeWorker(redis_url):
+            results = await _race(core, lambda i: core.regenerate(drafts[i], alice),
+                                  lambda i: core.regenerate(drafts[i], alice))
+        left = [[d.id for d in await core.open_drafts(f"chat{i}")] for i in range(ROUNDS)]
+        events = await feedback_events(core.redis)
+        await core.redis.aclose()
+        return results, left, events
+
+    results, left, events = run(scenario())
+    for (a, b), open_ids in zip(results, left, strict=True):
+        assert (a is None) != (b is None)  # one tap drafts again, the other finds the draft taken
+        assert open_ids == [(a or b).id]  # and the loser's draft is not left behind
+    assert [e.kind for e in events].count("regenerated") == ROUNDS
+    assert [e.kind for e in events].count("shown") == ROUNDS  # one candidate each, shown once
+
+
+@pytest.mark.redis
+def test_regenerate_after_a_worker_timeout_leaves_the_draft_open(redis_url, tmp_path):
+    from bot.core import Persona
+    from inference.client import WorkerTimeout
+
+    alice = Persona(name="alice", tag="ALICE", me_tag="BOB")
+
+    async def scenario():
+        core = _core(redis_url, tmp_path, platform="telegram", reply_timeout_s=0.3)
+        await core.add_message("chat", "ALICE", "dinner?")
+        draft = await _saved_draft(core, "chat")
+        async with FakeWorker(redis_url, answer=lambda r: None):
+            with pytest.raises(WorkerTimeout):
+                await core.regenerate(draft, alice)
+        status = (await core.get_draft(draft.id)).status
+        events = await feedback_events(core.redis)
+        await core.redis.aclose()
+        return status, events
+
+    assert run(scenario()) == ("open", [])  # 🔄 can be tried again; nothing was regenerated
