@@ -9,7 +9,8 @@ Telegram, Discord and `convo chat` all go through `BotCore`; it knows Redis and 
               {prefix}:private:{platform}:{chat}   people who did not opt in: context only, each message with a TTL
     drafts    {prefix}:draft:{id}                  DraftRecord JSON (context, candidates, platform refs), TTL
               {prefix}:drafts:{platform}:{chat}    set of a chat's draft ids (so /forget finds them)
-    feedback  {prefix}:feedback                    FeedbackEvent entries, each complete on its own
+    feedback  {prefix}:feedback                    FeedbackEvent entries, each complete on its own, and
+                                                   MessageAmendment entries (a message edited or deleted)
 
 A request's context is what `convo dataset` would have used: the chat's last `context_messages` messages that
 sit in one session (no silence longer than `session_gap_min` between them, nor between the last one and now).
@@ -46,8 +47,10 @@ from inference.protocol import (
     GenerateResponse,
     HistoryMessage,
     Keys,
+    MessageAmendment,
     Mode,
     Partial,
+    amendment_payload,
     entry_data,
     entry_payload,
     new_id,
@@ -200,6 +203,15 @@ class DraftRecord(BaseModel):
     refs: dict[str, str] = Field(default_factory=dict)  # platform ids (chat, message, business connection...)
     chosen: int | None = None  # the candidate being sent; set once its first message went out
     delivered: int = 0  # messages of `chosen` already delivered (a retry resumes after them)
+    # The owner's reply as it stands in the chat: (fingerprint, text) of each message that carried it (their own
+    # typed message, or each message ✅ sent), so an edit or deletion there reaches the draft's sent/edited event.
+    reply: list[tuple[str, str]] = Field(default_factory=list)
+    reply_amended: bool = False  # a message of the reply was edited or deleted: the reply is no longer as drafted
+
+    @property
+    def reply_text(self) -> str | None:
+        """The reply's messages joined as a FeedbackEvent's final_text; None when none is left (or none yet)."""
+        return "\n".join(text for _, text in self.reply) or None
 
 
 def session_context(messages: Sequence[HistoryMessage], now: datetime, session_gap_min: float, limit: int
@@ -219,9 +231,15 @@ def session_context(messages: Sequence[HistoryMessage], now: datetime, session_g
     return out[::-1]
 
 
-def _fingerprint(message: HistoryMessage) -> str:
+def message_fingerprint(message: HistoryMessage) -> str:
     """What finds a stored message again without keeping its text: speaker and timestamp (to the microsecond)."""
     return f"{message.speaker}|{message.ts.isoformat() if message.ts else '-'}"
+
+
+def _message_of(fingerprint: str) -> tuple[str, datetime] | None:
+    """(speaker, ts) of a fingerprint; None for a message stored without a time."""
+    speaker, _, stamp = fingerprint.rpartition("|")
+    return (speaker, datetime.fromisoformat(stamp)) if speaker and stamp != "-" else None
 
 
 def clip_text(text: str) -> str:
@@ -265,20 +283,22 @@ class BotCore:
             pipe.ltrim(key, -self.config.context_messages, -1)
             pipe.expire(key, self.config.history_ttl_s)
             if message_id is not None:
-                pipe.hset(self.keys.message_ids(self.platform, chat), message_id, _fingerprint(message))
+                pipe.hset(self.keys.message_ids(self.platform, chat), message_id, message_fingerprint(message))
                 pipe.expire(self.keys.message_ids(self.platform, chat), self.config.history_ttl_s)
             await pipe.execute()
         return message
 
-    async def amend_message(self, chat: str, message_id: str, text: str | None) -> int:
-        """The platform says message `message_id` was edited to `text` (or deleted: None): change or drop it in
-        the chat's history and in the context of the chat's stored drafts, so the next request and every later
-        feedback event carry what was finally said. Returns how many stored copies changed."""
+    async def amend_message(self, chat: str, message_id: str, text: str | None, persona: str) -> int:
+        """The platform says message `message_id` of `persona`'s chat was edited to `text` (or deleted: None):
+        change or drop it in the chat's history, in the context of the chat's stored drafts and in a draft's reply
+        when it was one, so the next request and every later feedback event carry what was finally said; and put
+        a MessageAmendment on the feedback stream for the events already published. Returns how many copies in
+        Redis changed."""
         ids_key = self.keys.message_ids(self.platform, chat)
         raw_print = await self.redis.hget(ids_key, message_id)
         if raw_print is None:
             return 0  # never stored here (unmapped chat, or older than the history)
-        fingerprint = raw_print.decode() if isinstance(raw_print, bytes) else raw_print
+        wanted = raw_print.decode() if isinstance(raw_print, bytes) else raw_print
         if text is None:
             await self.redis.hdel(ids_key, message_id)
 
@@ -291,7 +311,7 @@ class BotCore:
                 except ConvoError:
                     out.append(item)  # a malformed entry is nobody's message: keep it as it is
                     continue
-                if _fingerprint(message) != fingerprint:
+                if message_fingerprint(message) != wanted:
                     out.append(item)
                     continue
                 hit = True
@@ -314,21 +334,43 @@ class BotCore:
             return 1
 
         changed = await self._atomically(history_key, on_history)
+        reply_of: DraftRecord | None = None  # a closed draft this message was the reply of, as amended
         index = self.keys.chat_drafts(self.platform, chat)
         for draft_id in [i.decode() if isinstance(i, bytes) else i for i in await self.redis.smembers(index)]:
             async def on_draft(pipe, key=self.keys.draft(draft_id)):
                 raw = await pipe.get(key)
                 if raw is None:
-                    return 0
+                    return None
                 draft = DraftRecord.model_validate_json(raw)
+                update = {}
                 new = amended(draft.context)
-                if new is None:
-                    return 0
+                if new is not None:
+                    update["context"] = new
+                if any(fp == wanted for fp, _ in draft.reply):
+                    update["reply"] = [(fp, text if fp == wanted else old) for fp, old in draft.reply
+                                       if fp != wanted or text is not None]
+                    update["reply_amended"] = True
+                if not update:
+                    return None
+                draft = draft.model_copy(update=update)
                 pipe.multi()
-                pipe.set(key, draft.model_copy(update={"context": new}).model_dump_json(), keepttl=True)
-                return 1
+                pipe.set(key, draft.model_dump_json(), keepttl=True)
+                return draft, "reply" in update
 
-            changed += await self._atomically(self.keys.draft(draft_id), on_draft)
+            done = await self._atomically(self.keys.draft(draft_id), on_draft)
+            if done is not None:
+                changed += 1
+                if done[1] and done[0].status in ("sent", "edited"):  # its sent/edited event exists: amend it
+                    reply_of = done[0]
+        message = _message_of(wanted)
+        if message is not None:
+            # Events already on the stream or in the feedback database hold the old text: the store amends them.
+            amendment = MessageAmendment.build(
+                platform=self.platform, persona=persona, speaker=message[0], ts=message[1],
+                text=clip_text(text) if text is not None else None,
+                reply_of=reply_of.id if reply_of else None, reply_text=reply_of.reply_text if reply_of else None,
+            )
+            await self.redis.xadd(self.keys.feedback, amendment_payload(amendment))
         logger.info("%s message in %s:%s: %d stored copies changed", "edited" if text is not None else "deleted",
                     self.platform, chat, changed)
         return changed
@@ -478,9 +520,11 @@ class BotCore:
             raise DraftExpired(f"draft {draft_id} has expired or was forgotten")
         return DraftRecord.model_validate_json(raw)
 
-    async def transition(self, draft_id: str, allowed: Collection[DraftStatus], **changes) -> DraftRecord | None:
-        """Apply `changes` to a stored draft if its status is in `allowed`, atomically (compare-and-set: of two
-        handlers racing on one draft only one wins). None when the status is not allowed; DraftExpired when gone."""
+    async def transition(self, draft_id: str, allowed: Collection[DraftStatus],
+                         derive: Callable[[DraftRecord], dict] | None = None, **changes) -> DraftRecord | None:
+        """Apply `changes` (and what `derive` computes from the stored record) to a stored draft if its status is in
+        `allowed`, atomically (compare-and-set: of two handlers racing on one draft only one wins). None when the
+        status is not allowed; DraftExpired when gone."""
         key = self.keys.draft(draft_id)
 
         async def step(pipe):
@@ -490,7 +534,7 @@ class BotCore:
             draft = DraftRecord.model_validate_json(raw)
             if draft.status not in allowed:
                 return None
-            updated = draft.model_copy(update=changes)
+            updated = draft.model_copy(update={**changes, **(derive(draft) if derive else {})})
             pipe.multi()
             pipe.set(key, updated.model_dump_json(), keepttl=True)
             return updated
@@ -549,10 +593,12 @@ class BotCore:
         logger.info("feedback %s draft=%s persona=%s", kind, draft.id, draft.persona)
         return event
 
-    async def owner_wrote(self, chat: str, text: str) -> FeedbackEvent | None:
+    async def owner_wrote(self, chat: str, text: str, message: HistoryMessage | None = None
+                          ) -> FeedbackEvent | None:
         """The owner sent `text` in a chat with an open draft: `sent` if it is a candidate as drafted, else
-        `edited` with both texts; the draft closes. None when no draft was waiting (or it stopped waiting
-        meanwhile: expired, forgotten, or taken by ✅ or a newer message)."""
+        `edited` with both texts; the draft closes, remembering `message` (its history entry) as its reply. None
+        when no draft was waiting (or it stopped waiting meanwhile: expired, forgotten, or taken by ✅ or a newer
+        message)."""
         draft = await self.open_draft(chat)
         if draft is None:
             return None
@@ -560,7 +606,9 @@ class BotCore:
                       if text.strip() in ("\n".join(candidate).strip(), candidate[0].strip() if candidate else None)),
                      None)
         with contextlib.suppress(DraftExpired):
-            closed = await self.transition(draft.id, {"open"}, status="edited" if index is None else "sent")
+            reply = [(message_fingerprint(message), text)] if message is not None else []
+            closed = await self.transition(draft.id, {"open"}, status="edited" if index is None else "sent",
+                                           reply=reply)
             if closed is not None:  # the stored record: it carries any change made meanwhile (an edited context)
                 if index is None:
                     return await self.feedback(closed, "edited", 0, final_text=text)

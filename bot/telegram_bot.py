@@ -71,6 +71,7 @@ from bot.core import (
     PersonaBook,
     check_persona_name,
     connect_redis,
+    message_fingerprint,
     ping_redis,
 )
 from convo.errors import ConfigError, ConvoError
@@ -477,8 +478,8 @@ class TelegramBot:
             if message.from_user and message.from_user.id == conn.user.id:
                 if message.sender_business_bot is not None:
                     return  # sent by a bot (our ✅): already recorded
-                await self.core.add_message(chat, persona.me_tag, message.text, message_id=message_id)
-                await self.core.owner_wrote(chat, message.text)
+                mine = await self.core.add_message(chat, persona.me_tag, message.text, message_id=message_id)
+                await self.core.owner_wrote(chat, message.text, message=mine)
                 return
             await self.core.add_message(chat, persona.tag, message.text, message_id=message_id)
         await self._incoming(context, seq, owner_chat=conn.user_chat_id, chat=chat, persona=persona,
@@ -489,18 +490,21 @@ class TelegramBot:
         return conn.user.id in self.owner_ids
 
     async def business_edit(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """A message in a connected chat was edited: history and draft contexts take the new text."""
+        """A message in a connected chat was edited: history, drafts and feedback events take the new text."""
         message = update.edited_business_message
-        if await self._owned(context, message.business_connection_id):
+        name = self._mapped_persona(message)
+        if name is not None and await self._owned(context, message.business_connection_id):
             await self.core.amend_message(self._business_chat(message.chat.id), str(message.message_id),
-                                          message.text or "")
+                                          message.text or "", persona=name)
 
     async def business_deleted(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
-        """Messages in a connected chat were deleted: they leave the history and the draft contexts."""
+        """Messages in a connected chat were deleted: they leave the history, drafts and feedback events."""
         deleted = update.deleted_business_messages
-        if await self._owned(context, deleted.business_connection_id):
+        name = self.chats.get(str(deleted.chat.id))  # a private chat's id is the friend's user id
+        if name is not None and await self._owned(context, deleted.business_connection_id):
             for message_id in deleted.message_ids:
-                await self.core.amend_message(self._business_chat(deleted.chat.id), str(message_id), None)
+                await self.core.amend_message(self._business_chat(deleted.chat.id), str(message_id), None,
+                                              persona=name)
 
     # ------------------------------------------------------------ buttons
 
@@ -618,12 +622,23 @@ class TelegramBot:
                     await self._tell(context, owner_chat, f"{progress}: {telegram_problem(e)}. "
                                      + ("Tap ✅ again to send the rest." if i else "Tap ✅ to try again."))
                     return False
+                part = []
                 if sent:
-                    await self.core.add_message(draft.chat, persona.me_tag, candidate[i],
-                                                message_id=str(sent[0].message_id))
-                draft = await self.core.transition(draft.id, {"sending"}, chosen=index, delivered=i + 1) or draft
-        await self.core.transition(draft.id, {"sending"}, status="sent")
-        await self.core.feedback(draft, "sent", index)
+                    mine = await self.core.add_message(draft.chat, persona.me_tag, candidate[i],
+                                                       message_id=str(sent[0].message_id))
+                    part = [(message_fingerprint(mine), candidate[i])]
+
+                def grow(stored: DraftRecord, part=part) -> dict:  # from the stored record: it has any edit since
+                    return {"reply": [*(stored.reply if stored.chosen == index else []), *part]}
+
+                draft = await self.core.transition(draft.id, {"sending"}, grow, chosen=index,
+                                                   delivered=i + 1) or draft
+        draft = await self.core.transition(draft.id, {"sending"}, status="sent") or draft
+        if draft.reply_amended and draft.reply_text is not None:
+            # the owner edited or deleted a message of the burst before the rest went out: their text is the label
+            await self.core.feedback(draft, "edited", index, final_text=draft.reply_text)
+        else:
+            await self.core.feedback(draft, "sent", index)
         await self._close_cards(context, draft, keep=query.message.message_id if query.message else None)
         try:
             await query.edit_message_reply_markup(reply_markup=None)

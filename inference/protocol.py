@@ -8,6 +8,7 @@ writes a `GenerateResponse` to each reply key (only if none is there yet: answer
     bot ◀─BLPOP── {prefix}:reply:{id}  ◀──────── response (LPUSH, TTL) ─┘
     bot ◀─GET──── {prefix}:partial:{id} ◀──────── growing text of candidate 1 (stream: true)
     bots ──XADD──▶ {prefix}:feedback ──▶ feedback store (training/feedback)
+                   (FeedbackEvent entries, and MessageAmendment entries marked `type: amendment`)
 
 * A stream entry has one field, `data`, holding the request's JSON. Entries that fail to parse go to the dead-letter
   stream `{prefix}:dead` with the reason; the worker keeps running.
@@ -42,7 +43,8 @@ PROTOCOL_VERSION = 1
 DEFAULT_PREFIX = "convo"
 WORKERS_GROUP = "workers"
 FEEDBACK_GROUP = "feedback-store"
-STREAM_FIELD = "data"  # the one field of every stream entry: the model's JSON
+STREAM_FIELD = "data"  # the field of every stream entry holding the model's JSON
+AMENDMENT_MARK = ("type", "amendment")  # the second field of a MessageAmendment entry on the feedback stream
 
 # Bounds (a bot is rejected before sending; a worker re-checks what it reads).
 MAX_HISTORY = 64
@@ -203,6 +205,15 @@ class Partial(_Wire):
     seq: int = 0  # increases with every update, so a reader can skip stale ones
 
 
+def _utc_in_range(value: datetime) -> datetime:
+    """An aware time that has a UTC value (what a store converts it to)."""
+    try:
+        value.astimezone(UTC)  # 0001-01-01T00:00+01:00 is a valid datetime but no UTC one
+    except OverflowError:
+        raise ValueError("out of range: in UTC it must fall between 0001-01-01 and 9999-12-31") from None
+    return value
+
+
 class FeedbackEvent(_Wire):
     """One reaction to a draft, put on the feedback stream by a bot; becomes training data with no platform lookup.
 
@@ -233,18 +244,57 @@ class FeedbackEvent(_Wire):
 
     @field_validator("ts")
     @classmethod
-    def _utc_in_range(cls, value: datetime) -> datetime:
-        try:
-            value.astimezone(UTC)  # 0001-01-01T00:00+01:00 is a valid datetime but no UTC one
-        except OverflowError:
-            raise ValueError("out of range: in UTC it must fall between 0001-01-01 and 9999-12-31") from None
-        return value
+    def _ts_in_utc_range(cls, value: datetime) -> datetime:
+        return _utc_in_range(value)
 
     @model_validator(mode="after")
     def _edited_has_text(self) -> FeedbackEvent:
         if self.kind == "edited" and not self.final_text:
             raise ValueError("an edited event carries the owner's final_text")
         return self
+
+
+class MessageAmendment(_Wire):
+    """A chat message was edited (`text`) or deleted (`text` None) on the platform: put on the feedback stream by
+    the bot, so the feedback store changes it in every stored event, and in events stored later, too.
+
+    The message is found the way a FeedbackEvent's context holds it, without platform message ids: `platform`,
+    `speaker` and `ts` (the HistoryMessage's timestamp, to the microsecond; bots stamp messages in UTC). When the
+    message was the owner's reply to a draft (typed by the owner, or one message of a burst sent with ✅),
+    `reply_of` names the draft and `reply_text` is the whole reply as it now stands, or None when nothing of it is
+    left: the draft's `sent`/`edited` events take it as their final text (or are dropped). `persona` is whose chat
+    it is (so `convo forget --persona` finds it).
+    """
+
+    v: Literal[PROTOCOL_VERSION] = PROTOCOL_VERSION
+    amendment_id: str = Field(default_factory=new_id, min_length=1, max_length=MAX_ID_CHARS, pattern=_TOKEN)
+    platform: str = Field(min_length=1, max_length=MAX_PLATFORM_CHARS, pattern=_TOKEN)
+    persona: str = _NAME
+    speaker: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    ts: AwareDatetime
+    text: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    reply_of: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS, pattern=_TOKEN)
+    reply_text: str | None = Field(None, max_length=MAX_TEXT_CHARS * 4)
+
+    @field_validator("ts")
+    @classmethod
+    def _ts_in_utc_range(cls, value: datetime) -> datetime:
+        return _utc_in_range(value)
+
+    @model_validator(mode="after")
+    def _reply_needs_draft(self) -> MessageAmendment:
+        if self.reply_text is not None and self.reply_of is None:
+            raise ValueError("reply_text belongs to a draft: reply_of names it")
+        return self
+
+    @property
+    def deleted(self) -> bool:
+        """True when the message was deleted."""
+        return self.text is None
+
+    def finds(self, message: HistoryMessage) -> bool:
+        """True when `message` (of an event on this platform) is the amended one."""
+        return message.speaker == self.speaker and message.ts is not None and message.ts == self.ts
 
 
 class ReloadMessage(_Wire):
@@ -356,6 +406,18 @@ class Keys:
 def entry_payload(model: _Wire) -> dict[str, str]:
     """The fields of a stream entry carrying `model`."""
     return {STREAM_FIELD: model.dumps()}
+
+
+def amendment_payload(amendment: MessageAmendment) -> dict[str, str]:
+    """The fields of a feedback-stream entry carrying a MessageAmendment (told apart by AMENDMENT_MARK)."""
+    return {STREAM_FIELD: amendment.dumps(), AMENDMENT_MARK[0]: AMENDMENT_MARK[1]}
+
+
+def is_amendment(fields: dict) -> bool:
+    """True when a feedback-stream entry carries a MessageAmendment rather than a FeedbackEvent."""
+    key, value = AMENDMENT_MARK
+    got = fields.get(key, fields.get(key.encode()))
+    return (got.decode("utf-8", "replace") if isinstance(got, bytes) else got) == value
 
 
 def entry_data(fields: dict) -> str:

@@ -14,8 +14,10 @@ from inference.protocol import (
     GenerateRequest,
     GenerateResponse,
     Keys,
+    MessageAmendment,
     Partial,
     entry_data,
+    is_amendment,
 )
 
 PREFIX = "bottest"
@@ -99,4 +101,11 @@ class FakeWorker:
 
 async def feedback_events(redis, prefix: str = PREFIX) -> list[FeedbackEvent]:
     """Every FeedbackEvent on the feedback stream, oldest first."""
-    return [FeedbackEvent.loads(entry_data(f)) for _id, f in await redis.xrange(Keys(prefix).feedback)]
+    return [FeedbackEvent.loads(entry_data(f)) for _id, f in await redis.xrange(Keys(prefix).feedback)
+            if not is_amendment(f)]
+
+
+async def amendments(redis, prefix: str = PREFIX) -> list[MessageAmendment]:
+    """Every MessageAmendment on the feedback stream, oldest first."""
+    return [MessageAmendment.loads(entry_data(f)) for _id, f in await redis.xrange(Keys(prefix).feedback)
+            if is_amendment(f)]

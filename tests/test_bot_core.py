@@ -317,7 +317,7 @@ def test_owner_wrote_racing_a_deletion_keeps_both_changes(redis_url, tmp_path):
         core = _core(redis_url, tmp_path, platform="telegram")
         drafts = await _round_drafts(core, ["dinner?", "oops, wrong chat"])
         await _race(core, lambda i: core.owner_wrote(f"chat{i}", "sure, 8?"),
-                    lambda i: core.amend_message(f"chat{i}", "2", None))
+                    lambda i: core.amend_message(f"chat{i}", "2", None, persona="alice"))
         stored = [await core.get_draft(d.id) for d in drafts]
         await core.redis.aclose()
         return [(d.status, [m.text for m in d.context]) for d in stored]

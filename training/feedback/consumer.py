@@ -6,6 +6,8 @@
   default the host name) reads its own pending entries first (id "0"), the insert finds the event id already
   stored and counts a duplicate, and the entry is acked: no loss, no duplicate row.
 * Entries another consumer left pending longer than `claim_idle_s` are taken over with XAUTOCLAIM.
+* An entry marked as a MessageAmendment (a chat message edited or deleted) is applied to the stored events that
+  hold the message and kept for those stored later (store.amend); it is acked like an event.
 * Each entry is handled on its own. One the protocol rejects (a missing field, a timestamp with no UTC value,
   an id with a NUL byte) or the database refuses (DataError, a constraint other than the duplicate key, a value
   the driver cannot encode) goes to `{prefix}:feedback:dead` with the reason and is acked; the rest of the batch
@@ -30,7 +32,15 @@ import redis
 from sqlalchemy import exc as sa_exc
 
 from convo.errors import ProtocolError
-from inference.protocol import FEEDBACK_GROUP, FeedbackEvent, Keys, dumps_dead_letter, entry_data
+from inference.protocol import (
+    FEEDBACK_GROUP,
+    FeedbackEvent,
+    Keys,
+    MessageAmendment,
+    dumps_dead_letter,
+    entry_data,
+    is_amendment,
+)
 from training.feedback.store import FeedbackStore
 
 logger = logging.getLogger("convo.feedback")
@@ -44,6 +54,7 @@ class BatchResult:
     stored: int = 0
     duplicates: int = 0
     dead: int = 0
+    amendments: int = 0
 
 
 def _metrics():
@@ -56,6 +67,7 @@ def _metrics():
             "stored": Counter("convo_feedback_events_stored_total", "Feedback events written to the database"),
             "duplicates": Counter("convo_feedback_duplicates_total", "Redelivered feedback events already stored"),
             "dead": Counter("convo_feedback_dead_letters_total", "Malformed feedback entries kept aside"),
+            "amendments": Counter("convo_feedback_amendments_total", "Edited or deleted chat messages applied"),
             "errors": Counter("convo_feedback_errors_total", "Redis or database errors (retried)"),
         }
     return _METRICS
@@ -165,20 +177,25 @@ class FeedbackConsumer:
             if fields is None:  # deleted from the stream while pending
                 dead.append((entry_id, {}, "entry deleted from the stream while pending"))
                 continue
+            amendment = is_amendment(fields)
             try:
-                event = from_entry(entry_id, entry_data(fields))
+                item = (MessageAmendment.loads(entry_data(fields)) if amendment
+                        else from_entry(entry_id, entry_data(fields)))
             except ProtocolError as e:
                 dead.append((entry_id, fields, str(e)))
                 continue
             try:
-                stored = self.store.add(event, entry_id)
+                stored = self.store.amend(item) if amendment else self.store.add(item, entry_id)
             except Exception as e:
                 if not entry_fault(e):
                     raise
                 dead.append((entry_id, fields, f"the database refused it: {_refusal(e)}"))
                 continue
-            result.stored += stored
-            result.duplicates += not stored
+            if amendment:
+                result.amendments += 1
+            else:
+                result.stored += stored
+                result.duplicates += not stored
             done.append(entry_id)
         for entry_id, fields, reason in dead:
             self.redis.xadd(self.keys.feedback_dead, dumps_dead_letter(entry_id, fields, reason), maxlen=100_000)
@@ -189,11 +206,12 @@ class FeedbackConsumer:
         m["stored"].inc(result.stored)
         m["duplicates"].inc(result.duplicates)
         m["dead"].inc(result.dead)
-        for k in ("read", "stored", "duplicates", "dead"):
+        m["amendments"].inc(result.amendments)
+        for k in ("read", "stored", "duplicates", "dead", "amendments"):
             setattr(self.totals, k, getattr(self.totals, k) + getattr(result, k))
         if result.read:
-            logger.info("feedback batch read=%d stored=%d duplicates=%d dead=%d",
-                        result.read, result.stored, result.duplicates, result.dead)
+            logger.info("feedback batch read=%d stored=%d duplicates=%d dead=%d amendments=%d",
+                        result.read, result.stored, result.duplicates, result.dead, result.amendments)
         return result
 
     def _ack(self, entry_ids: list[str]) -> None:
@@ -217,7 +235,7 @@ class FeedbackConsumer:
             r = self.poll_once()
             if not r.read:
                 return total
-            for k in ("read", "stored", "duplicates", "dead"):
+            for k in ("read", "stored", "duplicates", "dead", "amendments"):
                 setattr(total, k, getattr(total, k) + getattr(r, k))
 
     def run(self, stop: threading.Event, on_retry: Callable[[int, Exception], None] | None = None) -> None:

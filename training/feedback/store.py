@@ -4,6 +4,12 @@ SQLAlchemy Core, one code path for SQLite and PostgreSQL (`feedback.db_url`). SQ
 `convo feedback stats` can read while `convo serve feedback` writes. Idempotence comes from the primary key: a
 second insert of the same event id fails with IntegrityError and counts as a duplicate, on either database.
 Timestamps are stored as naive UTC (SQLite keeps no offset) and come back aware. Import-light: no torch.
+
+Edited and deleted chat messages (MessageAmendment, from the same stream) change every stored event that holds
+them (`amend`) and are kept in the amendments table, so an event stored later (still on the stream when the
+amendment came, or built from a context read before the edit) takes them at insert (`add`). On PostgreSQL the two
+take an advisory lock (amend exclusive, add shared): an amendment never misses an event inserted concurrently by
+another consumer. SQLite has one writer at a time anyway.
 """
 
 from __future__ import annotations
@@ -19,9 +25,18 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from convo.errors import ConfigError
-from inference.protocol import MAX_ID_CHARS, MAX_NAME_CHARS, MAX_PLATFORM_CHARS, FeedbackEvent
+from inference.protocol import (
+    MAX_ID_CHARS,
+    MAX_NAME_CHARS,
+    MAX_PLATFORM_CHARS,
+    FeedbackEvent,
+    HistoryMessage,
+    MessageAmendment,
+)
 
 LABELLED_KINDS = ("sent", "edited", "liked", "disliked")  # what can become training data
+REPLY_KINDS = ("sent", "edited")  # events whose final_text is the owner's reply
+_AMEND_LOCK = 0x636F6E766F  # PostgreSQL advisory lock key ("convo") ordering amendments and inserts
 
 
 def to_db_ts(ts: datetime) -> datetime:
@@ -36,6 +51,35 @@ def from_db_ts(ts: datetime | None) -> datetime | None:
     if ts is None:
         return None
     return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+
+
+def json_ts(ts: datetime) -> str:
+    """A UTC time as it appears in an event's JSON (a HistoryMessage's `ts`): what finds candidate rows."""
+    return HistoryMessage(speaker="-", text="", ts=ts.astimezone(UTC)).model_dump(mode="json")["ts"]
+
+
+def apply_amendment(event: FeedbackEvent, amendment: MessageAmendment) -> FeedbackEvent | None:
+    """`event` as it reads once `amendment` holds: the message changed or gone from its context and, when the
+    message was the reply of the event's draft, its final text replaced (kind `sent` when the reply is the candidate
+    as drafted, else `edited`). None when the event's reply is gone altogether (the label no longer holds); the
+    same object when nothing in it changed."""
+    if event.platform != amendment.platform:
+        return event
+    update: dict = {}
+    if any(amendment.finds(m) for m in event.context):
+        update["context"] = [
+            (m.model_copy(update={"text": amendment.text}) if amendment.text is not None else None)
+            if amendment.finds(m) else m
+            for m in event.context
+        ]
+        update["context"] = [m for m in update["context"] if m is not None]
+    if amendment.reply_of == event.draft_id and event.kind in REPLY_KINDS:
+        if not amendment.reply_text:
+            return None
+        update["final_text"] = amendment.reply_text
+        update["kind"] = "sent" if event.candidate and amendment.reply_text == "\n".join(event.candidate) else "edited"
+    # model_validate, not model_copy: the amended event is checked like any other (an edited one has its text)
+    return FeedbackEvent.model_validate({**event.model_dump(), **update}) if update else event
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +107,7 @@ class RetrainRun:
     id: int | None = None
 
 
-def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
+def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table, sa.Table]:
     md = sa.MetaData()
     # The column bounds are FeedbackEvent's field bounds: whatever the protocol accepts fits (tested).
     events = sa.Table(
@@ -80,6 +124,16 @@ def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("stream_id", sa.String(64)),
         sa.Column("payload", sa.Text(), nullable=False),  # the event's JSON, as it came off the stream
     )
+    amendments = sa.Table(
+        f"{prefix}feedback_amendments", md,
+        sa.Column("amendment_id", sa.String(MAX_ID_CHARS), primary_key=True),
+        sa.Column("platform", sa.String(MAX_PLATFORM_CHARS), nullable=False),
+        sa.Column("persona", sa.String(MAX_NAME_CHARS), nullable=False, index=True),
+        sa.Column("msg_ts", sa.DateTime(), nullable=False, index=True),
+        sa.Column("reply_of", sa.String(MAX_ID_CHARS), index=True),
+        sa.Column("received_at", sa.DateTime(), nullable=False, index=True),
+        sa.Column("payload", sa.Text(), nullable=False),  # the amendment's JSON
+    )
     runs = sa.Table(
         f"{prefix}retrain_runs", md,
         sa.Column("id", sa.Integer(), primary_key=True, autoincrement=True),
@@ -93,7 +147,7 @@ def _tables(prefix: str) -> tuple[sa.MetaData, sa.Table, sa.Table]:
         sa.Column("data_until", sa.DateTime()),
         sa.Column("metrics", sa.Text()),
     )
-    return md, events, runs
+    return md, events, amendments, runs
 
 
 def make_engine(db_url: str) -> sa.Engine:
@@ -122,12 +176,12 @@ def make_engine(db_url: str) -> sa.Engine:
 
 
 class FeedbackStore:
-    """The events and retrain-runs tables of one database."""
+    """The events, amendments and retrain-runs tables of one database."""
 
     def __init__(self, db_url: str, table_prefix: str = "convo_"):
         self.db_url = db_url
         self.engine = make_engine(db_url)
-        self.metadata, self.events, self.runs = _tables(table_prefix)
+        self.metadata, self.events, self.amendments, self.runs = _tables(table_prefix)
 
     @classmethod
     def from_settings(cls, feedback_settings) -> FeedbackStore:
@@ -159,24 +213,88 @@ class FeedbackStore:
     # ------------------------------------------------------------ events
 
     def add(self, event: FeedbackEvent, stream_id: str | None = None, received_at: datetime | None = None) -> bool:
-        """Insert one event; False when its event id is already stored (a redelivery).
+        """Insert one event, as the stored amendments of its messages have changed it; False when its event id is
+        already stored (a redelivery). An event whose reply was deleted altogether is not stored (True: handled).
 
         Raises what the database raises otherwise: an IntegrityError that is not the duplicate key, a DataError, a
         lost connection (the consumer tells entry faults from database faults, consumer.entry_fault)."""
-        row = {
-            "event_id": event.event_id, "persona": event.persona, "kind": event.kind, "draft_id": event.draft_id,
-            "mode": event.mode, "adapter_version": event.adapter_version, "platform": event.platform,
-            "ts": to_db_ts(event.ts), "received_at": to_db_ts(received_at or datetime.now(UTC)),
-            "stream_id": stream_id, "payload": event.dumps(),
-        }
         try:
             with self.engine.begin() as conn:
+                self._lock(conn, exclusive=False)
+                for amendment in self._amendments_for(conn, event):
+                    event = apply_amendment(event, amendment)
+                    if event is None:
+                        return True
+                row = {
+                    "event_id": event.event_id, "persona": event.persona, "kind": event.kind,
+                    "draft_id": event.draft_id, "mode": event.mode, "adapter_version": event.adapter_version,
+                    "platform": event.platform, "ts": to_db_ts(event.ts),
+                    "received_at": to_db_ts(received_at or datetime.now(UTC)), "stream_id": stream_id,
+                    "payload": event.dumps(),
+                }
                 conn.execute(self.events.insert().values(**row))
         except IntegrityError:
             if self.has_event(event.event_id):
                 return False
             raise
         return True
+
+    def _lock(self, conn: sa.Connection, exclusive: bool) -> None:
+        """Order amendments against inserts until the transaction ends (PostgreSQL; SQLite serialises writers)."""
+        if conn.dialect.name == "postgresql":
+            fn = "pg_advisory_xact_lock" if exclusive else "pg_advisory_xact_lock_shared"
+            conn.execute(sa.text(f"SELECT {fn}(:key)"), {"key": _AMEND_LOCK})
+
+    def _amendments_for(self, conn: sa.Connection, event: FeedbackEvent) -> list[MessageAmendment]:
+        """Stored amendments that touch `event` (its context messages or its draft's reply), oldest first."""
+        t = self.amendments
+        stamps = {to_db_ts(m.ts) for m in event.context if m.ts is not None}
+        touches = [t.c.msg_ts.in_(sorted(stamps))] if stamps else []
+        if event.kind in REPLY_KINDS:
+            touches.append(t.c.reply_of == event.draft_id)
+        if not touches:
+            return []
+        q = (sa.select(t.c.payload).where(t.c.platform == event.platform, sa.or_(*touches))
+             .order_by(t.c.received_at, t.c.amendment_id))
+        return [MessageAmendment.loads(r.payload) for r in conn.execute(q)]
+
+    def amend(self, amendment: MessageAmendment, received_at: datetime | None = None) -> int:
+        """Apply an edit or deletion to every stored event holding the message (or, for a reply, the draft's
+        `sent`/`edited` events) and keep it for events stored later; returns how many rows changed or went. A
+        redelivered amendment is applied again (harmless: it sets, never appends) and kept once."""
+        t = self.events
+        changed = 0
+        with self.engine.begin() as conn:
+            self._lock(conn, exclusive=True)
+            exists = sa.select(sa.func.count()).select_from(self.amendments).where(
+                self.amendments.c.amendment_id == amendment.amendment_id)
+            if not conn.execute(exists).scalar_one():
+                conn.execute(self.amendments.insert().values(
+                    amendment_id=amendment.amendment_id, platform=amendment.platform, persona=amendment.persona,
+                    msg_ts=to_db_ts(amendment.ts), reply_of=amendment.reply_of,
+                    received_at=to_db_ts(received_at or datetime.now(UTC)), payload=amendment.dumps()))
+            # Rows whose JSON holds the message's timestamp, or the reply's draft; matched exactly below.
+            holds = [t.c.payload.contains(json_ts(amendment.ts), autoescape=True)]
+            if amendment.reply_of is not None:
+                holds.append(sa.and_(t.c.draft_id == amendment.reply_of, t.c.kind.in_(REPLY_KINDS)))
+            q = sa.select(t.c.event_id, t.c.payload).where(t.c.platform == amendment.platform, sa.or_(*holds))
+            for row in conn.execute(q).all():
+                event = FeedbackEvent.loads(row.payload)
+                new = apply_amendment(event, amendment)
+                if new is event:
+                    continue
+                if new is None:
+                    conn.execute(t.delete().where(t.c.event_id == row.event_id))
+                else:
+                    conn.execute(t.update().where(t.c.event_id == row.event_id)
+                                 .values(payload=new.dumps(), kind=new.kind))
+                changed += 1
+        return changed
+
+    def count_amendments(self) -> int:
+        """How many amendments are kept."""
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(self.amendments)).scalar_one())
 
     def has_event(self, event_id: str) -> bool:
         """True when an event with this id is stored."""
@@ -258,13 +376,17 @@ class FeedbackStore:
             return sorted(r[0] for r in conn.execute(sa.select(self.events.c.persona).distinct()))
 
     def prune_events(self, received_before: datetime, dry_run: bool = False) -> int:
-        """Delete the events received before `received_before` (count them only, with dry_run); returns how many."""
+        """Delete the events received before `received_before` (count them only, with dry_run); returns how many.
+        Amendments received before it go too (not counted): an event still on the stream that long is rare, and
+        the amendment's own text should not outlive the retention either."""
         t = self.events
         cond = t.c.received_at < to_db_ts(received_before)
         if dry_run:
             with self.engine.connect() as conn:
                 return int(conn.execute(sa.select(sa.func.count()).select_from(t).where(cond)).scalar_one())
         with self.engine.begin() as conn:
+            a = self.amendments
+            conn.execute(a.delete().where(a.c.received_at < to_db_ts(received_before)))
             return int(conn.execute(t.delete().where(cond)).rowcount or 0)
 
     # ------------------------------------------------------------ retrain runs
@@ -306,5 +428,6 @@ class FeedbackStore:
         """Delete every event and retrain run of `persona`; returns the row counts deleted."""
         with self.engine.begin() as conn:
             events = conn.execute(self.events.delete().where(self.events.c.persona == persona)).rowcount
+            conn.execute(self.amendments.delete().where(self.amendments.c.persona == persona))
             runs = conn.execute(self.runs.delete().where(self.runs.c.persona == persona)).rowcount
         return {"events": int(events or 0), "runs": int(runs or 0)}
