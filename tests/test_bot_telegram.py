@@ -63,6 +63,7 @@ class RecordingRequest(BaseRequest):
         self.can_reply = can_reply
         self.connection_owner = connection_owner
         self._message_id = 500
+        self.sent_ids: dict[str, int] = {}  # text -> message id of each message sent
 
     @property
     def read_timeout(self):
@@ -82,6 +83,7 @@ class RecordingRequest(BaseRequest):
                "from": {"id": BOT_ID, "is_bot": True, "first_name": "Convo"}}
         if params.get("business_connection_id"):
             msg["business_connection_id"] = params["business_connection_id"]
+        self.sent_ids[msg["text"]] = self._message_id
         return msg
 
     async def do_request(self, url: str, method: str, request_data: RequestData | None = None,
@@ -183,11 +185,11 @@ class Updates:
             "message_id": self.n, "date": int(time.time()), "text": text, "business_connection_id": CONN,
             "from": _user(sender, "Alice"), "chat": {"id": chat, "type": "private", "first_name": "Alice"}}}
 
-    def edited_business_message(self, message_id: int, text: str, sender: int = FRIEND) -> dict:
+    def edited_business_message(self, message_id: int, text: str, sender: int = FRIEND, chat: int = FRIEND) -> dict:
         return {"update_id": self._next(), "edited_business_message": {
             "message_id": message_id, "date": int(time.time()) - 5, "edit_date": int(time.time()), "text": text,
             "business_connection_id": CONN, "from": _user(sender, "Alice"),
-            "chat": {"id": sender, "type": "private", "first_name": "Alice"}}}
+            "chat": {"id": chat, "type": "private", "first_name": "Alice"}}}
 
     def deleted_business_messages(self, *message_ids: int, chat: int = FRIEND) -> dict:
         return {"update_id": self._next(), "deleted_business_messages": {
@@ -610,6 +612,82 @@ def test_telegram_edited_and_deleted_business_messages_change_history_and_drafts
     assert [m.text for m in history] == ["or lunch"]  # the deleted message left the history
     disliked = next(e for e in events if e.kind == "disliked")
     assert [m.text for m in disliked.context] == ["or lunch"]  # and the open draft's context
+
+
+def _drain_feedback(redis_url, db_url: str):
+    """Run the real feedback consumer over the stream into a SQLite store; returns the stored events."""
+    import redis as sync_redis
+
+    from inference.protocol import Keys
+    from training.feedback.consumer import FeedbackConsumer
+    from training.feedback.store import FeedbackStore
+
+    store, client = FeedbackStore(db_url), sync_redis.Redis.from_url(redis_url)
+    try:
+        store.create()
+        FeedbackConsumer(client, store, Keys(PREFIX), consumer="t", block_ms=10).drain()
+        return [s.event for s in store.iter_events()]
+    finally:
+        client.close()
+        store.close()
+
+
+def _no_echo(request):
+    return [[f"sure #{i}", "see you"] for i in range(request.n)]
+
+
+def test_telegram_edits_and_deletions_reach_feedback_already_stored_and_the_export(redis_url, tmp_path):
+    from tests.test_feedback_export import meta
+    from training.feedback.export import SpeakerMap, build_rows
+
+    request = RecordingRequest()
+    u = Updates()
+    db = f"sqlite:///{tmp_path}/feedback.db"
+
+    async def scenario():
+        async with FakeWorker(redis_url, answer=_no_echo), telegram_app(redis_url, tmp_path, request) as app:
+            first = u.business_message("dinner at 8? 12 Elm St")
+            await feed(app, first)
+            await feed(app, u.callback(_buttons(_cards(request)[0])[0]))  # ✅: "sure #0", "see you" go out
+            before = _drain_feedback(redis_url, db)  # stored before any edit
+            friend_msg = first["business_message"]["message_id"]
+            await feed(app, u.edited_business_message(friend_msg, "dinner at 9?"),
+                       u.edited_business_message(request.sent_ids["see you"], "see you at 9", sender=OWNER))
+            edited = _drain_feedback(redis_url, db)
+            await feed(app, u.deleted_business_messages(friend_msg))
+            return before, edited, _drain_feedback(redis_url, db)
+
+    before, edited, deleted = run(scenario())
+    assert {e.kind for e in before} == {"shown", "sent"}
+    assert all(e.context[0].text == "dinner at 8? 12 Elm St" for e in before)
+    assert all([m.text for m in e.context] == ["dinner at 9?"] for e in edited)  # shown and sent alike
+    label = next(e for e in edited if e.draft_id == before[-1].draft_id and e.kind != "shown")
+    assert (label.kind, label.final_text) == ("edited", "sure #0\nsee you at 9")  # the owner's edit of message 2
+    assert all(e.context == [] for e in deleted) and len(deleted) == len(before)
+    rows = build_rows(edited, SpeakerMap.from_meta(meta()))
+    assert rows.sft and "12 Elm St" not in json.dumps([rows.sft, rows.kto, rows.pairs])
+
+
+def test_telegram_owner_edits_or_deletes_the_reply_they_typed(redis_url, tmp_path):
+    request = RecordingRequest()
+    u = Updates()
+    db = f"sqlite:///{tmp_path}/feedback.db"
+
+    async def scenario():
+        async with FakeWorker(redis_url, answer=_no_echo), telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.business_message("dinner?"))
+            mine = u.business_message("yes, at 8", sender=OWNER)
+            await feed(app, mine)  # typed by the owner: the draft closes as `edited`
+            await feed(app, u.edited_business_message(mine["business_message"]["message_id"], "yes, at 9",
+                                                      sender=OWNER))
+            edited = _drain_feedback(redis_url, db)
+            await feed(app, u.deleted_business_messages(mine["business_message"]["message_id"]))
+            return edited, _drain_feedback(redis_url, db)
+
+    edited, deleted = run(scenario())
+    label = next(e for e in edited if e.kind != "shown")
+    assert (label.kind, label.final_text) == ("edited", "yes, at 9")
+    assert {e.kind for e in deleted} == {"shown"}  # the reply is gone: no label left
 
 
 def test_telegram_draft_older_than_24h_is_refused_with_the_reason(redis_url, tmp_path):
