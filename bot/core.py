@@ -53,6 +53,7 @@ from inference.protocol import (
     amendment_payload,
     entry_data,
     entry_payload,
+    is_amendment,
     new_id,
     utcnow,
 )
@@ -629,7 +630,7 @@ class BotCore:
 
     async def forget_persona(self, persona: Persona) -> dict[str, int]:
         """Delete everything of one person on this platform: their messages in every stored history, every
-        draft written as them, and their feedback events still on the stream. Returns counts."""
+        draft written as them, and their feedback events (and amendments) still on the stream. Returns counts."""
         counts = {"messages": 0, "drafts": 0, "events": 0}
         async for key in self.redis.scan_iter(match=self.keys.history(self.platform, "*"), count=500):
             kept, dropped = [], 0
@@ -668,8 +669,8 @@ class BotCore:
                 break
             doomed = []
             for entry_id, fields in entries:
-                try:
-                    event = FeedbackEvent.loads(entry_data(fields))
+                try:  # events and amendments alike name their persona and platform
+                    event = (MessageAmendment if is_amendment(fields) else FeedbackEvent).loads(entry_data(fields))
                 except ConvoError:
                     continue
                 if event.persona == persona.name and event.platform == self.platform:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,9 @@ from inference.protocol import (
 LABELLED_KINDS = ("sent", "edited", "liked", "disliked")  # what can become training data
 REPLY_KINDS = ("sent", "edited")  # events whose final_text is the owner's reply
 _AMEND_LOCK = 0x636F6E766F  # PostgreSQL advisory lock key ("convo") ordering amendments and inserts
+# An event holding a message was made after the message and received after that; the margin absorbs a bot clock
+# ahead of the store's. Edits come soon after the message, so an amendment reads only the newest rows.
+CLOCK_SKEW_MARGIN = timedelta(days=1)
 
 
 def to_db_ts(ts: datetime) -> datetime:
@@ -277,7 +280,9 @@ class FeedbackStore:
             holds = [t.c.payload.contains(json_ts(amendment.ts), autoescape=True)]
             if amendment.reply_of is not None:
                 holds.append(sa.and_(t.c.draft_id == amendment.reply_of, t.c.kind.in_(REPLY_KINDS)))
-            q = sa.select(t.c.event_id, t.c.payload).where(t.c.platform == amendment.platform, sa.or_(*holds))
+            q = sa.select(t.c.event_id, t.c.payload).where(
+                t.c.platform == amendment.platform, sa.or_(*holds),
+                t.c.received_at >= to_db_ts(amendment.ts - CLOCK_SKEW_MARGIN))
             for row in conn.execute(q).all():
                 event = FeedbackEvent.loads(row.payload)
                 new = apply_amendment(event, amendment)
