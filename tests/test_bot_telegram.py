@@ -668,6 +668,26 @@ def test_telegram_edits_and_deletions_reach_feedback_already_stored_and_the_expo
     assert rows.sft and "12 Elm St" not in json.dumps([rows.sft, rows.kto, rows.pairs])
 
 
+def test_telegram_owner_edits_the_first_message_of_a_send_cut_short_before_the_rest_goes_out(redis_url, tmp_path):
+    blocked = Failure("sendMessage", BLOCKED, when=lambda p: int(p["chat_id"]) == FRIEND, skip=1)
+    request = RecordingRequest(failures=[blocked])
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url, answer=_no_echo), telegram_app(redis_url, tmp_path, request) as app:
+            await feed(app, u.business_message("dinner?"))
+            send = _buttons(_cards(request)[0])[0]
+            await feed(app, u.callback(send))  # "sure #0" went out, "see you" was refused
+            await feed(app, u.edited_business_message(request.sent_ids["sure #0"], "sure, at 9", sender=OWNER))
+            await feed(app, u.callback(send))  # the rest goes out now
+            return await feedback_events(app.bot_data["convo"].redis)
+
+    events = run(scenario())
+    label = next(e for e in events if e.kind != "shown")
+    assert (label.kind, label.final_text) == ("edited", "sure, at 9\nsee you")  # what the friend has, not the draft
+    assert label.candidate == ["sure #0", "see you"]
+
+
 def test_telegram_owner_edits_or_deletes_the_reply_they_typed(redis_url, tmp_path):
     request = RecordingRequest()
     u = Updates()
