@@ -140,11 +140,12 @@ class WorkerClient:
             await pubsub.aclose()
 
 
-def connect(url: str, password=None):
-    """A redis.asyncio client for `url` (`password`: a SecretStr or str, or None to use the URL's)."""
+def connect(url: str, password=None, **options):
+    """A redis.asyncio client for `url` (`password`: a SecretStr or str, or None to use the URL's); `options` go
+    to redis-py (e.g. `socket_connect_timeout`)."""
     import redis.asyncio as aioredis
 
     if password is not None and hasattr(password, "get_secret_value"):
         password = password.get_secret_value()
-    return aioredis.from_url(url, password=password) if password else aioredis.from_url(url)
+    return aioredis.from_url(url, password=password, **options) if password else aioredis.from_url(url, **options)
 
