@@ -66,7 +66,8 @@ logger = logging.getLogger("convo.api")
 BURST_SEPARATOR = "\n"  # between the messages of one reply in `content` (and between streamed partial lines)
 MAX_STOP = 4  # stop strings per request (OpenAI's limit)
 MAX_BODY_BYTES = 4 * 2**20  # a chat history of 64 messages of 4,000 characters fits with room to spare
-WORKER_CHECK_S = 2.0  # how long "a worker is alive" is trusted before the heartbeats are looked up again
+WORKER_CHECK_S = 2.0
+MODEL_CACHE_S = 1.0  # how long a resolved `model` (persona, tags, current version) is reused  # how long "a worker is alive" is trusted before the heartbeats are looked up again
 _IGNORED_ROLES = ("system", "developer")
 # Fields of OpenAI's API that cannot be honoured: refused (400 naming them) unless left at their neutral value.
 _REFUSED = {
@@ -402,6 +403,7 @@ class ApiService:
         self._key_bytes = [k.encode() for k in config.keys]
         self._workers_seen = (0.0, 0)  # (monotonic time of the check, workers alive then)
         self._own_redis = redis is None
+        self._models: dict[str, tuple[float, Model]] = {}  # model field -> (monotonic time, resolved model)
 
     async def startup(self) -> None:
         """Open Redis (a short connect timeout: a dead Redis is a fast 503, not a hung request)."""
@@ -467,7 +469,19 @@ class ApiService:
         return out
 
     async def resolve_model(self, model: str) -> Model:
-        """The persona a `model` field names; 404 when nobody serves it or a pin is not the current version."""
+        """The persona a `model` field names; 404 when nobody serves it or a pin is not the current version.
+
+        A found model is remembered for MODEL_CACHE_S: a promotion is seen that much later, and a request does not
+        read the adapters dir and the adapter's metadata every time.
+        """
+        cached = self._models.get(model)
+        if cached is not None and time.monotonic() - cached[0] < MODEL_CACHE_S:
+            return cached[1]
+        found = await self._resolve_model(model)
+        self._models[model] = (time.monotonic(), found)
+        return found
+
+    async def _resolve_model(self, model: str) -> Model:
         name, _, pinned = model.partition("@")
         on_disk = self.personas()
         if name in on_disk:
@@ -541,10 +555,13 @@ class ApiService:
             id=request.id, persona=model.persona.name, mode=request.mode, platform="api", chat=key,
             target=model.persona.target(request.mode), context=list(request.history), candidates=candidates,
             adapter_version=response.adapter.version if response.adapter else model.current, refs={"key": key})
-        # Not BotCore.save_draft: its per-chat index (for /forget in a chat) would grow with every API call.
-        await self.redis.set(self.keys.draft(draft.id), draft.model_dump_json(), ex=self.config.bot.draft_ttl_s)
-        for i in range(len(candidates)):
-            await self.core.feedback(draft, "shown", i)
+        async with self.redis.pipeline(transaction=False) as pipe:  # one round trip for the draft and its events
+            # Not BotCore.save_draft: its per-chat index (for /forget in a chat) would grow with every API call.
+            pipe.set(self.keys.draft(draft.id), draft.model_dump_json(), ex=self.config.bot.draft_ttl_s)
+            core = BotCore(pipe, self.config.bot, "api", self.client)  # the bots' events, queued on the pipeline
+            for i in range(len(candidates)):
+                await core.feedback(draft, "shown", i)
+            await pipe.execute()
 
     def count_tokens(self, response: GenerateResponse) -> dict:
         """OpenAI's `usage` from the worker's token counts (0 where a worker reports none)."""

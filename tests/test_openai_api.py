@@ -127,6 +127,14 @@ def test_chat_answers_what_the_worker_answers_a_direct_request(stack):
     assert reply.usage.completion_tokens == want.completion_tokens > 0
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
     assert reply.model_extra["convo"]["persona"] == "alice" and reply.model_extra["convo"]["version"] == "v1"
+    # `stop` cuts the text before the first stop string, in content and in convo.messages alike.
+    content = reply.choices[0].message.content
+    assert len(content) >= 2
+    stop = content[len(content) // 2:][:3]
+    cut = openai_client(stack["base"]).chat.completions.create(
+        model="alice", messages=MESSAGES, temperature=0, max_tokens=12, stop=[stop, "\u2603never"])
+    assert cut.choices[0].message.content == content[: content.index(stop)]
+    assert "\n".join(cut.choices[0].model_extra["convo"]["messages"]) == content[: content.index(stop)].rstrip("\n")
 
 
 def test_chat_stream_is_built_from_partials_and_ends_with_done(stack):
@@ -150,6 +158,13 @@ def test_chat_stream_is_built_from_partials_and_ends_with_done(stack):
     assert raw.headers["content-type"].startswith("text/event-stream")
     events = [e for e in raw.text.split("\n\n") if e]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    # n > 1: the worker streams choice 0 live; the others arrive whole, each with its own finish chunk.
+    two = list(client.chat.completions.create(model="bob", messages=MESSAGES, temperature=0, max_tokens=16, n=2,
+                                              stream=True))
+    for index in (0, 1):
+        text = "".join(c.choices[0].delta.content or "" for c in two if c.choices and c.choices[0].index == index)
+        assert text == plain.choices[0].message.content  # greedy: both choices are the same text
+        assert sum(1 for c in two if c.choices and c.choices[0].index == index and c.choices[0].finish_reason) == 1
 
 
 def test_completions_take_a_raw_tagged_prompt(stack):
