@@ -80,6 +80,7 @@ _REFUSED = {
     "prediction": "not supported by the worker", "echo": "not supported", "suffix": "not supported",
     "best_of": "use n", "web_search_options": "not supported", "reasoning_effort": "not a reasoning model",
 }
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict"}  # pydantic names the union member in a loc
 _NEUTRAL = (None, False, 0, 0.0, "", [], {}, "none", "auto", {"type": "text"}, ["text"])
 
 
@@ -175,7 +176,8 @@ def parse_body(model: type[BaseModel], raw: bytes):
         body = model.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "body"
+        loc = [p for p in err["loc"] if isinstance(p, int) or p not in _UNION_MEMBERS and "[" not in p]
+        param = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "body"
         if err["type"] == "missing":
             raise ApiError(400, f"{param}: required", param=param, code="missing_required_parameter") from e
         raise bad_field(param, err["msg"]) from e

@@ -214,7 +214,7 @@ def test_unknown_model_and_stale_pin_are_404(stack):
 @pytest.mark.parametrize("fields, param", [
     ({"temperature": 7}, "temperature"), ({"max_tokens": 5000}, "max_tokens"), ({"n": 9}, "n"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"), ({"seed": 3}, "seed"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stop": 5}, "stop"), ({"n": "two"}, "n"),
     ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),
