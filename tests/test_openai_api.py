@@ -385,3 +385,49 @@ def test_api_module_never_imports_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------- the command
+
+
+def test_serve_api_without_a_key_is_a_one_line_error(cli, monkeypatch, capsys):
+    monkeypatch.delenv("CONVO_API__KEYS", raising=False)
+    assert cli(["serve", "api"]) == 2
+    err = capsys.readouterr().err
+    assert "api.keys is empty" in err and "Traceback" not in err
+
+
+def test_serve_api_process_answers_and_stops_on_sigterm_without_logging_keys(tmp_path):
+    import signal
+
+    import httpx
+
+    prefix = f"proc{uuid.uuid4().hex[:6]}"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CONVO_REDIS__URL=REDIS_URL, CONVO_REDIS__PREFIX=prefix,
+               CONVO_API__KEYS=json.dumps([KEY]), CONVO_API__METRICS_PORT="0")
+    log = tmp_path / "api.log"
+    proc = subprocess.Popen([sys.executable, "-m", "convo", "serve", "api", "--port", str(port), "--adapters",
+                             str(tmp_path), "--log-level", "debug"], env=env, cwd=ROOT, stdout=log.open("w"),
+                            stderr=subprocess.STDOUT)
+    try:
+        def answers():
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2)
+            assert proc.poll() is None, log.read_text()
+
+        health = wait_until(answers, 60, "convo serve api to answer")
+        assert health.status_code == 503 and health.json()["reason"].startswith("no worker")
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", headers={"Authorization": f"Bearer {KEY}"})
+        assert models.status_code == 200 and models.json() == {"object": "list", "data": []}
+        proc.send_signal(signal.SIGTERM)
+        # uvicorn shuts down gracefully, then re-raises the signal it caught: dying of SIGTERM is its clean exit.
+        assert proc.wait(30) in (0, -signal.SIGTERM)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    text = log.read_text()
+    assert "api on http://127.0.0.1" in text and "Application shutdown complete" in text and KEY not in text
