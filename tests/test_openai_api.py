@@ -183,6 +183,33 @@ def test_completions_take_a_raw_tagged_prompt(stack):
     want = direct(stack, persona="alice", mode="self", history=[{"speaker": "ALICE", "text": "you coming?"}],
                   temperature=0, max_new_tokens=8)
     assert mine.choices[0].text == raw_completion(want.candidates[0], "RIYA")
+    streamed = client.completions.create(model="alice", prompt=prompt, temperature=0, max_tokens=12, stream=True)
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == reply.choices[0].text
+
+
+def test_concurrent_requests_each_get_their_own_answer(stack):
+    """Sixteen clients at once (batched together by the worker): every answer is its own request's."""
+    from openai import AsyncOpenAI
+
+    texts = ["omw", "running late sorry", "coffee tomorrow?", "did you see the game?"] * 4
+    personas = ["alice", "bob"] * 8
+
+    async def run():
+        client = AsyncOpenAI(base_url=f"{stack['base']}/v1", api_key=KEY, max_retries=0, timeout=60)
+        try:
+            return await asyncio.gather(*(client.chat.completions.create(
+                model=p, messages=[{"role": "user", "content": t}], temperature=0, max_tokens=8)
+                for p, t in zip(personas, texts, strict=True)))
+        finally:
+            await client.close()
+
+    replies = asyncio.run(run())
+    assert len({r.id for r in replies}) == 16
+    for persona, text, reply in zip(personas, texts, replies, strict=True):
+        want = direct(stack, persona=persona, history=[{"speaker": "RIYA", "text": text}], temperature=0,
+                      max_new_tokens=8)
+        assert reply.choices[0].message.content == "\n".join(want.candidates[0]), (persona, text)
+        assert reply.model_extra["convo"]["persona"] == persona
 
 
 # ---------------------------------------------------------------- errors
