@@ -178,7 +178,8 @@ def main() -> None:
                 for name in paths:
                     cpu_note = (f"   server CPU {row[name]['server_cpu_ms_per_request']:.2f} ms/request"
                                 if name in pids else "")
-                    say(f"  {name:<16} p50 {row[name]['p50_ms']:7.2f} ms   p99 {row[name]['p99_ms']:7.2f} ms{cpu_note}")
+                    p50, p99 = row[name]["p50_ms"], row[name]["p99_ms"]
+                    say(f"  {name:<16} p50 {p50:7.2f} ms   p99 {p99:7.2f} ms{cpu_note}")
                 say(f"  API hop overhead  p50 {row['overhead_p50_ms']:+.2f} ms   p99 {row['overhead_p99_ms']:+.2f} ms")
     finally:
         cleanup(args.redis_url, prefix)

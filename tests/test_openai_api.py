@@ -168,7 +168,7 @@ def test_chat_stream_is_built_from_partials_and_ends_with_done(stack):
 
 
 def test_completions_take_a_raw_tagged_prompt(stack):
-    from bot.openai_api import raw_completion
+    from bot.openai_wire import raw_completion
 
     client = openai_client(stack["base"])
     prompt = "[RIYA] omw\n[ALICE] ok see you there\n[RIYA] running late sorry\n[ALICE]"
@@ -383,7 +383,7 @@ def test_curl_examples_in_docs_run(stack):
 
 def test_messages_map_to_speakers_system_ignored_bursts_split():
     from bot.core import Persona
-    from bot.openai_api import ChatMessage, chat_history
+    from bot.openai_wire import ChatMessage, chat_history
 
     alice = Persona(name="alice", tag="ALICE", me_tag="RIYA", display_name="Alice", me_name="Riya")
     messages = [ChatMessage(role="system", content="be nice"), ChatMessage(role="user", content="hey\n\nyou up?"),
@@ -396,7 +396,7 @@ def test_messages_map_to_speakers_system_ignored_bursts_split():
 
 
 def test_stop_strings_cut_text_and_hold_back_a_possible_start():
-    from bot.openai_api import apply_stop, cut_messages, held_back
+    from bot.openai_wire import apply_stop, cut_messages, held_back
 
     assert apply_stop("see you at 7 ok", ["at", "ok"]) == ("see you ", True)
     assert apply_stop("fine", ["zz"]) == ("fine", False)
