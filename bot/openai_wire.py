@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.core import Persona, clip_text
+from convo.errors import ProtocolError
 from inference.prompt_format import END_TAG, PromptFormatError, line_speaker, parse, render_completion
 from inference.protocol import MAX_N, MAX_NEW_TOKENS, HistoryMessage, Mode
 
@@ -187,8 +188,16 @@ def chat_history(messages: Sequence[ChatMessage], persona: Persona, limit: int) 
             speaker = persona.me_tag if message.role == "user" else persona.tag
         for line in content_text(message, i).splitlines():
             if line.strip():
-                history.append(HistoryMessage(speaker=speaker, text=clip_text(line.strip())))
+                history.append(message_of(speaker, line.strip(), f"messages[{i}].name"))
     return history[-limit:] if limit else []
+
+
+def message_of(speaker: str, text: str, param: str) -> HistoryMessage:
+    """One history message (text cut to the wire's limit); a speaker tag the wire refuses is a 400 on `param`."""
+    try:
+        return HistoryMessage.build(speaker=speaker, text=clip_text(text))
+    except ProtocolError as e:
+        raise bad_field(param, f"speaker {speaker[:20]!r}...: {e}") from e
 
 
 def prompt_history(prompt: str | list[str], persona: Persona, limit: int) -> tuple[list[HistoryMessage], Mode]:
@@ -213,7 +222,7 @@ def prompt_history(prompt: str | list[str], persona: Persona, limit: int) -> tup
         turns = parse("\n".join(lines[:-1]))
     except PromptFormatError as e:
         raise bad_field("prompt", str(e)) from e
-    history = [HistoryMessage(speaker=t.speaker, text=clip_text(t.text)) for t in turns if t.speaker != END_TAG]
+    history = [message_of(t.speaker, t.text, "prompt") for t in turns if t.speaker != END_TAG]
     return (history[-limit:] if limit else []), mode
 
 

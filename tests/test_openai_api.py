@@ -246,6 +246,7 @@ def test_unknown_model_and_stale_pin_are_404(stack):
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages[0].content"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "name": "ǅ" * 40, "content": "x"}]}, "messages[0].name"),
 ])
 def test_bad_field_is_400_naming_it(stack, fields, param):
     import httpx
