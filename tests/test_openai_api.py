@@ -167,6 +167,21 @@ def test_chat_stream_is_built_from_partials_and_ends_with_done(stack):
         assert sum(1 for c in two if c.choices and c.choices[0].index == index and c.choices[0].finish_reason) == 1
 
 
+def test_client_gone_mid_stream_releases_its_subscription(stack, caplog):
+    import httpx
+
+    body = {"model": "alice", "messages": MESSAGES, "stream": True, "max_tokens": 64, "temperature": 0}
+    with httpx.stream("POST", f"{stack['base']}/v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        first = next(r.iter_lines())
+    assert first.startswith("data: ")
+    completion_id = json.loads(first.removeprefix("data: "))["id"].removeprefix("chatcmpl-")
+    channel = Keys(stack["prefix"]).partial(completion_id)
+    wait_until(lambda: stack["redis"].pubsub_numsub(channel)[0][1] == 0, 30, "the partial channel released")
+    reply = openai_client(stack["base"]).chat.completions.create(model="alice", messages=MESSAGES, max_tokens=4)
+    assert reply.choices and "Traceback" not in caplog.text
+
+
 def test_completions_take_a_raw_tagged_prompt(stack):
     from bot.openai_wire import raw_completion
 
