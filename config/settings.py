@@ -176,6 +176,19 @@ class DiscordSettings(BaseModel):
     private_context_ttl_min: float = Field(60.0, gt=0)
 
 
+class ApiSettings(BaseModel):
+    """`convo serve api`: the OpenAI-compatible HTTP server (docs/api.md)."""
+
+    host: str = "127.0.0.1"  # bind address; loopback unless you put it behind a proxy or in a container
+    port: int = Field(8000, ge=1, le=65535)  # HTTP port
+    keys: list[SecretStr] = Field(default_factory=list)  # accepted API keys (Bearer); JSON list; at least one is required
+    rate_limit_per_min: float = Field(60.0, gt=0)  # requests per minute per key (bursts up to this many); 429 beyond
+    request_timeout_s: float = Field(60.0, gt=0)  # how long a request waits for a worker before 504
+    adapters_dir: str | None = None  # personas listed by /v1/models; unset: worker.adapters_dir
+    feedback: bool = True  # keep completions for bot.draft_ttl_hours and emit `shown`, so /v1/convo/feedback can rate them
+    metrics_port: int = Field(9465, ge=0, le=65535)  # Prometheus /metrics; 0 turns it off
+
+
 class FeedbackSettings(BaseModel):
     """Feedback store, versioned adapters, retraining and its scheduler (issue: learning loop)."""
 
@@ -236,11 +249,12 @@ class Settings(BaseSettings):
     telegram: TelegramSettings = Field(default_factory=TelegramSettings)
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
     feedback: FeedbackSettings = Field(default_factory=FeedbackSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @model_validator(mode="after")
     def _one_adapters_dir(self) -> Settings:
         """The bots and the learning loop read adapters where the worker serves them unless told otherwise."""
-        for section in (self.bot, self.feedback):
+        for section in (self.bot, self.feedback, self.api):
             if section.adapters_dir is None:
                 section.adapters_dir = self.worker.adapters_dir
         return self

@@ -1,5 +1,6 @@
 # syntax=docker/dockerfile:1
-# Slim CPU image WITHOUT torch: the Telegram and Discord bots and the feedback store (`pip install .[bots]`).
+# Slim CPU image WITHOUT torch: the Telegram and Discord bots, the OpenAI-compatible API and the feedback store
+# (`pip install .[bots]`).
 # Build: docker build -f docker/slim.Dockerfile -t convo-slim .   (docker compose builds it for you)
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
@@ -17,7 +18,7 @@ COPY inference inference
 COPY training training
 RUN pip install ".[bots]" \
     # The promise of this image: the services it runs start without the ML stack.
-    && python -c "import sys, convo.cli, bot, inference.protocol, inference.client; \
+    && python -c "import sys, convo.cli, bot, bot.openai_api, inference.protocol, inference.client; \
 bad = [m for m in ('torch', 'transformers', 'peft', 'trl') if m in sys.modules]; assert not bad, bad" \
     && ! python -c "import torch" 2>/dev/null
 

@@ -53,10 +53,12 @@ class BatchItem:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """What one request got: `n` candidates (each a list of messages) and the tokens generated for them."""
+    """What one request got: `n` candidates (each a list of messages), the tokens generated for them and the
+    prompt's length in tokens (counted once per request)."""
 
     candidates: list[list[str]]
     new_tokens: int
+    prompt_tokens: int = 0
 
 
 class Backend(Protocol):
@@ -161,5 +163,6 @@ class EchoBackend:
             last = item.request.history[-1].text if item.request.history else "..."
             if item.request.stream and on_partial is not None:
                 on_partial(item.request.id, last[: max(1, len(last) // 2)])
-            out.append(BatchResult([[last]] * item.request.n, item.request.n))
+            # Whitespace-separated words stand in for tokens: there is no tokenizer here.
+            out.append(BatchResult([[last]] * item.request.n, item.request.n, len(item.prompt.split())))
         return out

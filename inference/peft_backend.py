@@ -85,7 +85,7 @@ class PeftBackend:
                 new_tokens += len(gen)
                 raw = tok.decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False)
                 candidates.append(split_completion(trim_burst(raw, item.target), item.target))
-            results.append(BatchResult(candidates, new_tokens))
+            results.append(BatchResult(candidates, new_tokens, len(encoded[i])))
         return results
 
 

@@ -178,6 +178,8 @@ class GenerateResponse(_Wire):
     generate_ms: float | None = None
     worker: str | None = None
     error: ErrorInfo | None = None
+    prompt_tokens: int | None = Field(None, ge=0)  # the prompt's tokens (counted once, not once per candidate)
+    completion_tokens: int | None = Field(None, ge=0)  # new tokens over all candidates
 
     @model_validator(mode="after")
     def _one_of(self) -> GenerateResponse:

@@ -399,7 +399,8 @@ class Worker:
             m.queue_wait.observe(queue_ms / 1000)
             out.append((entry, request, GenerateResponse(
                 id=request.id, candidates=result.candidates, adapter=ref, queue_ms=round(queue_ms, 2),
-                generate_ms=round(generate_s * 1000, 2), worker=self.name)))
+                generate_ms=round(generate_s * 1000, 2), worker=self.name, prompt_tokens=result.prompt_tokens,
+                completion_tokens=result.new_tokens)))
         logger.info("batch %d: %d requests, %d new tokens, %.0f ms", self.batches, len(items), new_tokens,
                     generate_s * 1000)
         return out

@@ -11,9 +11,8 @@ import pytest
 REDIS_URL = os.environ.get("CONVO_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
-@pytest.fixture
-def redis_url() -> str:
-    """URL of a real Redis for queue tests; skips when none answers, unless CONVO_REQUIRE_REDIS=1."""
+def require_redis():
+    """A client of the test Redis; skips the test when none answers, unless CONVO_REQUIRE_REDIS=1 (then fails)."""
     import redis
 
     client = redis.Redis.from_url(REDIS_URL)
@@ -23,6 +22,13 @@ def redis_url() -> str:
         if os.environ.get("CONVO_REQUIRE_REDIS") == "1":
             pytest.fail(f"CONVO_REQUIRE_REDIS=1 but no Redis answers at {REDIS_URL}: {e}")
         pytest.skip(f"no Redis at {REDIS_URL} (run `make redis`)")
+    return client
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """URL of a real Redis for queue tests; skips when none answers, unless CONVO_REQUIRE_REDIS=1."""
+    client = require_redis()
     client.flushdb()
     yield REDIS_URL
     client.flushdb()

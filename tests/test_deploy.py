@@ -30,7 +30,7 @@ PENDING = {
     ("serve", "feedback"): "convo/commands/feedback.py",
     ("serve", "scheduler"): "convo/commands/feedback.py",
 }
-SLIM = ("telegram", "discord", "feedback")  # must start without torch
+SLIM = ("telegram", "discord", "feedback", "api")  # must start without torch
 ML = ("worker", "scheduler")
 HEAVY = ("torch", "transformers", "peft", "trl")
 
@@ -119,7 +119,7 @@ def test_docker_compose_config_accepts_it(tmp_path):
         assert proc.returncode == 0, proc.stderr
     services = subprocess.run([exe, "--profile", "postgres", "config", "--services"], cwd=tmp_path,
                               capture_output=True, text=True, env=env, timeout=60).stdout.split()
-    assert set(services) == {"redis", "worker", "telegram", "discord", "feedback", "scheduler", "postgres"}
+    assert set(services) == {"redis", "worker", "telegram", "discord", "feedback", "api", "scheduler", "postgres"}
 
 
 # ---------------------------------------------------------------- commands and settings are real
@@ -150,10 +150,10 @@ def test_the_command_walker_checks_a_real_typer_tree():
 
 
 def test_every_service_runs_a_compose_command(compose):
-    assert set(_convo_services(compose)) == {"worker", "telegram", "discord", "feedback", "scheduler"}
+    assert set(_convo_services(compose)) == {"worker", "telegram", "discord", "feedback", "api", "scheduler"}
 
 
-@pytest.mark.parametrize("service", ["worker", "telegram", "discord", "feedback", "scheduler"])
+@pytest.mark.parametrize("service", ["worker", "telegram", "discord", "feedback", "api", "scheduler"])
 def test_service_command_exists_in_the_cli(compose, service):
     from convo.cli import app
 
@@ -215,6 +215,9 @@ def test_services_get_what_they_need(compose):
         assert s[name]["build"]["dockerfile"] == "docker/ml.Dockerfile", name
     assert s["scheduler"]["deploy"]["resources"]["reservations"]["devices"]
     assert s["postgres"]["profiles"] == ["postgres"] and "profiles" not in s["feedback"]
+    api = s["api"]  # the OpenAI-compatible API: loopback on the host by default, personas read-only, healthcheck
+    assert api["ports"][0].startswith("${API_PUBLISH:-127.0.0.1:") and "/healthz" in " ".join(api["healthcheck"]["test"])
+    assert "adapters:/data/adapters:ro" in api["volumes"] and api["command"][:3] == ["convo", "serve", "api"]
 
 
 def test_no_secret_is_written_in_the_compose_file(compose):
