@@ -591,8 +591,15 @@ async def feedback_route(request: Request) -> Response:
     if body.kind == "edited" and not (body.text or "").strip():
         raise bad_field("text", "an edited event carries the text the owner actually sent")
     core = service.core
-    if body.kind in ("sent", "edited"):
-        await service._redis(core.set_status(draft, body.kind))
+    if body.kind in ("sent", "edited"):  # atomic: of two clients marking one completion, one wins
+        try:
+            marked = await service._redis(core.transition(draft.id, ("open",), status=body.kind))
+        except DraftExpired as e:
+            raise ApiError(404, f"no completion {body.id!r} to rate: it expired (bot.draft_ttl_hours)", param="id",
+                           code="completion_not_found") from e
+        if marked is None:
+            raise ApiError(409, f"completion {body.id!r} is already marked sent or edited", param="id",
+                           code="already_marked")
     event = await service._redis(core.feedback(draft, body.kind, body.choice,
                                                final_text=body.text if body.kind == "edited" else None))
     service.metrics.feedback.labels(body.kind).inc()

@@ -344,6 +344,8 @@ def test_feedback_endpoint_publishes_the_event_the_bots_publish(stack):
     for body in ({"id": reply.id, "kind": "liked"}, {"id": reply.id, "kind": "edited", "text": "on my way!!"}):
         answer = httpx.post(url, headers=auth, json=body)
         assert answer.status_code == 200, answer.text
+    again = httpx.post(url, headers=auth, json={"id": reply.id, "kind": "sent"})
+    assert again.status_code == 409 and again.json()["error"]["code"] == "already_marked"  # one final label
     draft_id = reply.id.removeprefix("chatcmpl-")
     events = [FeedbackEvent.loads(entry_data(f)) for _, f in r.xrange(keys.feedback)]
     mine = [e for e in events if e.draft_id == draft_id]
