@@ -18,7 +18,6 @@ import json
 import math
 import shutil
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -163,13 +162,12 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
     import datasets
     import torch
     import transformers
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+    from transformers import set_seed
     from trl import DPOConfig, DPOTrainer
 
     from inference.adapter_meta import check_compatible, read_adapter_meta, write_adapter_meta
     from inference.engine import Engine
-    from training.train import read_dataset, spread
+    from training.train import load_trainable_adapter, read_dataset, spread
 
     meta = read_adapter_meta(adapter_dir)
     check_compatible(meta, opts.base)
@@ -183,16 +181,7 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
     transformers.logging.set_verbosity_error()
     set_seed(opts.seed)
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32)
-    if cuda:
-        model.to("cuda")
-    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    model, tokenizer, bf16 = load_trainable_adapter(base, adapter_dir)
     engine = Engine(model, tokenizer, meta)
 
     # 1. Pairs: the adapter's own samples against what the person wrote.
