@@ -179,6 +179,7 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights": the status lines say enough
     set_seed(opts.seed)
     cuda = torch.cuda.is_available()
     model, tokenizer, bf16 = load_trainable_adapter(base, adapter_dir)
@@ -207,6 +208,8 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
         lr_scheduler_type="constant",
         max_steps=steps,
         beta=opts.beta,
+        # The reference (the SFT adapter) is fixed: score it once before training instead of in every step.
+        precompute_ref_log_probs=True,
         max_length=None,  # truncated above, keeping the end of the prompt
         save_strategy="no",
         report_to="none",
