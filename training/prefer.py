@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -233,8 +234,18 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
 
     trainer.remove_callback(PrinterCallback)
     t0 = time.monotonic()
-    with console.status(f"DPO on {len(pairs)} pairs, {steps} steps"):
-        trainer.train()
+    quiet = {"TQDM_DISABLE": "1"}  # TRL's bar while it scores the reference; the status line says it
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
+    try:
+        with console.status(f"DPO on {len(pairs)} pairs, {steps} steps"):
+            trainer.train()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     train_seconds = time.monotonic() - t0
     model = trainer.model
     if "ref" in model.peft_config:
