@@ -265,7 +265,7 @@ def draw_loss(ax, series: dict[str, list[tuple[float, float]]]) -> None:
         steps = [p[0] for p in train]
         ax.plot(steps, [p[1] for p in train], color="#4c78a8", alpha=0.3, linewidth=1, label="train (each log)")
         if len(train) >= 4:
-            smooth = ema(train, span=max(4.0, len(train) / 5))
+            smooth = ema(train, span=max(8.0, len(train) / 5))
             ax.plot(steps, [p[1] for p in smooth], color="#4c78a8", linewidth=2, label="train (moving average)")
     val = sorted(series.get("validation", []))
     if val:
