@@ -207,7 +207,7 @@ def sample_candidates(
     generate_fn: GenerateFn,
     score_fn: ScoreFn | None = None,
     *,
-    rerank_k: int = 0,
+    rerank_k: int | Sequence[int] = 0,
     max_resample_rounds: int = 2,
 ) -> list[Outcome]:
     """Clean, distinct (and with `rerank_k` reranked) candidates for every item: n each when the model allows.
@@ -215,11 +215,14 @@ def sample_candidates(
     Round 0 draws K = max(n, rerank_k) per item; each later round (at most `max_resample_rounds`) draws, for the
     items still short of n good candidates, as many as are missing (at least 2). Items are passed to
     `generate_fn` as given; `score_fn` is called once, on every good candidate of the items reranked.
+    `rerank_k` may be given per item (0: that item is not reranked).
     """
-    rerank = rerank_k > 0 and score_fn is not None
+    ks = [rerank_k] * len(items) if isinstance(rerank_k, int) else list(rerank_k)
+    if score_fn is None:
+        ks = [0] * len(items)
     pools = [_Pool(item, target, n) for item, target, n in zip(items, targets, ns, strict=True)]
     outcomes = [Outcome([]) for _ in pools]
-    want = [max(p.n, rerank_k) if rerank else p.n for p in pools]
+    want = [max(p.n, k) for p, k in zip(pools, ks, strict=True)]
     todo = list(range(len(pools)))
     for round_ in range(max_resample_rounds + 1):
         if not todo:
@@ -237,10 +240,11 @@ def sample_candidates(
                 out.rejected += not messages
                 pool.add(messages)
         todo = [i for i in todo if len(pools[i].good) < pools[i].n]
-    if rerank:
-        pairs = [(p.item, completion_text(c, p.target)) for p in pools for c in p.good]
+    if any(ks):
+        reranked = [(p, out) for p, out, k in zip(pools, outcomes, ks, strict=True) if k > 0]
+        pairs = [(p.item, completion_text(c, p.target)) for p, _ in reranked for c in p.good]
         scores = iter(score_fn(pairs) if pairs else [])
-        for p, out in zip(pools, outcomes, strict=True):
+        for p, out in reranked:
             ranked = sorted(((next(scores), k) for k in range(len(p.good))), key=lambda sk: (-sk[0], sk[1]))
             out.scored = len(ranked)
             p.good = [p.good[k] for _, k in ranked]

@@ -224,37 +224,54 @@ class Engine:
         Tokenized exactly as training does (`tokenize_pair`); prompt tokens never carry loss. With `max_length`,
         the oldest tokens are dropped first (training's keep_end truncation).
         """
-        results: list[tuple[float, int]] = []
-        pad = self.tokenizer.pad_token_id
+        encoded = [tokenize_pair(self.tokenizer, p, c) for p, c in pairs]
+        if max_length is not None:
+            encoded = [(ids[-max_length:], mask[-max_length:]) for ids, mask in encoded]
         was_training = self.model.training
         self.model.eval()
         try:
-            for i in range(0, len(pairs), batch_size):
-                encoded = [tokenize_pair(self.tokenizer, p, c) for p, c in pairs[i : i + batch_size]]
-                if max_length is not None:
-                    encoded = [(ids[-max_length:], mask[-max_length:]) for ids, mask in encoded]
-                width = max(len(ids) for ids, _ in encoded)
-                ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-                attn = torch.zeros((len(encoded), width), dtype=torch.long)
-                loss_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
-                for row, (seq, mask) in enumerate(encoded):
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    attn[row, : len(seq)] = 1
-                    loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
-                ids, attn, loss_mask = ids.to(self.device), attn.to(self.device), loss_mask.to(self.device)
-                with torch.no_grad():
-                    logits = self.model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
-                # Token t is predicted from position t-1.
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                target_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-                m = loss_mask[:, 1:]
-                nll = -(target_logp * m).sum(dim=1)
-                counts = m.sum(dim=1)
-                results += [(float(a), int(b)) for a, b in zip(nll.tolist(), counts.tolist(), strict=True)]
+            results: list[tuple[float, int]] = []
+            for i in range(0, len(encoded), batch_size):
+                chunk = completion_logprobs(self.model, self.tokenizer.pad_token_id, encoded[i : i + batch_size],
+                                            self.device)
+                results += [(-lp, count) for lp, count in chunk]
         finally:
             if was_training:
                 self.model.train()
         return results
+
+    def score(self, pairs: Sequence[tuple[str, str]], batch_size: int = 8) -> list[tuple[float, float, int]]:
+        """Per (prompt, completion): log-prob of the completion under the adapter, under the bare base, tokens."""
+        with_adapter = self.completion_nll(pairs, batch_size=batch_size)
+        with self.adapter_disabled():
+            bare = self.completion_nll(pairs, batch_size=batch_size)
+        return [(-a, -b, n) for (a, n), (b, _) in zip(with_adapter, bare, strict=True)]
+
+
+def completion_logprobs(model, pad_id: int, encoded: Sequence[tuple[list[int], list[int]]], device,
+                        **forward_kwargs) -> list[tuple[float, int]]:
+    """One forward pass over (input_ids, completion_mask) rows: (summed log-prob of the masked tokens, their count).
+
+    Rows are right-padded; `forward_kwargs` go to the model (e.g. PEFT's per-row `adapter_names`).
+    """
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for row, (seq, mask) in enumerate(encoded):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attn[row, : len(seq)] = 1
+        loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
+    ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, **forward_kwargs).logits.float()  # (B, T, V)
+    # Token t is predicted from position t-1.
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    m = loss_mask[:, 1:]
+    sums = (target_logp * m).sum(dim=1)
+    counts = m.sum(dim=1)
+    return [(float(a), int(b)) for a, b in zip(sums.tolist(), counts.tolist(), strict=True)]
 
 
 def qlora_config(compute_dtype: torch.dtype = torch.bfloat16, flag: str = "--qlora"):
