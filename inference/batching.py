@@ -210,7 +210,7 @@ class CandidateBackend:
         """Clean, distinct candidates for every item (see the class docstring)."""
         from dataclasses import replace
 
-        from inference.candidates import rerank_score, sample_candidates
+        from inference.candidates import greedy_split, rerank_score, sample_candidates
 
         tokens = [0] * len(items)
         calls = 0
@@ -224,12 +224,12 @@ class CandidateBackend:
                 if item.request.temperature > 0:
                     parts = [replace(item, samples=k)]
                 else:  # greedy: the greedy row once (round 0), sampled rows for the rest
+                    greedy, sampled = greedy_split(k, calls == 0)
                     warm = item.request.model_copy(update={"temperature": self.resample_temperature,
                                                            "stream": False})
-                    first = 1 if calls == 0 else 0
-                    parts = [replace(item, samples=1)] if first else []
-                    if k - first > 0:
-                        parts.append(replace(item, request=warm, samples=k - first))
+                    parts = [replace(item, samples=greedy)] if greedy else []
+                    if sampled:
+                        parts.append(replace(item, request=warm, samples=sampled))
                 batch += parts
                 owner += [i] * len(parts)
             results = self.inner.generate(batch, on_partial if calls == 0 else None)

@@ -253,6 +253,15 @@ def sample_candidates(
     return outcomes
 
 
+def greedy_split(samples: int, first_round: bool) -> tuple[int, int]:
+    """(greedy rows, sampled rows) for a greedy request: one greedy row in the first round, the rest sampled.
+
+    n greedy rows are n copies of one text, so the extra and re-drawn samples use a resample temperature.
+    """
+    greedy = 1 if first_round and samples > 0 else 0
+    return greedy, samples - greedy
+
+
 def rerank_score(lp_adapter: float, lp_base: float, tokens: int) -> float:
     """The rerank score of a completion: its log-likelihood ratio adapter/base per token (0 for no tokens)."""
     return (lp_adapter - lp_base) / tokens if tokens else 0.0

@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from convo.errors import ConfigError, ConvoError, TrainError
 from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
+from inference.candidates import Outcome
 from inference.completion import cut_completion
 from inference.prompt_format import (
     Turn,
@@ -31,6 +32,7 @@ from inference.prompt_format import (
     split_completion,
     trim_burst,
 )
+from inference.repetition import BurstRepetition
 
 trim_completion = trim_burst  # the name simulate and eval know
 
@@ -165,10 +167,13 @@ class Engine:
         top_p: float = 0.95,
         max_new_tokens: int = 64,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
     ) -> list[str]:
         """`n` sampled completions of `prompt` (which ends with `[TARGET]`), each trimmed before the line that ends the burst.
 
         A completion reads like the training targets without their final tag: " msg1\\n[TARGET] msg2".
+        Repetition control (inference.repetition) counts the generated burst only.
         """
         check_tag(target_tag)
         prompt_ids = encode(self.tokenizer, prompt)
@@ -185,6 +190,11 @@ class Engine:
         )
         if sampling:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        repetition = BurstRepetition(self.tokenizer, prompt_len, repetition_penalty, no_repeat_ngram_size)
+        if repetition.active():
+            from transformers import LogitsProcessorList
+
+            gen_kwargs["logits_processor"] = LogitsProcessorList([repetition])
         was_training = self.model.training
         self.model.eval()
         devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
@@ -215,6 +225,38 @@ class Engine:
             prompt, target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )
         return [split_completion(text, target_tag) for text in raw]
+
+    def sample(self, prompt: str, target_tag: str, opts: SimulateOptions) -> Outcome:
+        """Clean, distinct candidates for one prompt through inference.candidates (re-sampling, rerank by `opts`).
+
+        Rerank (the adapter's per-token likelihood ratio to the base) needs an adapter and a sampling temperature;
+        a greedy request keeps its greedy completion first and draws the rest at `opts.resample_temperature`.
+        """
+        from inference.candidates import greedy_split, rerank_score, sample_candidates
+
+        calls = 0
+
+        def generate_fn(items: list, samples: list[int]) -> list[list[str]]:
+            nonlocal calls
+            [k] = samples
+            seed = None if opts.seed is None else opts.seed + 7919 * calls
+            common = dict(top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
+                          repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size)
+            greedy, sampled = greedy_split(k, calls == 0) if opts.temperature <= 0 else (0, k)
+            texts = self.generate_raw(prompt, target_tag, n=1, temperature=0, **common) if greedy else []
+            if sampled:
+                temperature = opts.temperature if opts.temperature > 0 else opts.resample_temperature
+                texts += self.generate_raw(prompt, target_tag, n=sampled, temperature=temperature, seed=seed, **common)
+            calls += 1
+            return [texts]
+
+        def score_fn(pairs: list[tuple[int, str]]) -> list[float]:
+            return [rerank_score(*s) for s in self.score([(prompt, text) for _, text in pairs])]
+
+        rerank = opts.rerank_k if opts.temperature > 0 and hasattr(self.model, "disable_adapter") else 0
+        [outcome] = sample_candidates([0], [target_tag], [opts.n], generate_fn, score_fn, rerank_k=rerank,
+                                      max_resample_rounds=opts.max_resample_rounds)
+        return outcome
 
     def completion_nll(
         self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int | None = None
@@ -320,13 +362,26 @@ def qlora_device_map(device: str) -> dict:
 
 @dataclass(frozen=True, slots=True)
 class SimulateOptions:
-    """Sampling settings for simulate (defaults come from config.settings.GenerateSettings)."""
+    """Sampling and candidate settings for simulate and eval (`from_settings`: config.settings.GenerateSettings)."""
 
     n: int = 3
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 64
     seed: int | None = None
+    rerank_k: int = 0
+    max_resample_rounds: int = 2
+    resample_temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    @classmethod
+    def from_settings(cls, g, **overrides) -> SimulateOptions:
+        """Options from a GenerateSettings `g`, with the given non-None overrides on top."""
+        names = [f for f in cls.__dataclass_fields__ if f != "seed"]
+        values = {name: getattr(g, name) for name in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def parse_conversation(text: str, default_tag: str) -> list[Turn]:
@@ -362,9 +417,5 @@ def resolve_target(meta: AdapterMeta | None, as_tag: str | None) -> tuple[str, s
 
 
 def simulate(engine: Engine, turns: Sequence[Turn], target: str, opts: SimulateOptions) -> list[list[str]]:
-    """Candidates for `target`'s next burst after `turns` (each a list of messages)."""
-    prompt = render_prompt(turns, target)
-    return engine.generate(
-        prompt, target, n=opts.n, temperature=opts.temperature, top_p=opts.top_p,
-        max_new_tokens=opts.max_new_tokens, seed=opts.seed,
-    )
+    """Candidates for `target`'s next burst after `turns` (each a list of messages), after inference.candidates."""
+    return engine.sample(render_prompt(turns, target), target, opts).candidates

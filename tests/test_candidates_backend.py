@@ -159,3 +159,22 @@ def test_worker_serves_cleaned_candidates(redis_url):
         [response] = ask_many(redis_url, requests)
     assert response.ok
     assert response.candidates == [["I'm free tomorrow."], ["sure"], ["lol yes"]]
+
+
+def test_simulate_serves_clean_distinct_reranked_candidates(tiny_base, adapters_dir):
+    from inference.engine import Engine, SimulateOptions, parse_conversation, simulate
+
+    engine = Engine.load(base=str(tiny_base), adapter=adapters_dir / "alice" / "v1", device="cpu")
+    turns = parse_conversation("[RIYA] hey are we still going tonight?", "RIYA")
+    opts = SimulateOptions(n=3, temperature=1.0, max_new_tokens=12, seed=3, rerank_k=6, max_resample_rounds=2)
+    candidates = simulate(engine, turns, "ALICE", opts)
+    assert len(candidates) == 3
+    _assert_clean(candidates, "ALICE")
+    outcome = engine.sample("[RIYA] hey are we still going tonight?\n[ALICE]", "ALICE", opts)
+    assert outcome.candidates == candidates and outcome.samples >= 6 and outcome.scored >= 3  # seeded: same draw
+    greedy = simulate(engine, turns, "ALICE", SimulateOptions(n=2, temperature=0, max_new_tokens=12, seed=3))
+    from inference.candidates import clean
+
+    raw = engine.generate_raw("[RIYA] hey are we still going tonight?\n[ALICE]", "ALICE", n=1, temperature=0,
+                              max_new_tokens=12)[0]
+    assert len(greedy) == 2 and (greedy[0] == clean(raw, "ALICE") or not clean(raw, "ALICE"))
