@@ -18,6 +18,7 @@ A greedy pass (n=1, temperature 0, the issue's `convo ask --n 1 --temperature 0`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
@@ -74,6 +75,8 @@ def run_setting(engine, prompts: list[str], target: str, base_opts, label: str) 
         clean.append(plain.candidates)
         stats["clean_samples"] += plain.samples
         stats["short"] += len(plain.candidates) < opts.n
+        if base_opts.rerank_k <= 0:
+            continue
         t0 = time.perf_counter()
         best = engine.sample(prompt, target, dataclasses.replace(opts, rerank_k=base_opts.rerank_k))
         stats["rerank_s"] += time.perf_counter() - t0
@@ -85,7 +88,7 @@ def run_setting(engine, prompts: list[str], target: str, base_opts, label: str) 
         "setting": label,
         "raw": rates(raw, target),
         "clean": rates(clean, target),
-        "rerank": rates(rerank, target),
+        "rerank": rates(rerank, target) if rerank else None,
         "samples_per_prompt": {"clean": stats["clean_samples"] / n, "rerank": stats["rerank_samples"] / n},
         "short_prompts": stats["short"],
         "rerank_forward_rows_per_prompt": 2 * stats["scored"] / n,
@@ -112,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--settings", default="1.0:0,1.2:0,1.0:3",
                     help="PENALTY:NGRAM pairs to compare (repetition penalty, no-repeat n-gram size; 1.0:0 = off)")
+    ap.add_argument("--bare-base", action="store_true", help="adapter off (the base's own voice); no rerank")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args(argv)
@@ -126,8 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = Engine.load(base=args.base, adapter=args.adapter, device="cpu")
     target = engine.meta.persona.tag
     prompts = [render_prompt([Turn(args.other, text)], target) for text in PROMPTS[: args.prompts]]
-    base_opts = SimulateOptions.from_settings(GenerateSettings(), n=args.n, rerank_k=args.rerank_k,
-                                              max_new_tokens=args.max_new_tokens)
+    base_opts = SimulateOptions.from_settings(GenerateSettings(), n=args.n, max_new_tokens=args.max_new_tokens,
+                                              rerank_k=0 if args.bare_base else args.rerank_k)
+    stack = contextlib.ExitStack()
+    if args.bare_base:
+        stack.enter_context(engine.adapter_disabled())  # for the whole run
     t_all = time.perf_counter()
     results = []
     for pair in args.settings.split(","):
@@ -142,8 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         out = engine.sample(prompt, target, dataclasses.replace(greedy, rerank_k=0))
         raw.append([_as_messages(out.raw[0], target)])
         served.append(out.candidates)
-    greedy_result = {"raw": rates(raw, target), "clean": rates(served, target)}
-    print(f"greedy n=1 (defaults): raw {fmt(greedy_result['raw'])} | clean {fmt(greedy_result['clean'])}")
+    greedy_result = {"raw": rates(raw, target), "clean": rates(served, target),
+                     "prompts_without_candidate": sum(not c for c in served)}
+    print(f"greedy n=1 (defaults): raw {fmt(greedy_result['raw'])} | clean {fmt(greedy_result['clean'])}; "
+          f"prompts left without a candidate: {greedy_result['prompts_without_candidate']}")
     print(f"{len(prompts)} prompts, n={args.n}, rerank_k={args.rerank_k}, max_new_tokens={args.max_new_tokens}, "
           f"{time.perf_counter() - t_all:.0f} s in all")
     if args.json:
@@ -160,12 +169,15 @@ def print_setting(r: dict, flush: bool = False) -> None:
     """One setting's rows: raw / clean / rerank rates and the costs."""
     print(f"== {r['setting']}")
     for stage in ("raw", "clean", "rerank"):
-        print(f"  {stage:7} {fmt(r[stage])}")
+        if r[stage] is not None:
+            print(f"  {stage:7} {fmt(r[stage])}")
     spp = r["samples_per_prompt"]
-    print(f"  samples/prompt clean {spp['clean']:.1f} rerank {spp['rerank']:.1f}; prompts short of n: "
-          f"{r['short_prompts']}; rerank: {r['rerank_forward_rows_per_prompt']:.1f} scored rows/prompt, wall "
-          f"{r['rerank_wall_ratio']:.2f}x clean ({r['seconds']['clean']:.0f} s vs {r['seconds']['rerank']:.0f} s)",
-          flush=flush)
+    line = f"  samples/prompt clean {spp['clean']:.1f}; prompts short of n: {r['short_prompts']}"
+    if r["rerank"] is not None:
+        line += (f"; rerank: {spp['rerank']:.1f} samples/prompt, {r['rerank_forward_rows_per_prompt']:.1f} scored "
+                 f"rows/prompt, wall {r['rerank_wall_ratio']:.2f}x clean ({r['seconds']['clean']:.0f} s vs "
+                 f"{r['seconds']['rerank']:.0f} s)")
+    print(line, flush=flush)
 
 
 if __name__ == "__main__":
