@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--settings", default="1.0:0,1.2:0,1.0:3",
                     help="PENALTY:NGRAM pairs to compare (repetition penalty, no-repeat n-gram size; 1.0:0 = off)")
+    ap.add_argument("--greedy-settings", default="1.0:0",
+                    help="PENALTY:NGRAM pairs for the greedy pass (n=1, temperature 0; empty: skip it)")
     ap.add_argument("--bare-base", action="store_true", help="adapter off (the base's own voice); no rerank")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the figures here")
@@ -137,26 +139,32 @@ def main(argv: list[str] | None = None) -> int:
         stack.enter_context(engine.adapter_disabled())  # for the whole run
     t_all = time.perf_counter()
     results = []
-    for pair in args.settings.split(","):
+    for pair in filter(None, args.settings.split(",")):
         penalty, ngram = float(pair.split(":")[0]), int(pair.split(":")[1])
         opts = dataclasses.replace(base_opts, repetition_penalty=penalty, no_repeat_ngram_size=ngram)
         label = f"penalty {penalty:g}, no-repeat {ngram}"
         results.append(run_setting(engine, prompts, target, opts, label))
         print_setting(results[-1], flush=True)
-    greedy = dataclasses.replace(base_opts, n=1, temperature=0.0)
-    raw, served = [], []
-    for prompt in prompts:
-        out = engine.sample(prompt, target, dataclasses.replace(greedy, rerank_k=0))
-        raw.append([_as_messages(out.raw[0], target)])
-        served.append(out.candidates)
-    greedy_result = {"raw": rates(raw, target), "clean": rates(served, target),
-                     "prompts_without_candidate": sum(not c for c in served)}
-    print(f"greedy n=1 (defaults): raw {fmt(greedy_result['raw'])} | clean {fmt(greedy_result['clean'])}; "
-          f"prompts left without a candidate: {greedy_result['prompts_without_candidate']}")
+    greedy_results = []
+    for pair in filter(None, args.greedy_settings.split(",")):
+        penalty, ngram = float(pair.split(":")[0]), int(pair.split(":")[1])
+        greedy = dataclasses.replace(base_opts, n=1, temperature=0.0, rerank_k=0, repetition_penalty=penalty,
+                                     no_repeat_ngram_size=ngram)
+        raw, served = [], []
+        for prompt in prompts:
+            out = engine.sample(prompt, target, greedy)
+            raw.append([_as_messages(out.raw[0], target)])
+            served.append(out.candidates)
+        greedy_results.append({"setting": f"penalty {penalty:g}, no-repeat {ngram}", "raw": rates(raw, target),
+                               "clean": rates(served, target),
+                               "prompts_without_candidate": sum(not c for c in served)})
+        r = greedy_results[-1]
+        print(f"greedy n=1, {r['setting']}: raw {fmt(r['raw'])} | clean {fmt(r['clean'])}; "
+              f"prompts left without a candidate: {r['prompts_without_candidate']}", flush=True)
     print(f"{len(prompts)} prompts, n={args.n}, rerank_k={args.rerank_k}, max_new_tokens={args.max_new_tokens}, "
           f"{time.perf_counter() - t_all:.0f} s in all")
     if args.json:
-        args.json.write_text(json.dumps({"settings": results, "greedy": greedy_result}, indent=2, ensure_ascii=False))
+        args.json.write_text(json.dumps({"settings": results, "greedy": greedy_results}, indent=2, ensure_ascii=False))
     return 0
 
 

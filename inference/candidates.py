@@ -5,7 +5,8 @@ A raw completion is what the model wrote after `[TARGET]`, trimmed at the end of
 
 * its messages (prompt_format.split_completion), with a leading `[TARGET]` the model repeated removed and each
   message cut at the first `[TAG]` marker inside it (the model starting someone's turn mid-line) or at a
-  half-written tag the token limit cut off; a message left empty, or that was only a tag, is dropped;
+  half-written tag the token limit cut off; a message left empty, or that was only a tag (in any case:
+  "[jordan]"), is dropped;
 * a message that loops (a word 3-gram three times: "I'm so tired too I'm so tired too ...") is cut before the
   loop's second round; a message the burst already holds (same normalised text) is dropped;
 * nothing left: the sample is rejected. A sample in the voice of an assistant ("How can I assist you?", "as an
@@ -42,6 +43,7 @@ FLAWS = ("empty", "tag", "repeat", "loop", "assistant")  # what a raw sample can
 
 _TAG_MARK_RE = re.compile(r"\[[A-Z0-9_]+\]")
 _HALF_TAG_RE = re.compile(r"\s*\[[A-Z0-9_]*\Z")  # "see you [RI" cut by the token limit
+_BARE_TAG_RE = re.compile(r"\[[A-Za-z0-9_]+\]")  # a message that is only a tag, in any case ("[jordan]")
 _WORD_RE = re.compile(r"\w+", re.UNICODE)
 _NORM_RE = re.compile(r"[\W_]+", re.UNICODE)
 
@@ -114,7 +116,8 @@ def _cut_tags(message: str, target: str) -> str:
     mark = _TAG_MARK_RE.search(text)
     if mark is not None:
         text = text[: mark.start()]
-    return _HALF_TAG_RE.sub("", text).strip()
+    text = _HALF_TAG_RE.sub("", text).strip()
+    return "" if _BARE_TAG_RE.fullmatch(text) else text
 
 
 def flaws(raw: str, target: str) -> frozenset[str]:
@@ -123,7 +126,7 @@ def flaws(raw: str, target: str) -> frozenset[str]:
     found: set[str] = set()
     if not messages:
         found.add("empty")
-    if any(_TAG_MARK_RE.search(m) or _HALF_TAG_RE.search(m) for m in messages):
+    if any(_TAG_MARK_RE.search(m) or _HALF_TAG_RE.search(m) or _BARE_TAG_RE.fullmatch(m) for m in messages):
         found.add("tag")
     if len({normalise(m) for m in messages}) < len(messages):
         found.add("repeat")

@@ -21,6 +21,7 @@ from inference.candidates import (
     ("", []),  # the model ended the turn at once
     (" ", []),
     (" [ALICE]", []),  # a bare speaker tag
+    (" [jordan]", []),  # the base writes tags in lower case too
     (" [ALICE] ok then", ["ok then"]),  # the model repeated its own tag
     (" sure [RIYA] cool", ["sure"]),  # someone else's turn started mid-line
     (" [RIYA] what", []),
@@ -41,6 +42,7 @@ def test_flaws_name_what_was_wrong_before_cleaning():
     assert flaws(" hi", "A") == frozenset()
     assert flaws("", "A") == {"empty"}
     assert flaws(" [A]", "A") == {"tag"}
+    assert flaws(" [jordan]", "A") == {"tag"}
     assert flaws(" a b\n[A] a b", "A") == {"repeat"}
     assert flaws(" go go go go go go go", "A") == {"loop"}
     assert flaws(" How can I assist you today?", "A") == {"assistant"}
