@@ -78,7 +78,7 @@ class GenerateSettings(BaseModel):
     max_resample_rounds: int = Field(2, ge=0, le=8)  # extra draws for requests short of n clean, distinct candidates
     resample_temperature: float = Field(0.8, gt=0)  # a greedy request's extra and re-drawn samples use this
     repetition_penalty: float = Field(1.0, ge=1.0)  # on tokens the burst already holds (prompt and tags exempt)
-    no_repeat_ngram_size: int = Field(0, ge=0)  # ban repeating an n-gram of the burst (prompt and tags exempt; 0: off)
+    no_repeat_ngram_size: int = Field(3, ge=0)  # ban repeating an n-gram of the burst (prompt and tags exempt; 0: off)
 
 
 class EvalSettings(BaseModel):
