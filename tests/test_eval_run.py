@@ -204,3 +204,25 @@ def test_api_method_against_local_stand_in(adapter, stand_in, tmp_path, monkeypa
 def test_api_reply_parsing():
     assert api.parse_reply("sure thing\n[ALICE] ok\n\n[BOB] hi\n[ALICE] no", "ALICE") == ["sure thing", "ok"]
     assert api.parse_reply("", "ALICE") == []
+
+
+def test_eval_adapter_rerank_method_and_candidate_columns(adapter, tmp_path, capsys):
+    """adapter+rerank draws --rerank-k samples and scores them; every method reports assistant voice and raw flaws."""
+    out = tmp_path / "rr"
+    code = run(["eval", "--adapter", str(adapter), "--data", str(DATA), "--out", str(out), "--max-prompts", "2",
+                "--n", "2", "--max-new-tokens", "8", "--methods", "adapter,adapter+rerank", "--rerank-k", "4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "adapter+rerank" in captured.out and "asst" in captured.out
+    r = json.loads((out / "metrics.json").read_text())["methods"]
+    assert r["adapter+rerank"]["candidates"]["samples_per_prompt"] >= 4
+    assert r["adapter+rerank"]["candidates"]["scored_per_prompt"] >= 2
+    assert r["adapter"]["candidates"]["scored_per_prompt"] == 0
+    for res in r.values():
+        assert set(res["candidates"]["raw_flaws"]) == {"empty", "tag", "repeat", "loop", "assistant"}
+        assert "assistant" in res["degeneration"] and res["degeneration"]["empty"] == 0.0
+    # same likelihood (rerank changes sampling only)
+    assert r["adapter"]["nll_per_token"] == pytest.approx(r["adapter+rerank"]["nll_per_token"])
+    assert run(["eval", "--adapter", str(adapter), "--data", str(DATA), "--methods", "adapter+rerank",
+                "--rerank-k", "0"]) == 2
+    assert "--rerank-k" in capsys.readouterr().err
