@@ -630,18 +630,20 @@ def _salvage_ids(fields: dict) -> tuple[str | None, str | None]:
 
 def build_worker(settings, redis, *, base: str | None = None, adapters_dir: str | None = None,
                  quantize: str | None = None, name: str | None = None) -> Worker:
-    """Load the base model once and wrap it with the adapter registry, the PEFT backend and the queue loop."""
+    """Load the base model once and wrap it with the decode loop, the adapter registry and the queue loop."""
     from pathlib import Path
 
-    from inference.adapters import AdapterRegistry, load_base, recorded_base
-    from inference.peft_backend import PeftBackend
+    from inference.adapters import AdapterRegistry, recorded_base
+    from inference.decode import load_backend
 
     ws = settings.worker
     adapters = Path(adapters_dir or ws.adapters_dir)
     base = base or ws.base or recorded_base(adapters)
     if base is None:
         raise ConfigError(f"no base model: pass --base DIR|ID (no adapter under {adapters} records one)")
-    model, tokenizer, device = load_base(base, quantize or ws.quantize, ws.device)
-    registry = AdapterRegistry(model, adapters, base, ws.max_loaded_adapters)
-    backend = PeftBackend(registry, tokenizer, device, ws.partial_interval_ms)
+    gs = settings.generate
+    backend = load_backend(base, quantize=quantize or ws.quantize, device=ws.device, max_rows=ws.max_rows,
+                           partial_interval_ms=ws.partial_interval_ms, prefix_cache_mb=ws.prefix_cache_mb,
+                           repetition_penalty=gs.repetition_penalty, no_repeat_ngram_size=gs.no_repeat_ngram_size)
+    registry = AdapterRegistry(backend.bank, adapters, base, ws.max_loaded_adapters)
     return Worker(redis, Keys(settings.redis.prefix), backend, ws, registry=registry, base=str(base), name=name)

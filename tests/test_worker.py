@@ -309,17 +309,16 @@ def adapters_root(tiny_base, tmp_path_factory):
     return root
 
 
-def peft_worker(redis_url, tiny_base, root, **settings):
-    from inference.adapters import AdapterRegistry, load_base
-    from inference.peft_backend import PeftBackend
+def model_worker(redis_url, tiny_base, root, **settings):
+    """A worker on the tiny base with the decode loop and a registry over `root`."""
+    from tests.test_worker_batching import make_backend
 
-    model, tokenizer, device = load_base(tiny_base, "none", "cpu")
-    registry = AdapterRegistry(model, root, tiny_base, max_loaded=settings.pop("max_loaded", 4))
-    backend = PeftBackend(registry, tokenizer, device, partial_interval_ms=0)
-    return make_worker(redis_url, backend, registry=registry, **settings), backend
+    backend = make_backend(tiny_base, root)
+    backend.registry.max_loaded = settings.pop("max_loaded", 4)
+    return make_worker(redis_url, backend, registry=backend.registry, **settings), backend
 
 
-def test_peft_round_trip_mixed_batch_and_errors(redis_url, tiny_base, adapters_root):
+def test_model_round_trip_mixed_batch_and_errors(redis_url, tiny_base, adapters_root):
     from inference.batching import BatchItem, build_prompt
 
     greedy = dict(temperature=0, max_new_tokens=16)
@@ -327,7 +326,7 @@ def test_peft_round_trip_mixed_batch_and_errors(redis_url, tiny_base, adapters_r
                 req("omw", persona="__base__", **greedy), req("omw", persona="carol"), req("omw", persona="dave"),
                 req("omw", persona="bob", mode="self", **greedy)]
     with torch_threads(1):
-        worker, backend = peft_worker(redis_url, tiny_base, adapters_root, max_batch=8, max_wait_ms=500)
+        worker, backend = model_worker(redis_url, tiny_base, adapters_root, max_batch=8, max_wait_ms=500)
         with running(worker):
             responses = ask_many(redis_url, requests)
         alice, bob, base, carol, dave, bob_self = responses
@@ -360,7 +359,7 @@ def test_stream_partials_are_prefixes_of_the_final_text(redis_url, tiny_base, ad
             await r.aclose()
 
     with torch_threads(1):
-        worker, _ = peft_worker(redis_url, tiny_base, adapters_root)
+        worker, _ = model_worker(redis_url, tiny_base, adapters_root)
         with running(worker):
             items = asyncio.run(run())
     partials, final = [i for i in items if isinstance(i, Partial)], items[-1]
@@ -384,7 +383,7 @@ def test_hot_reload_under_load(redis_url, tiny_base, adapters_root, tmp_path, sy
     greedy = dict(persona="alice", temperature=0, max_new_tokens=12)
     keys = Keys("t")
     with torch_threads(1):
-        worker, _ = peft_worker(redis_url, tiny_base, root, max_batch=4)
+        worker, _ = model_worker(redis_url, tiny_base, root, max_batch=4)
         with running(worker):
             before = ask(redis_url, req("omw", **greedy))
             results: list = []
