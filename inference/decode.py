@@ -218,10 +218,7 @@ class DecodeBackend:
     def submit(self, item: BatchItem, on_partial: PartialSink | None = None) -> Future:
         """Queue `item` to join the running batch at the next step; the Future gets its BatchResult."""
         future: Future = Future()
-        with self.bank.lock:
-            slot = self.bank.slot(item.adapter)  # KeyError: adapter not loaded (the worker acquires it first)
-            for _ in range(item.samples):
-                self.bank.hold(slot)
+        slot = self.bank.hold(item.adapter, item.samples)  # KeyError: not loaded (the worker acquires it first)
         job = _Job(item, future, on_partial if item.request.stream else None, slot, held=item.samples)
         with self._cond:
             if self._closed:
@@ -257,8 +254,7 @@ class DecodeBackend:
                     ids[row, : len(seq)] = torch.tensor(seq)
                     attn[row, : len(seq)] = 1
                     keep[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
-            with self.bank.lock:
-                slots = [s for item, _ in chunk for s in (self.bank.slot(item.adapter), BASE_SLOT)]
+            slots = [s for item, _ in chunk for s in (self.bank.slot(item.adapter), BASE_SLOT)]
             with torch.no_grad(), self.bank.rows(slots):
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # token t predicted at t-1

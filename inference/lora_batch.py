@@ -100,7 +100,8 @@ class LoraBank:
     def __init__(self, model, dtype: torch.dtype | None = None):
         self.model = model
         self.dtype = dtype
-        self.lock = threading.RLock()  # held by the decode loop around each forward and here around each change
+        self.lock = threading.RLock()  # held around each forward and around each change of the stacked tensors
+        self._book = threading.Lock()  # slots, in_use, retired, free: quick bookkeeping, never held over a forward
         self.slots: dict[str, int] = {}  # adapter name -> slot
         self.retired: set[int] = set()  # removed, but a running row still uses them
         self.in_use: dict[int, int] = {}  # slot -> running rows
@@ -126,8 +127,12 @@ class LoraBank:
         for module in weights:
             if module not in self._modules or not hasattr(self._modules[module], "in_features"):
                 raise AdapterLoadError(f"{path}: layer {module} is not a linear layer of this base")
+        with self._book:
+            slot = self._free.pop() if self._free else self._capacity
+            self._capacity = max(self._capacity, slot + 1)
         with self.lock:
-            slot = self._free.pop() if self._free else self._next_slot()
+            for stack in self._stacks.values():
+                stack.grow(self._capacity, 1)
             for module, (a, b) in weights.items():
                 rank = a.shape[0]
                 scaling = alpha / (math.sqrt(rank) if rslora else rank)
@@ -140,47 +145,46 @@ class LoraBank:
                 if module not in weights:
                     stack.a[slot].zero_()
                     stack.b[slot].zero_()
+        with self._book:
             self.slots[name] = slot
         return slot
 
     def remove(self, name: str) -> None:
         """Drop an adapter; its slot is reused once no running row uses it."""
-        with self.lock:
+        with self._book:
             slot = self.slots.pop(name, None)
             if slot is None:
                 return
-            for listener in self.on_remove:
-                listener(name)
             if self.in_use.get(slot):
                 self.retired.add(slot)
             else:
                 self._free.append(slot)
+        for listener in self.on_remove:
+            listener(name)
 
     def slot(self, name: str) -> int:
         """The slot of adapter `name` (BASE_SLOT for the bare base); KeyError if not loaded."""
         from inference.batching import BASE_ADAPTER
 
-        return BASE_SLOT if name == BASE_ADAPTER else self.slots[name]
+        with self._book:
+            return BASE_SLOT if name == BASE_ADAPTER else self.slots[name]
 
-    def hold(self, slot: int) -> None:
-        """A running row starts using `slot`."""
-        with self.lock:
-            self.in_use[slot] = self.in_use.get(slot, 0) + 1
+    def hold(self, name: str, rows: int) -> int:
+        """`rows` new rows will use adapter `name`: its slot, kept until they release it; KeyError if not loaded."""
+        from inference.batching import BASE_ADAPTER
+
+        with self._book:
+            slot = BASE_SLOT if name == BASE_ADAPTER else self.slots[name]
+            self.in_use[slot] = self.in_use.get(slot, 0) + rows
+            return slot
 
     def release(self, slot: int) -> None:
         """A running row stopped using `slot`; a retired slot with no rows left becomes free."""
-        with self.lock:
+        with self._book:
             self.in_use[slot] -= 1
             if not self.in_use[slot] and slot in self.retired:
                 self.retired.discard(slot)
                 self._free.append(slot)
-
-    def _next_slot(self) -> int:
-        slot = self._capacity
-        self._capacity += 1
-        for stack in self._stacks.values():
-            stack.grow(self._capacity, 1)
-        return slot
 
     def _stack(self, module: str, rank: int) -> _Stack:
         stack = self._stacks.get(module)

@@ -334,7 +334,7 @@ def test_model_round_trip_mixed_batch_and_errors(redis_url, tiny_base, adapters_
         assert bob.adapter.version is None
         assert carol.error.code == "unknown_persona" and "different base" in carol.error.message
         assert dave.error.code == "unknown_persona"
-        assert alice.generate_ms == bob.generate_ms == base.generate_ms  # one batch
+        assert worker.metrics.batch_size._sum.get() == 4  # the four servable requests were read and submitted together
         # Each row got its own adapter's output, equal to the request run alone.
         for request, response in ((requests[0], alice), (requests[1], bob), (requests[5], bob_self)):
             loaded = worker.registry.current[request.persona]
@@ -424,3 +424,40 @@ def test_metrics_port_in_use_is_one_clear_error(redis_url):
         worker.settings = worker.settings.model_copy(update={"metrics_port": sock.getsockname()[1]})
         with pytest.raises(ConfigError, match="pick another with --metrics-port"):
             asyncio.run(worker.main())
+
+
+def test_short_request_is_not_held_behind_long_ones(redis_url, tiny_base, adapters_root, sync_redis):
+    """Continuous batching through the real worker loop: a short request arriving mid-generation is answered first."""
+    from inference.worker import read_status
+
+    keys = Keys("t")
+    long_requests = [req(f"long {i}", persona=p, temperature=0, max_new_tokens=200)
+                     for i, p in enumerate(("alice", "bob", "__base__"))]
+    with torch_threads(1):
+        worker, backend = model_worker(redis_url, tiny_base, adapters_root, max_batch=8)
+        backend.newline_ids, backend.eos_ids = frozenset(), frozenset()  # no stops: long rows run 200 tokens
+        with running(worker):
+            longs: list = []
+            thread = threading.Thread(target=lambda: longs.extend(ask_many(redis_url, long_requests, timeout_s=120)))
+            thread.start()
+            wait_until(lambda: backend.stats()["rows_active"] == 3, what="three long rows generating")
+            short = ask(redis_url, req("short", persona="bob", temperature=0, max_new_tokens=4))
+            still_running = [not sync_redis.exists(keys.answered(q.id)) for q in long_requests]
+            beat = json.loads(sync_redis.get(keys.heartbeat(worker.name)))
+            thread.join(120)
+
+            async def status():
+                import redis.asyncio as aioredis
+
+                r = aioredis.from_url(redis_url)
+                try:
+                    return await read_status(r, keys)
+                finally:
+                    await r.aclose()
+
+            shown = asyncio.run(status())["workers"][0]
+    assert short.ok and all(still_running), still_running
+    assert len(longs) == 3 and all(r.ok for r in longs)
+    assert short.generate_ms < min(r.generate_ms for r in longs)
+    assert beat["rows_capacity"] == backend.max_rows and shown["tokens_per_s"] >= 0
+    assert "in_flight" in beat and "rows_active" in shown

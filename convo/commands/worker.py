@@ -92,11 +92,14 @@ def status_cmd(
         print(json.dumps(status, indent=2, default=str))
         return
     table = Table(title=f"workers ({len(status['workers'])} alive)")
-    for col in ("worker", "pid", "base", "adapters loaded", "batches", "requests", "last seen"):
+    for col in ("worker", "pid", "base", "adapters loaded", "requests", "in flight", "batch rows", "tokens/s",
+                "last seen"):
         table.add_column(col)
     for w in status["workers"]:
+        occupancy = f"{w['rows_active']}/{w['rows_capacity']}" if w["rows_capacity"] else "-"
         table.add_row(escape(w["worker"]), str(w["pid"]), escape(w["base"]), escape(", ".join(w["adapters_loaded"])),
-                      str(w["batches"]), str(w["requests"]), f"{w['age_s']:.1f} s ago")
+                      str(w["requests"]), str(w["in_flight"]), occupancy, f"{w['tokens_per_s']:.0f}",
+                      f"{w['age_s']:.1f} s ago")
     console.print(table)
     console.print(f"queue depth {status['queue_depth']}  pending {status['pending']}  dead letters {status['dead']}")
 
