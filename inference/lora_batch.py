@@ -6,11 +6,16 @@ small matmuls per adapter per layer per step, which made mixing 4 adapters cost 
 
     A: (slots, in, r_max)    B: (slots, r_max, out)    (B already multiplied by the adapter's scaling)
 
-and one forward hook adds, for the batch x: (rows, T, in) with `rows_slot`: (rows,) the slot of each row,
+and one forward hook adds, for the batch x: (rows, T, in), each row's x @ A[slot] @ B[slot], in one of two ways:
 
-    x @ A[slot] @ B[slot]    -> bmm(bmm(x, A[rows_slot]), B[rows_slot])        (rows, T, out)
+    "gather": bmm(bmm(x, A[row_slots]), B[row_slots])             each row's own A, B gathered: least arithmetic
+    "dense":  (x @ A_used  * onehot(row)) @ B_used                 A_used: (in, U*r), the U adapters in the batch,
+                                                                 read once per step whatever the number of rows
 
-Slot 0 is the bare base (all zeros, skipped when every row uses it); all rows on one slot is a plain matmul.
+"gather" copies r*(in+out) weights per row, "dense" reads U*r*(in+out) once and does U times the arithmetic: the
+first suits a compute-bound CPU, the second a memory-bound GPU with many rows (the default per device; the GPU
+figure is not measured yet, bench/gpu/run.py measures both). Slot 0 is the bare base (all zeros, skipped when
+every row uses it); all rows on one slot is a plain matmul.
 Adapters of different ranks are zero-padded to the largest rank (the padding adds exact zeros). Slots are never
 moved while rows use them: loading a new version takes a free slot, and removing an adapter frees its slot only
 once no running row uses it (`release`), so a hot reload never changes what a generating row computes.
@@ -97,9 +102,11 @@ class _Stack:
 class LoraBank:
     """Adapters stacked on one base model; `rows(slots)` sets which slot each row of the next forwards uses."""
 
-    def __init__(self, model, dtype: torch.dtype | None = None):
+    def __init__(self, model, dtype: torch.dtype | None = None, mixed: str | None = None):
         self.model = model
         self.dtype = dtype
+        on_cuda = any(p.is_cuda for p in model.parameters())
+        self.mixed = mixed or ("dense" if on_cuda else "gather")  # how a batch of several adapters is computed
         self.lock = threading.RLock()  # held around each forward and around each change of the stacked tensors
         self._book = threading.Lock()  # slots, in_use, retired, free: quick bookkeeping, never held over a forward
         self.slots: dict[str, int] = {}  # adapter name -> slot
@@ -124,9 +131,14 @@ class LoraBank:
     def load(self, name: str, path: Path | str) -> int:
         """Read the adapter at `path` into a free slot under `name`; its slot. AdapterLoadError if unusable."""
         weights, alpha, rslora = read_lora(path)  # file reading outside the lock: the decode loop keeps running
+        return self.put(name, weights, alpha, rslora, where=str(path))
+
+    def put(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,
+            rslora: bool = False, where: str = "adapter") -> int:
+        """Add an adapter given as {module name: (A (r, in), B (out, r))} under `name`; its slot."""
         for module in weights:
             if module not in self._modules or not hasattr(self._modules[module], "in_features"):
-                raise AdapterLoadError(f"{path}: layer {module} is not a linear layer of this base")
+                raise AdapterLoadError(f"{where}: layer {module} is not a linear layer of this base")
         with self._book:
             slot = self._free.pop() if self._free else self._capacity
             self._capacity = max(self._capacity, slot + 1)
@@ -209,6 +221,15 @@ class LoraBank:
             self._one_slot = slots[0] if len(distinct) == 1 else None
             device = next(iter(self._stacks.values())).a.device if self._stacks else "cpu"
             self._row_slots = None if self._one_slot is not None else torch.tensor(slots, device=device)
+            if self._one_slot is None and self.mixed == "dense":
+                used = sorted(distinct - {BASE_SLOT})
+                self._used = torch.tensor(used, device=device)  # (U,)
+                local = {s: i for i, s in enumerate(used)}
+                onehot = torch.zeros(len(slots), len(used), device=device)
+                for r, s in enumerate(slots):
+                    if s != BASE_SLOT:
+                        onehot[r, local[s]] = 1.0
+                self._onehot = onehot  # (rows, U): which used adapter each row takes (none: the base)
             try:
                 yield
             finally:
@@ -222,7 +243,13 @@ class LoraBank:
             x = args[0]
             if one is not None:  # every row on one adapter: two plain matmuls
                 delta = (x.to(stack.a.dtype) @ stack.a[one]) @ stack.b[one]
-            else:  # mixed: gather each row's A and B, batched matmuls; (rows, T, in) -> (rows, T, out)
+            elif self.mixed == "dense":  # every used adapter at once, each row masked to its own
+                a = stack.a[self._used]  # (U, in, r)
+                u, i, r = a.shape
+                h = x.to(a.dtype) @ a.permute(1, 0, 2).reshape(i, u * r)  # (rows, T, U*r)
+                h = (h.view(*h.shape[:-1], u, r) * self._onehot.to(h.dtype)[:, None, :, None]).view(h.shape)
+                delta = h @ stack.b[self._used].reshape(u * r, -1)  # (rows, T, out)
+            else:  # gather each row's A and B, batched matmuls; (rows, T, in) -> (rows, T, out)
                 idx = self._row_slots
                 delta = torch.bmm(torch.bmm(x.to(stack.a.dtype), stack.a[idx]), stack.b[idx])
             return output + delta.to(output.dtype)

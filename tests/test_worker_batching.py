@@ -221,8 +221,12 @@ def test_batched_lora_equals_peft_for_each_adapter(backend, tiny_base, adapters_
     items = [_item(backend, "alice", HIST_LONG), _item(backend, "bob", HIST_LONG), _item(backend, "__base__", HIST_LONG)]
     ids = torch.tensor([encode(backend.tokenizer, items[0].prompt)] * 3)
     slots = [backend.bank.slot(i.adapter) for i in items]
-    with torch.no_grad(), backend.bank.rows(slots):
-        ours = backend.model(input_ids=ids).logits
+    mixed = {}
+    for mode in ("gather", "dense"):  # the CPU's and the GPU's way of mixing adapters in one forward
+        backend.bank.mixed = mode
+        with torch.no_grad(), backend.bank.rows(slots):
+            mixed[mode] = backend.model(input_ids=ids).logits
+    backend.bank.mixed = "gather"
     for row, path in ((0, adapters_dir / "alice" / "v1"), (1, adapters_dir / "bob"), (2, None)):
         model, tokenizer, _ = load_base(tiny_base, "none", "cpu")
         if path is not None:
@@ -231,7 +235,8 @@ def test_batched_lora_equals_peft_for_each_adapter(backend, tiny_base, adapters_
                 model = PeftModel.from_pretrained(model, str(path)).eval()
         with torch.no_grad():
             theirs = model(input_ids=ids[:1]).logits[0]
-        torch.testing.assert_close(ours[row], theirs, atol=1e-5, rtol=1e-5)
+        for ours in mixed.values():
+            torch.testing.assert_close(ours[row], theirs, atol=1e-5, rtol=1e-5)
         engine = Engine(model, tokenizer)
         greedy = engine.generate(items[row].prompt, items[row].target, n=1, temperature=0, max_new_tokens=24)
         mine = backend.generate([_item(backend, ["alice", "bob", "__base__"][row], HIST_LONG, temperature=0,
