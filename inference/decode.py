@@ -193,6 +193,10 @@ class DecodeBackend:
         self.eos_ids = frozenset(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         self.newline_ids = newline_token_ids(tokenizer)
         self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        # transformers >= 5.25 names the forward's KV cache argument `cache`; earlier 5.x `past_key_values`.
+        import inspect
+
+        self._cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self._waiting: list[_Job] = []
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -346,8 +350,8 @@ class DecodeBackend:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         with self.bank.rows(self._slots):
             out = self.model(input_ids=self._last.unsqueeze(1), attention_mask=self._mask,
-                             position_ids=self._pos.unsqueeze(1), cache=self._cache, use_cache=True,
-                             logits_to_keep=1)
+                             position_ids=self._pos.unsqueeze(1), use_cache=True, logits_to_keep=1,
+                             **{self._cache_arg: self._cache})
         self._pos = self._pos + 1
         return out.logits[:, -1]
 
@@ -365,7 +369,7 @@ class DecodeBackend:
             out = self.model(input_ids=torch.tensor([ids[cached:]], device=device),
                              attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=device),
                              position_ids=torch.arange(cached, len(ids), device=device).unsqueeze(0),
-                             cache=cache, use_cache=True, logits_to_keep=1)
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         self.prefill_tokens += len(ids) - cached
         self.prefill_tokens_saved += cached
         layers = [(layer.keys, layer.values) for layer in cache.layers]
