@@ -336,14 +336,17 @@ class DecodeBackend:
         if len(self._rate) > 4096:
             self._rate = self._rate[-2048:]
         self.tokens_total += len(tokens)
-        keep = []
+        keep, finished = [], []
         for r, (row, token) in enumerate(zip(self._rows, tokens, strict=True)):
-            self._advance(row, token, now)
+            if self._advance(row, token, now):
+                finished.append(row.job)
             if not row.done:
                 keep.append(r)
         self._last = torch.tensor(tokens, device=self._pos.device)
         if len(keep) < len(self._rows):
             self._leave(keep)
+        for job in finished:  # after the rows left: a caller woken by its result sees the batch without them
+            self._finish(job)
 
     def _step(self) -> torch.Tensor:
         """Feed each running row its last token; (rows, vocab) logits."""
@@ -451,8 +454,8 @@ class DecodeBackend:
             self._seen[torch.arange(len(requests), device=device), tokens] = True
         return tokens
 
-    def _advance(self, row: _Row, token: int, now: float) -> None:
-        """Append `token` to a row; finish it at EOS, its max_new_tokens or the end of its burst."""
+    def _advance(self, row: _Row, token: int, now: float) -> bool:
+        """Append `token` to a row; finish it at EOS, its max_new_tokens or the end of its burst. True: job done."""
         job, request = row.job, row.job.item.request
         if token in self.eos_ids:
             row.done = True
@@ -475,8 +478,8 @@ class DecodeBackend:
             self._release(job, 1)
             job.rows.append(row)
             job.rows_left -= 1
-            if job.rows_left == 0:
-                self._finish(job)
+            return job.rows_left == 0
+        return False
 
     def _release(self, job: _Job, rows: int) -> None:
         """`rows` of a job's rows no longer use its adapter slot."""
