@@ -62,13 +62,15 @@ class BatchItem:
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """What one request got: a candidate per row (each a list of messages), tokens generated, each row's raw text.
+    """What one request got: a candidate per row (each a list of messages), tokens generated, the prompt's length
+    in tokens (counted once per request) and each row's raw text.
 
     `raw` is each row's completion text as generated, trimmed at the end of the burst (before splitting).
     """
 
     candidates: list[list[str]]
     new_tokens: int
+    prompt_tokens: int = 0
     raw: list[str] = field(default_factory=list)
 
 
@@ -191,5 +193,7 @@ class EchoBackend:
             last = item.request.history[-1].text if item.request.history else "..."
             if item.request.stream and on_partial is not None:
                 on_partial(item.request.id, last[: max(1, len(last) // 2)])
-            out.append(BatchResult([[last]] * item.samples, item.samples, [" " + last] * item.samples))
+            # Whitespace-separated words stand in for tokens: there is no tokenizer here.
+            out.append(BatchResult([[last]] * item.samples, item.samples, len(item.prompt.split()),
+                                   raw=[" " + last] * item.samples))
         return out

@@ -492,7 +492,7 @@ class DecodeBackend:
         rows = sorted(job.rows, key=lambda r: r.index)
         raw = [trim_burst(self._decode(r.ids), job.item.target) for r in rows]
         job.future.set_result(BatchResult([split_completion(t, job.item.target) for t in raw],
-                                          sum(len(r.ids) for r in rows), raw))
+                                          sum(len(r.ids) for r in rows), len(job.ids), raw=raw))
 
 
 def _record_ngrams(ngrams: dict, history: list[int], n: int, start: int) -> None:
