@@ -7,9 +7,9 @@ import threading
 
 import pytest
 
-from inference.protocol import GenerateRequest
 from tests.conftest import make_persona_adapters, torch_threads
 from tests.test_worker_batching import HIST_LONG, HIST_SHORT, make_backend
+from tests.test_worker_batching import make_item as item
 
 
 @pytest.fixture(autouse=True)
@@ -18,30 +18,12 @@ def _one_thread():
         yield
 
 
-@pytest.fixture(scope="module")
-def adapters_dir(tiny_base, tmp_path_factory):
-    return make_persona_adapters(tiny_base, tmp_path_factory.mktemp("adapters"))
-
-
 @pytest.fixture
 def backend(tiny_base, adapters_dir):
     with torch_threads(1):
         backend = make_backend(tiny_base, adapters_dir)
     yield backend
     backend.close()
-
-
-def item(backend, persona, history, **fields):
-    from inference.batching import BASE_ADAPTER, BatchItem, build_prompt
-
-    request = GenerateRequest.build(persona=persona, history=history, **fields)
-    if persona == "__base__":
-        adapter, meta = BASE_ADAPTER, None
-    else:
-        loaded = backend.registry.acquire(persona)
-        adapter, meta = loaded.name, loaded.info.meta
-    prompt, target = build_prompt(request, meta)
-    return BatchItem(request, prompt, target, adapter)
 
 
 def test_short_request_joining_mid_generation_finishes_before_long_ones(backend):

@@ -5,19 +5,13 @@ from __future__ import annotations
 import pytest
 
 from inference.protocol import GenerateRequest
-from tests.conftest import make_persona_adapters, torch_threads
+from tests.conftest import torch_threads
 
 
 @pytest.fixture(autouse=True)
 def _one_thread():
     with torch_threads(1):
         yield
-
-
-@pytest.fixture(scope="module")
-def adapters_dir(tiny_base, tmp_path_factory):
-    """Two personas with different random LoRA weights (alice versioned v1, bob unversioned)."""
-    return make_persona_adapters(tiny_base, tmp_path_factory.mktemp("adapters"))
 
 
 def make_backend(base, adapters_dir, quantize="none", **options):
@@ -39,7 +33,7 @@ def backend(tiny_base, adapters_dir):
     backend.close()
 
 
-def _item(backend, persona, history, **fields):
+def make_item(backend, persona, history, **fields):
     from inference.adapters import BASE_ADAPTER
     from inference.batching import BatchItem, build_prompt
 
@@ -62,11 +56,11 @@ HIST_LONG = [{"speaker": "RIYA", "text": "hey are we still going tonight?"},
 def test_mixed_batch_row_equals_the_request_alone(backend):
     greedy = dict(temperature=0, max_new_tokens=24)
     items = [
-        _item(backend, "alice", HIST_LONG, **greedy),
-        _item(backend, "bob", HIST_SHORT, **greedy),
-        _item(backend, "__base__", HIST_SHORT, **greedy),
-        _item(backend, "alice", HIST_SHORT, **greedy),
-        _item(backend, "bob", HIST_LONG, mode="self", **greedy),
+        make_item(backend, "alice", HIST_LONG, **greedy),
+        make_item(backend, "bob", HIST_SHORT, **greedy),
+        make_item(backend, "__base__", HIST_SHORT, **greedy),
+        make_item(backend, "alice", HIST_SHORT, **greedy),
+        make_item(backend, "bob", HIST_LONG, mode="self", **greedy),
     ]
     batched = backend.generate(items)
     alone = [backend.generate([item])[0] for item in items]
@@ -79,8 +73,8 @@ def test_mixed_batch_row_equals_the_request_alone(backend):
 
 def test_n_candidates_and_per_row_sampling(backend):
     items = [
-        _item(backend, "alice", HIST_SHORT, n=3, temperature=1.5, top_p=1.0, max_new_tokens=16),
-        _item(backend, "bob", HIST_SHORT, n=1, temperature=0, max_new_tokens=16),
+        make_item(backend, "alice", HIST_SHORT, n=3, temperature=1.5, top_p=1.0, max_new_tokens=16),
+        make_item(backend, "bob", HIST_SHORT, n=1, temperature=0, max_new_tokens=16),
     ]
     results = backend.generate(items)
     assert len(results[0].candidates) == 3 and len(results[1].candidates) == 1
@@ -92,8 +86,8 @@ def test_partials_are_prefixes_of_the_final_text(backend):
     from inference.batching import final_text
 
     got: list[tuple[str, str]] = []
-    item = _item(backend, "alice", HIST_LONG, temperature=1.0, max_new_tokens=48, stream=True)
-    other = _item(backend, "bob", HIST_SHORT, temperature=1.0, max_new_tokens=48, stream=False)
+    item = make_item(backend, "alice", HIST_LONG, temperature=1.0, max_new_tokens=48, stream=True)
+    other = make_item(backend, "bob", HIST_SHORT, temperature=1.0, max_new_tokens=48, stream=False)
     results = backend.generate([item, other], on_partial=lambda rid, text: got.append((rid, text)))
     final = final_text(results[0].candidates[0])
     assert got and {rid for rid, _ in got} == {item.request.id}  # only the stream request gets partials
@@ -162,8 +156,8 @@ def test_4bit_quantized_base_serves_mixed_adapters(base_192, tmp_path):
     backend = make_backend(base_192, tmp_path, quantize="4bit")
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in backend.model.modules())
     greedy = dict(temperature=0, max_new_tokens=12)
-    items = [_item(backend, "alice", HIST_LONG, **greedy), _item(backend, "bob", HIST_SHORT, **greedy),
-             _item(backend, "__base__", HIST_SHORT, **greedy), _item(backend, "alice", HIST_SHORT, **greedy)]
+    items = [make_item(backend, "alice", HIST_LONG, **greedy), make_item(backend, "bob", HIST_SHORT, **greedy),
+             make_item(backend, "__base__", HIST_SHORT, **greedy), make_item(backend, "alice", HIST_SHORT, **greedy)]
     batched = backend.generate(items)
     assert [r.candidates for r in batched] == [backend.generate([i])[0].candidates for i in items]
     assert len({repr(r.candidates) for r in batched[1:]}) == 3
@@ -218,7 +212,7 @@ def test_batched_lora_equals_peft_for_each_adapter(backend, tiny_base, adapters_
 
     from inference.engine import Engine, encode, load_base
 
-    items = [_item(backend, "alice", HIST_LONG), _item(backend, "bob", HIST_LONG), _item(backend, "__base__", HIST_LONG)]
+    items = [make_item(backend, p, HIST_LONG) for p in ("alice", "bob", "__base__")]
     ids = torch.tensor([encode(backend.tokenizer, items[0].prompt)] * 3)
     slots = [backend.bank.slot(i.adapter) for i in items]
     mixed = {}
@@ -239,7 +233,7 @@ def test_batched_lora_equals_peft_for_each_adapter(backend, tiny_base, adapters_
             torch.testing.assert_close(ours[row], theirs, atol=1e-5, rtol=1e-5)
         engine = Engine(model, tokenizer)
         greedy = engine.generate(items[row].prompt, items[row].target, n=1, temperature=0, max_new_tokens=24)
-        mine = backend.generate([_item(backend, ["alice", "bob", "__base__"][row], HIST_LONG, temperature=0,
+        mine = backend.generate([make_item(backend, ["alice", "bob", "__base__"][row], HIST_LONG, temperature=0,
                                        max_new_tokens=24)])[0]
         assert mine.candidates == greedy
 
@@ -251,7 +245,8 @@ def test_score_gives_adapter_and_base_log_probs(backend, tiny_base, adapters_dir
 
     from inference.engine import Engine, load_base
 
-    pairs = [(_item(backend, "alice", HIST_LONG), " yeah see you\n[RIYA]"), (_item(backend, "bob", HIST_SHORT), " ok")]
+    pairs = [(make_item(backend, "alice", HIST_LONG), " yeah see you\n[RIYA]"),
+             (make_item(backend, "bob", HIST_SHORT), " ok")]
     scores = backend.score(pairs)
     model, tokenizer, _ = load_base(tiny_base, "none", "cpu")
     base_nll = Engine(model, tokenizer).completion_nll([(i.prompt, c) for i, c in pairs])

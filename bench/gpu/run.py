@@ -24,13 +24,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker import closed_loop  # noqa: E402 - bench/worker.py: keep N requests in flight, tokens/s and latencies
 
 ARCHS = {  # (hidden, intermediate, layers, heads, kv heads, head dim, tie embeddings)
     "smollm2-135m": (576, 1536, 30, 9, 3, 64, True),
@@ -122,36 +123,6 @@ def items_for(adapters: list[str], count: int, max_new_tokens: int, history: int
         prompt, target = build_prompt(q, None)
         out.append(BatchItem(q, prompt, target, adapters[i % len(adapters)]))
     return out
-
-
-def closed_loop(backend, items, concurrency: int) -> dict:
-    """Keep `concurrency` requests in flight until all are answered: tokens/s and latency percentiles."""
-    import torch
-
-    done, slots = threading.Semaphore(0), threading.Semaphore(concurrency)
-    ms: list[float] = []
-    tokens = [0]
-
-    def finished(future, t0):
-        ms.append((time.perf_counter() - t0) * 1000)
-        tokens[0] += future.result().new_tokens
-        slots.release()
-        done.release()
-
-    cuda = torch.cuda.is_available()
-    start = time.perf_counter()
-    for item in items:
-        slots.acquire()
-        t0 = time.perf_counter()
-        backend.submit(item).add_done_callback(lambda f, t0=t0: finished(f, t0))
-    for _ in items:
-        done.acquire()
-    if cuda:
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    ordered = sorted(ms)
-    return {"concurrency": concurrency, "requests": len(items), "tokens_per_s": tokens[0] / wall,
-            "p50_ms": statistics.median(ordered), "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]}
 
 
 def bench_one(arch: str, quant: str, model, tokenizer, device: str, args) -> dict:
