@@ -1,4 +1,5 @@
-"""The generation engine: a base model with (optionally) one persona adapter, used by simulate, eval and the worker.
+"""The generation engine: a base model with (optionally) one persona adapter, used by simulate and eval; `load_base`
+is the one loader of a base model, for them and the worker (inference.decode).
 
 Heavy module (imports torch). Prompts come from inference.prompt_format; completions are cut from generated token
 ids at the prompt's token length (inference.completion.cut_completion), and sampling stops as soon as the model

@@ -99,12 +99,14 @@ class WorkerMetrics:
         r = self.registry
         self.queue_depth = Gauge("convo_worker_queue_depth", "Requests not yet read by any worker", registry=r)
         self.pending = Gauge("convo_worker_pending", "Requests read but not acked (all workers)", registry=r)
-        self.batch_size = Histogram("convo_worker_batch_size", "Requests per generate call", registry=r,
+        self.batch_size = Histogram("convo_worker_batch_size", "Requests read and handed to the model together",
+                                    registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.queue_wait = Histogram("convo_worker_queue_wait_seconds", "Enqueue to start of generation", registry=r)
-        self.generate_latency = Histogram("convo_worker_generate_seconds", "Wall time of one batch generate",
+        self.generate_latency = Histogram("convo_worker_generate_seconds",
+                                          "Submit to answer of one request (or one batch)",
                                           registry=r)
-        self.tokens_per_s = Gauge("convo_worker_tokens_per_second", "New tokens per second of the last batch",
+        self.tokens_per_s = Gauge("convo_worker_tokens_per_second", "New tokens per second (running batch, last ~10 s)",
                                   registry=r)
         self.tokens = Counter("convo_worker_tokens", "New tokens generated", registry=r)
         self.requests = Counter("convo_worker_requests", "Requests answered", ["outcome"], registry=r)
