@@ -145,9 +145,12 @@ class WorkerSettings(BaseModel):
 
     base: str | None = None  # base model dir or hub id; default: the one recorded by the adapters
     adapters_dir: str = "adapters"  # one `<persona>/` (or `<persona>/current -> vN`) per persona
-    quantize: Literal["auto", "4bit", "none"] = "auto"  # auto: 4-bit NF4 on CUDA, full precision otherwise
+    quantize: Literal["auto", "4bit", "none"] = "auto"  # auto: bf16 on CUDA unless it would not fit, then 4-bit; CPU full precision
     device: str | None = None  # default: cuda when available, else cpu
-    max_batch: int = Field(16, ge=1, le=256)  # requests per generate call
+    max_batch: int = Field(32, ge=1, le=256)  # requests in flight (read at once, joining the running batch)
+    max_rows: int = Field(64, ge=1, le=1024)  # rows (requests x samples) decoding together in the running batch
+    prefix_cache_mb: float = Field(256.0, ge=0)  # KV of recent prompts kept for the next turn of a chat (0: off)
+    warm_up: bool = True  # one short generation at start, so the first request pays no first-call costs
     max_wait_ms: float = Field(5.0, ge=0)  # how long a batch waits for more requests after the first
     max_loaded_adapters: int = Field(8, ge=1)  # LRU beyond this; others load on first use
     visibility_timeout_s: float = Field(60.0, gt=0)  # an entry pending this long is taken over (XAUTOCLAIM)

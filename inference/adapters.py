@@ -6,10 +6,11 @@
 Every persona dir under `--adapters` is checked against the loaded base (same weights hash or hub id, same prompt
 format) when the worker starts or first sees it; a mismatched one is skipped with one log line and requests for it
 get `unknown_persona` with the reason. At most `max_loaded` adapters stay on the model (least recently used are
-deleted); the others load on first use. Each loaded adapter has a PEFT name unique to its version, so a reload loads
-the new version *beside* the old one and switches the persona to it between batches.
+deleted); the others load on first use. Adapters live on an inference.lora_batch.LoraBank (stacked per layer, one
+slot each). Each loaded adapter has a name unique to its version, so a reload loads the new version *beside* the
+old one and switches the persona to it for new requests; rows already generating finish on the old one.
 
-Heavy module (torch, transformers, peft), imported only by the worker.
+Heavy module (torch), imported only by the worker.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from convo.errors import AdapterMismatch, ConfigError, ConvoError
+from convo.errors import AdapterMismatch, ConvoError
 from inference.adapter_meta import AdapterMeta, check_compatible, local_model_sha256, read_adapter_meta
 from inference.batching import BASE_ADAPTER  # noqa: F401 - re-exported: the registry names rows with it
 from inference.versions import discover, resolve
@@ -42,7 +43,7 @@ class AdapterInfo:
 
 @dataclass(frozen=True, slots=True)
 class LoadedAdapter:
-    """An adapter on the model: its PEFT name (unique per load) and what it was loaded from."""
+    """An adapter on the bank: its name (unique per load) and what it was loaded from."""
 
     name: str
     info: AdapterInfo
@@ -50,41 +51,6 @@ class LoadedAdapter:
 
 class UnknownPersona(ConvoError):
     """A request names a persona with no usable adapter (the message says why)."""
-
-
-def load_base(base: str | Path, quantize: str = "auto", device: str | None = None):
-    """(model, tokenizer, device): fp32 on CPU, bf16 on CUDA, 4-bit NF4 (bitsandbytes) with `quantize="4bit"`.
-
-    `quantize="auto"` means 4-bit on CUDA and full precision elsewhere. bitsandbytes >= 0.50 runs NF4 on the CPU
-    as well (linear layers whose input width is a multiple of its 64-value block).
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    four_bit = quantize == "4bit" or (quantize == "auto" and device.startswith("cuda"))
-    kwargs: dict = {}
-    if four_bit:
-        from inference.engine import qlora_config, qlora_device_map
-
-        cuda = device.startswith("cuda")
-        kwargs["quantization_config"] = qlora_config(torch.bfloat16 if cuda else torch.float32, "--quantize 4bit")
-        kwargs["device_map"] = qlora_device_map(device)
-    else:
-        kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base))
-        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
-    except OSError as e:
-        raise ConfigError(
-            f"cannot load base model {base}: {str(e).splitlines()[0]} (a local dir, or a hub id when online)"
-        ) from e
-    if not four_bit:
-        model.to(device)
-    model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer, device
 
 
 def recorded_base(adapters_dir: Path | str) -> str | None:
@@ -101,8 +67,8 @@ def recorded_base(adapters_dir: Path | str) -> str | None:
 class AdapterRegistry:
     """Persona -> adapter on one base model: checked on discovery, loaded on first use, LRU-evicted, hot-swapped."""
 
-    def __init__(self, model, adapters_dir: Path | str, base: str | Path, max_loaded: int = 8):
-        self.model = model  # the bare base until the first adapter loads, then a PeftModel around it
+    def __init__(self, bank, adapters_dir: Path | str, base: str | Path, max_loaded: int = 8):
+        self.bank = bank  # inference.lora_batch.LoraBank on the base model
         self.adapters_dir = Path(adapters_dir)
         self.base = str(base)
         self.max_loaded = max_loaded
@@ -180,24 +146,17 @@ class AdapterRegistry:
         return self._load(info, pinned)
 
     def _load(self, info: AdapterInfo, pinned: set[str] | frozenset[str] = frozenset()) -> LoadedAdapter:
-        from peft import PeftModel
+        from inference.lora_batch import AdapterLoadError
 
         self._loads += 1
         name = f"a{self._loads}_" + re.sub(r"[^A-Za-z0-9_]", "_", f"{info.persona}_{info.version or 'dir'}")
-        with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5; not ours to fix
-            warnings.simplefilter("ignore", FutureWarning)
-            try:
-                if isinstance(self.model, PeftModel):
-                    self.model.load_adapter(str(info.path), adapter_name=name)
-                else:
-                    self.model = PeftModel.from_pretrained(self.model, str(info.path), adapter_name=name)
-            except (OSError, ValueError, RuntimeError, KeyError) as e:
-                reason = f"cannot load {info.path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-                logger.warning("adapter skipped persona=%s: %s", info.persona, reason)
-                self.rejected[info.persona] = reason
-                self.available.pop(info.persona, None)
-                raise UnknownPersona(f"persona {info.persona!r}: {reason}") from e
-        self.model.eval()
+        try:
+            self.bank.load(name, info.path)
+        except AdapterLoadError as e:
+            logger.warning("adapter skipped persona=%s: %s", info.persona, e)
+            self.rejected[info.persona] = str(e)
+            self.available.pop(info.persona, None)
+            raise UnknownPersona(f"persona {info.persona!r}: {e}") from e
         loaded = LoadedAdapter(name, info)
         previous = self.current.get(info.persona)
         self.current[info.persona] = loaded
@@ -212,8 +171,7 @@ class AdapterRegistry:
         self._lru.pop(adapter.name, None)
         if self.current.get(adapter.info.persona) is adapter:
             del self.current[adapter.info.persona]
-        if adapter.name in getattr(self.model, "peft_config", {}):
-            self.model.delete_adapter(adapter.name)
+        self.bank.remove(adapter.name)  # rows still generating on it keep its slot until they finish
 
     def _evict(self, pinned: set[str] | frozenset[str]) -> None:
         # A batch using more personas than max_loaded keeps them all until it is done (pinned).
@@ -228,7 +186,7 @@ class AdapterRegistry:
     def reload(self, persona: str | None = None) -> list[str]:
         """Load the version on disk of `persona` (every loaded persona with None) where it differs; returns who changed.
 
-        Only called between batches: the batch in flight keeps the adapter it started with.
+        Rows already generating keep the adapter they started with (its slot is freed when they finish).
         """
         self.scan()
         personas = [persona] if persona is not None else list(self.current)

@@ -1,25 +1,29 @@
-"""Requests in, responses and live partial text out: one padded, mixed-adapter `generate` per batch.
+"""Requests in, responses and live partial text out: the one seam between the queue and the model.
 
-This is the one seam between the queue and the model. The worker turns each request into a `BatchItem` (prompt,
-target tag, adapter name) and calls `Backend.generate(items, on_partial)`; it never touches tensors. `PeftBackend`
-is the only backend built: a base model with every loaded LoRA adapter, one `generate` call for the whole batch:
+The worker turns each request into a `BatchItem` (prompt, target tag, adapter name, rows to sample) and never
+touches tensors. A backend answers items in one of two ways:
 
-* each request becomes `n` rows, left-padded to one width, so every row's completion starts at the same column and
-  is cut from the token ids at that column (inference.completion);
-* each row runs through its own adapter via PEFT's `adapter_names` (`__base__`: the bare base);
-* each row has its own temperature/top-p (a logits processor; temperature 0 is greedy) and stops at the first
-  line tagged by anyone but its own target, so a greedy row's output equals the same request run alone;
-* while generating, candidate 1 of each `stream` request is handed to `on_partial` at most every
-  `partial_interval_ms` (called from the generating thread).
+* `submit(item, on_partial) -> Future[BatchResult]` (a continuously batching backend): the item joins the running
+  batch at the next decode step and its Future resolves as soon as its own rows stop, so the worker replies to
+  each request on its own; `generate(items)` submits all and waits (simulate, eval, tests);
+* `generate(items, on_partial) -> list[BatchResult]` only (EchoBackend): the whole batch in one call.
 
-A vLLM multi-LoRA backend would implement the same `generate` for large deployments. This module is import-light
-(no torch): the PEFT backend lives in inference/peft_backend.py.
+`DecodeBackend` (inference/decode.py) is the model backend: each request becomes `samples` rows (default `n`),
+each row through its own LoRA adapter (`__base__`: the bare base), with its own temperature/top-p (temperature 0
+is greedy), stopping at the first line tagged by anyone but its target, so a greedy row's output equals the same
+request run alone. While generating, candidate 1 of each `stream` request is handed to `on_partial` at most every
+`partial_interval_ms` (called from the generating thread). `score(pairs)` gives the log-probability of given
+completions under an item's adapter and under the bare base.
+
+A vLLM multi-LoRA backend would implement the same methods for large deployments. This module is import-light
+(no torch).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,7 +43,7 @@ from inference.prompt_format import (
 from inference.protocol import GenerateRequest
 
 PartialSink = Callable[[str, str], None]  # (request id, text of candidate 1 so far)
-BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter on this row" in a mixed batch
+BASE_ADAPTER = "__base__"  # the adapter name of "no adapter on this row"
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +53,8 @@ class BatchItem:
     request: GenerateRequest
     prompt: str
     target: str
-    adapter: str  # PEFT adapter name, or "__base__" for the bare base
-    samples: int = 0  # rows to sample for this item; 0 (the default) means request.n
+    adapter: str  # the loaded adapter's name, or "__base__" for the bare base
+    samples: int = 0  # rows to sample for the item; 0 means request.n
 
     def __post_init__(self):
         if self.samples <= 0:
@@ -72,7 +76,8 @@ class BatchResult:
 class Backend(Protocol):
     """What the worker needs from a model: a batch of items in, one result per item out (same order).
 
-    `blocking` tells the worker to call `generate` in a thread (a model) or inline (no real work).
+    `blocking` tells the worker to call `generate` in a thread (a model) or inline (no real work). A backend that
+    also has `submit` (see ContinuousBackend) is fed request by request instead.
     """
 
     blocking: bool
@@ -84,6 +89,22 @@ class Backend(Protocol):
     def score(self, pairs: Sequence[tuple[BatchItem, str]]) -> list[tuple[float, float, int]]:
         """Per (item, completion text): summed log-prob of the completion under the item's adapter, under the bare
         base, and its token count (one batched forward pass)."""
+        ...
+
+
+class ContinuousBackend(Backend, Protocol):
+    """A backend that batches continuously: items join between decode steps, each resolves on its own."""
+
+    def submit(self, item: BatchItem, on_partial: PartialSink | None = None) -> Future:
+        """Queue one item; the Future gets its BatchResult as soon as its rows stop."""
+        ...
+
+    def score(self, pairs: Sequence[tuple[BatchItem, str]]) -> list[tuple[float, float, int]]:
+        """Per (item, completion): (summed log-prob under the item's adapter, under the bare base, token count)."""
+        ...
+
+    def stats(self) -> dict:
+        """Rows running, row capacity, recent tokens/s (for the heartbeat)."""
         ...
 
 
@@ -198,8 +219,10 @@ class CandidateBackend:
     """
 
     def __init__(self, inner: Backend, *, rerank_k: int = 0, max_resample_rounds: int = 2,
-                 resample_temperature: float = 0.8):
+                 resample_temperature: float = 0.8, max_in_flight: int = 32):
         self.inner = inner
+        self.max_in_flight = max_in_flight
+        self._pool = None  # threads running `submit`ted requests through the step
         self.blocking = getattr(inner, "blocking", True)
         self.rerank_k, self.max_resample_rounds = rerank_k, max_resample_rounds
         self.resample_temperature = resample_temperature
@@ -209,6 +232,22 @@ class CandidateBackend:
         if name == "inner":
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+    def submit(self, item: BatchItem, on_partial: PartialSink | None = None) -> Future:
+        """One request through the candidate step, on a thread of its own: its inner `generate` calls (draws,
+        re-draws) join the inner backend's running batch, so requests still come and go between decode steps."""
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.max_in_flight, thread_name_prefix="candidates")
+        return self._pool.submit(lambda: self.generate([item], on_partial)[0])
+
+    def close(self) -> None:
+        """Stop the step's threads and the inner backend."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(self.inner, "close"):
+            self.inner.close()
 
     def generate(self, items: Sequence[BatchItem], on_partial: PartialSink | None = None) -> list[BatchResult]:
         """Clean, distinct candidates for every item (see the class docstring)."""

@@ -1,4 +1,5 @@
-"""The generation engine: a base model with (optionally) one persona adapter, used by simulate, eval and the worker.
+"""The generation engine: a base model with (optionally) one persona adapter, used by simulate and eval; `load_base`
+is the one loader of a base model, for them and the worker (inference.decode).
 
 Heavy module (imports torch). Prompts come from inference.prompt_format; completions are cut from generated token
 ids at the prompt's token length (inference.completion.cut_completion), and sampling stops as soon as the model
@@ -100,11 +101,8 @@ class Engine:
     ) -> Engine:
         """Load `base` (default: the adapter's recorded base) and `adapter`, after checking they fit together.
 
-        With `qlora`, the base is loaded in 4-bit NF4 (double quantization, bf16 compute) on CUDA or the CPU;
-        otherwise in float32 on CPU, bf16 on CUDA.
+        With `qlora`, the base is loaded in 4-bit NF4 (load_base); otherwise bf16 on CUDA, float32 on the CPU.
         """
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         meta = None
         if adapter is not None:
             meta = read_adapter_meta(adapter)
@@ -116,27 +114,8 @@ class Engine:
                 )
         if base is None:
             raise ConvoError("no model to load: give a base model (--base) or an adapter (--adapter)")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        kwargs: dict = {}
-        if qlora:
-            kwargs["quantization_config"] = qlora_config()
-            kwargs["device_map"] = qlora_device_map(device)
-        else:
-            kwargs["dtype"] = torch.bfloat16 if device.startswith("cuda") else torch.float32
         revision = meta.base_model.revision if meta is not None and not Path(base).is_dir() else None
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
-            if qlora:
-                from transformers import AutoConfig
-
-                check_qlora_shapes(AutoConfig.from_pretrained(base, revision=revision), device)
-            model = AutoModelForCausalLM.from_pretrained(base, revision=revision, **kwargs)
-        except OSError as e:
-            raise ConvoError(
-                f"cannot load base model {base}: {str(e).splitlines()[0]} (a local dir, or a hub id when online)"
-            ) from e
-        if not qlora:
-            model.to(device)
+        model, tokenizer, device = load_base(base, "4bit" if qlora else "none", device, revision=revision)
         if adapter is not None:
             import warnings
 
@@ -145,7 +124,7 @@ class Engine:
             with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5; not ours to fix
                 warnings.simplefilter("ignore", FutureWarning)
                 model = PeftModel.from_pretrained(model, str(adapter))
-        model.eval()
+            model.eval()
         return cls(model, tokenizer, meta, device)
 
     @contextlib.contextmanager
@@ -355,6 +334,64 @@ def check_qlora_shapes(config, device: str) -> None:
 def qlora_device_map(device: str) -> dict:
     """Where a 4-bit model goes: the whole model on one device (GPU 0 with CUDA, else the CPU)."""
     return {"": 0 if device.startswith("cuda") else "cpu"}
+
+
+AUTO_BF16_MEMORY_SHARE = 0.4  # --quantize auto on CUDA: bf16 while its weights take at most this share of the GPU
+
+
+def choose_quantize(base: str | Path, quantize: str, device: str, revision: str | None = None) -> bool:
+    """True when `base` is to be loaded in 4-bit: `4bit`; or `auto` on CUDA when bf16 weights would not fit.
+
+    The `auto` rule: bf16 on CUDA while the bf16 weights take at most AUTO_BF16_MEMORY_SHARE of the GPU's memory
+    (4-bit dequantisation is launch-bound on small matrices, so small bases decode faster in bf16), 4-bit beyond;
+    never 4-bit on the CPU. Not measured on a GPU yet (docs/serving.md).
+    """
+    if quantize != "auto":
+        return quantize == "4bit"
+    if not device.startswith("cuda"):
+        return False
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base), revision=revision)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    return 2 * params > AUTO_BF16_MEMORY_SHARE * total
+
+
+def load_base(base: str | Path, quantize: str = "none", device: str | None = None, *, revision: str | None = None):
+    """(model, tokenizer, device): the one loader of a base model, for simulate, eval and the worker.
+
+    `quantize`: `none` (bf16 on CUDA, float32 on the CPU), `4bit` (NF4 through bitsandbytes; computes in bf16 on
+    CUDA, float32 on the CPU) or `auto` (choose_quantize). The model is in eval mode; the tokenizer has a pad token.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = device.startswith("cuda")
+    try:
+        four_bit = choose_quantize(base, quantize, device, revision)
+        kwargs: dict = {}
+        if four_bit:
+            from transformers import AutoConfig
+
+            check_qlora_shapes(AutoConfig.from_pretrained(str(base), revision=revision), device)
+            kwargs["quantization_config"] = qlora_config(torch.bfloat16 if cuda else torch.float32, "--quantize 4bit")
+            kwargs["device_map"] = qlora_device_map(device)
+        else:
+            kwargs["dtype"] = torch.bfloat16 if cuda else torch.float32
+        tokenizer = AutoTokenizer.from_pretrained(str(base), revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(str(base), revision=revision, **kwargs)
+    except OSError as e:
+        raise ConfigError(
+            f"cannot load base model {base}: {str(e).splitlines()[0]} (a local dir, or a hub id when online)"
+        ) from e
+    if not four_bit:
+        model.to(device)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer, device
 
 
 # ---------------------------------------------------------------- simulate (the `convo simulate` library side)

@@ -180,12 +180,13 @@ def completion_finished(generated: str, target: str) -> bool:
         tag = line_speaker(line)
         if tag is not None and tag != target:
             return True
-        if tag is None and not _could_become_tag(line):
+        if tag is None and not could_become_tag(line):
             return True  # a line that is not a turn at all: stop, it is junk
     return False
 
 
-def _could_become_tag(partial: str) -> bool:
+def could_become_tag(partial: str) -> bool:
+    """True while a partly written line could still turn out to start with a tag (`""`, `"["`, `"[AL"`)."""
     return re.fullmatch(r"(\[[A-Z0-9_]*)?", partial) is not None
 
 

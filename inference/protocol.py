@@ -317,6 +317,10 @@ class Heartbeat(_Wire):
     requests: int = 0
     started_at: datetime
     ts: datetime = Field(default_factory=utcnow)
+    in_flight: int = 0  # requests submitted and not yet answered
+    rows_active: int = 0  # rows in the running decode batch (requests x samples)
+    rows_capacity: int = 0  # rows the running batch holds at most
+    tokens_per_s: float = 0.0  # tokens generated per second over the last ~10 s
 
 
 class Keys:

@@ -2,9 +2,14 @@
 
     main()            start-up, then poll_iteration() until SIGTERM/SIGINT, then shut-down
     poll_iteration()  apply reloads; take stale entries (XAUTOCLAIM) or read new ones (XREADGROUP), then run_batch()
-    run_batch()       parse/validate, answer what needs no model (expired, unknown persona, dead letters),
-                      one Backend.generate for the rest (off the event loop), reply + ack each entry atomically
-    handle_sig()      stop reading; the batch in hand is finished and acked; exit 0
+    run_batch()       parse/validate, answer what needs no model (expired, unknown persona, dead letters), then
+                      submit each request to the backend's running batch and reply + ack it (atomically) as soon
+                      as its own rows stop; a backend without `submit` gets one generate call for the batch instead
+    handle_sig()      stop reading; the requests in hand are finished and acked; exit 0
+
+With a continuously batching backend (inference.decode) up to `max_batch` requests are in flight at once: new
+ones are read while others generate and join the running batch at its next step, so a short request is never held
+behind long ones.
 
 Delivery is at-least-once, answering exactly once: a reply is written by one Lua script that sets the request's
 `answered` marker (NX), pushes the response only if the marker was new, and acks the entry, all atomically. So a
@@ -94,12 +99,14 @@ class WorkerMetrics:
         r = self.registry
         self.queue_depth = Gauge("convo_worker_queue_depth", "Requests not yet read by any worker", registry=r)
         self.pending = Gauge("convo_worker_pending", "Requests read but not acked (all workers)", registry=r)
-        self.batch_size = Histogram("convo_worker_batch_size", "Requests per generate call", registry=r,
+        self.batch_size = Histogram("convo_worker_batch_size", "Requests read and handed to the model together",
+                                    registry=r,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.queue_wait = Histogram("convo_worker_queue_wait_seconds", "Enqueue to start of generation", registry=r)
-        self.generate_latency = Histogram("convo_worker_generate_seconds", "Wall time of one batch generate",
+        self.generate_latency = Histogram("convo_worker_generate_seconds",
+                                          "Submit to answer of one request (or one batch)",
                                           registry=r)
-        self.tokens_per_s = Gauge("convo_worker_tokens_per_second", "New tokens per second of the last batch",
+        self.tokens_per_s = Gauge("convo_worker_tokens_per_second", "New tokens per second (running batch, last ~10 s)",
                                   registry=r)
         self.tokens = Counter("convo_worker_tokens", "New tokens generated", registry=r)
         self.requests = Counter("convo_worker_requests", "Requests answered", ["outcome"], registry=r)
@@ -139,7 +146,8 @@ class Worker:
         self._reply = redis.register_script(_REPLY_AND_ACK)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._partial_seq: dict[str, int] = {}
-        self._partial_futures: list = []
+        self._partial_futures: dict[str, list] = {}  # request id -> its partial publishes not yet awaited
+        self._inflight: dict[str, asyncio.Task] = {}  # entry id -> the task answering it (submitting backends)
 
     # ------------------------------------------------------------ life cycle
 
@@ -159,6 +167,8 @@ class Worker:
                     self._own_backlog = True
                     await self._pause(1.0)
         finally:
+            if self._inflight:  # the requests in hand: finished, replied and acked before exiting
+                await asyncio.gather(*self._inflight.values(), return_exceptions=True)
             await self.shutdown()
 
     async def startup(self) -> None:
@@ -179,6 +189,10 @@ class Worker:
             await asyncio.to_thread(self.registry.scan)
             for persona, reason in self.registry.rejected.items():
                 logger.warning("persona=%s not served: %s", persona, reason)
+        if self.settings.warm_up and hasattr(self.backend, "warm_up"):
+            t0 = time.perf_counter()
+            await asyncio.to_thread(self.backend.warm_up)
+            logger.info("warm-up %.0f ms", (time.perf_counter() - t0) * 1000)
         while not self.stopping.is_set():
             try:
                 await self._ensure_group()
@@ -242,9 +256,14 @@ class Worker:
 
     async def _take_entries(self) -> list[Entry]:
         s = self.settings
+        room = s.max_batch - len(self._inflight)
+        if room <= 0:  # as many requests in flight as allowed: wait for one to be answered
+            await asyncio.wait(list(self._inflight.values()), timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            return []
         if self._own_backlog:  # entries this consumer read before a restart and never acked
-            got = await self.redis.xreadgroup(WORKERS_GROUP, self.name, {self.keys.requests: "0"}, count=s.max_batch)
-            entries = _entries(got)
+            got = await self.redis.xreadgroup(WORKERS_GROUP, self.name, {self.keys.requests: "0"},
+                                              count=room + len(self._inflight))
+            entries = [e for e in _entries(got) if e.entry_id not in self._inflight][:room]
             if entries:
                 return await self._with_deliveries(entries)
             self._own_backlog = False
@@ -258,21 +277,21 @@ class Worker:
             if entries:
                 logger.info("worker %s took over %d stale entries", self.name, len(entries))
                 return await self._with_deliveries(entries)
-        return await self._read_new()
+        return await self._read_new(room)
 
-    async def _read_new(self) -> list[Entry]:
-        """XREADGROUP: block up to 500 ms for the first entry, then up to max_wait_ms for more (up to max_batch)."""
+    async def _read_new(self, room: int) -> list[Entry]:
+        """XREADGROUP: block up to 500 ms for the first entry, then up to max_wait_ms for more (up to `room`)."""
         s = self.settings
-        got = await self.redis.xreadgroup(WORKERS_GROUP, self.name, {self.keys.requests: ">"}, count=s.max_batch,
+        got = await self.redis.xreadgroup(WORKERS_GROUP, self.name, {self.keys.requests: ">"}, count=room,
                                           block=500)
         entries = _entries(got)
         end = time.monotonic() + s.max_wait_ms / 1000
-        while entries and len(entries) < s.max_batch:
+        while entries and len(entries) < room:
             left_ms = int((end - time.monotonic()) * 1000)
             if left_ms < 1:
                 break
             more = _entries(await self.redis.xreadgroup(
-                WORKERS_GROUP, self.name, {self.keys.requests: ">"}, count=s.max_batch - len(entries), block=left_ms))
+                WORKERS_GROUP, self.name, {self.keys.requests: ">"}, count=room - len(entries), block=left_ms))
             if not more:
                 break
             entries += more
@@ -290,7 +309,7 @@ class Worker:
     # ------------------------------------------------------------ one batch
 
     async def run_batch(self, entries: Sequence[Entry]) -> None:
-        """Answer every entry: errors without the model, the rest with one backend generate; reply and ack each."""
+        """Answer every entry: errors without the model; the rest submitted (each answered when done) or generated."""
         answers: list[tuple[Entry, GenerateRequest, GenerateResponse]] = []
         requests = await self._validate(entries, answers)
         if requests:
@@ -301,9 +320,49 @@ class Worker:
                 items, failures = await asyncio.to_thread(self._prepare, requests)
                 self.metrics.adapters_loaded.set(len(self.registry.loaded_names))
             answers += failures
+            if items and hasattr(self.backend, "submit"):
+                await self._send(answers)
+                self._submit(items)
+                return
             if items:
                 answers += await self._generate(items)
         await self._send(answers)
+
+    def _submit(self, items) -> None:
+        """Hand each item to the running batch; a task per request replies and acks when its rows are done."""
+        self.metrics.batch_size.observe(len(items))
+        for entry, item, ref in items:
+            try:
+                future = self.backend.submit(item, self._on_partial)
+            except (KeyError, RuntimeError) as e:  # the adapter went away since _prepare, or the backend closed
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(e)
+            task = asyncio.create_task(self._answer(entry, item, ref, future, utcnow()))
+            self._inflight[entry.entry_id] = task
+            task.add_done_callback(lambda _, entry_id=entry.entry_id: self._inflight.pop(entry_id, None))
+
+    async def _answer(self, entry: Entry, item, ref, future, started) -> None:
+        """Wait for one submitted request, then reply and ack it (a failure becomes an `internal` error)."""
+        request = item.request
+        t0 = time.perf_counter()
+        try:
+            result = await (future if isinstance(future, asyncio.Future) else asyncio.wrap_future(future))
+        except Exception as e:  # a bug or the device failing: this request learns of it
+            logger.error("request %s failed: %s", request.id, type(e).__name__)
+            await self._send([(entry, request, GenerateResponse.failure(
+                request.id, "internal", f"generation failed ({type(e).__name__})", worker=self.name))])
+            return
+        generate_s = time.perf_counter() - t0
+        self.batches += 1
+        m = self.metrics
+        m.generate_latency.observe(generate_s)
+        m.tokens.inc(result.new_tokens)
+        m.tokens_per_s.set(self.backend.stats()["tokens_per_s"] if hasattr(self.backend, "stats") else 0.0)
+        queue_ms = max((started - request.enqueued_at).total_seconds() * 1000, 0.0)
+        m.queue_wait.observe(queue_ms / 1000)
+        await self._send([(entry, request, GenerateResponse(
+            id=request.id, candidates=result.candidates, adapter=ref, queue_ms=round(queue_ms, 2),
+            generate_ms=round(generate_s * 1000, 2), worker=self.name))])
 
     async def _validate(self, entries: Sequence[Entry], answers: list) -> list[tuple[Entry, GenerateRequest]]:
         """Requests worth generating; the rest are dead-lettered, acked as duplicates or answered `expired`."""
@@ -411,7 +470,8 @@ class Worker:
             return
         from inference.batching import final_text
 
-        await self._drain_partials()
+        for _, request, _ in answers:
+            await self._drain_partials(request.id)
         for _, request, response in answers:
             if request.stream and response.ok:
                 await self._publish_partial(request.id, final_text(response.candidates[0]), done=True)
@@ -474,16 +534,15 @@ class Worker:
         """Schedule publishing `text` as the request's next Partial on the event loop."""
         if self._loop is None:
             return
-        self._partial_futures.append(
-            asyncio.run_coroutine_threadsafe(self._publish_partial(request_id, text), self._loop))
+        self._loop.call_soon_threadsafe(self._on_partial_inline, request_id, text)
 
     def _on_partial_inline(self, request_id: str, text: str) -> None:
-        """`_on_partial` for a backend called on the event loop itself."""
-        self._partial_futures.append(asyncio.ensure_future(self._publish_partial(request_id, text)))
+        """`_on_partial` on the event loop itself: publish in order, remembered until the request is answered."""
+        self._partial_futures.setdefault(request_id, []).append(
+            asyncio.ensure_future(self._publish_partial(request_id, text)))
 
-    async def _drain_partials(self) -> None:
-        futures, self._partial_futures = self._partial_futures, []
-        for future in futures:
+    async def _drain_partials(self, request_id: str) -> None:
+        for future in self._partial_futures.pop(request_id, []):
             try:
                 await (future if isinstance(future, asyncio.Future) else asyncio.wrap_future(future))
             except (RedisConnectionError, RedisTimeoutError, OSError):
@@ -506,10 +565,12 @@ class Worker:
         s = self.settings
         while not self.stopping.is_set():
             try:
+                stats = self.backend.stats() if hasattr(self.backend, "stats") else {}
                 beat = Heartbeat(
                     worker=self.name, pid=os.getpid(), base=str(self.base)[:200],
                     adapters_loaded=self.registry.loaded_names if self.registry else [],
                     batches=self.batches, requests=self.answered, started_at=self.started_at,
+                    in_flight=len(self._inflight), **stats,
                 )
                 await self.redis.set(self.keys.heartbeat(self.name), beat.dumps(), px=int(s.heartbeat_ttl_s * 1000))
                 depth, pending = await queue_state(self.redis, self.keys)
@@ -631,24 +692,25 @@ def _salvage_ids(fields: dict) -> tuple[str | None, str | None]:
 
 def build_worker(settings, redis, *, base: str | None = None, adapters_dir: str | None = None,
                  quantize: str | None = None, name: str | None = None) -> Worker:
-    """Load the base model once and wrap it with the adapter registry, the PEFT backend (with the candidate step of
-    inference.candidates on top, `generate.*` settings) and the queue loop."""
+    """Load the base model once and wrap it with the decode loop (continuous batching, batched LoRA, prefix cache),
+    the candidate step of inference.candidates on top (`generate.*` settings), the adapter registry and the queue
+    loop."""
     from pathlib import Path
 
-    from inference.adapters import AdapterRegistry, load_base, recorded_base
+    from inference.adapters import AdapterRegistry, recorded_base
     from inference.batching import CandidateBackend
-    from inference.peft_backend import PeftBackend
+    from inference.decode import load_backend
 
     ws = settings.worker
     adapters = Path(adapters_dir or ws.adapters_dir)
     base = base or ws.base or recorded_base(adapters)
     if base is None:
         raise ConfigError(f"no base model: pass --base DIR|ID (no adapter under {adapters} records one)")
-    model, tokenizer, device = load_base(base, quantize or ws.quantize, ws.device)
-    registry = AdapterRegistry(model, adapters, base, ws.max_loaded_adapters)
-    g = settings.generate
-    backend = CandidateBackend(
-        PeftBackend(registry, tokenizer, device, ws.partial_interval_ms, repetition_penalty=g.repetition_penalty,
-                    no_repeat_ngram_size=g.no_repeat_ngram_size),
-        rerank_k=g.rerank_k, max_resample_rounds=g.max_resample_rounds, resample_temperature=g.resample_temperature)
+    gs = settings.generate
+    decoder = load_backend(base, quantize=quantize or ws.quantize, device=ws.device, max_rows=ws.max_rows,
+                           partial_interval_ms=ws.partial_interval_ms, prefix_cache_mb=ws.prefix_cache_mb,
+                           repetition_penalty=gs.repetition_penalty, no_repeat_ngram_size=gs.no_repeat_ngram_size)
+    backend = CandidateBackend(decoder, rerank_k=gs.rerank_k, max_resample_rounds=gs.max_resample_rounds,
+                               resample_temperature=gs.resample_temperature, max_in_flight=ws.max_batch)
+    registry = AdapterRegistry(decoder.bank, adapters, base, ws.max_loaded_adapters)
     return Worker(redis, Keys(settings.redis.prefix), backend, ws, registry=registry, base=str(base), name=name)

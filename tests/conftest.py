@@ -92,6 +92,12 @@ def make_persona_adapters(tiny_base: Path, root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def adapters_dir(tiny_base, tmp_path_factory) -> Path:
+    """Two personas with different random LoRA weights (alice versioned v1, bob unversioned), per test module."""
+    return make_persona_adapters(tiny_base, tmp_path_factory.mktemp("adapters"))
+
+
 @contextlib.contextmanager
 def torch_threads(n: int):
     """Run torch ops on `n` threads inside the block. Tiny models on a shared 2-core machine run many times

@@ -28,14 +28,13 @@ def adapters_dir(tiny_base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def peft(tiny_base, adapters_dir):
-    from inference.adapters import AdapterRegistry, load_base
-    from inference.peft_backend import PeftBackend
+    """The worker's decode backend (stacked LoRA adapters) on the tiny base, with its registry."""
+    from tests.test_worker_batching import make_backend
 
     with torch_threads(1):
-        model, tokenizer, device = load_base(tiny_base, "none", "cpu")
-        registry = AdapterRegistry(model, adapters_dir, tiny_base, max_loaded=4)
-        registry.scan()
-    return PeftBackend(registry, tokenizer, device, partial_interval_ms=0)
+        backend = make_backend(tiny_base, adapters_dir)
+    yield backend
+    backend.close()
 
 
 def _item(backend, persona, history=HIST, **fields) -> BatchItem:

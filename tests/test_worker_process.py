@@ -14,7 +14,7 @@ import pytest
 
 from inference.protocol import WORKERS_GROUP, GenerateRequest, GenerateResponse, Keys, entry_payload, utcnow
 from tests.conftest import torch_threads
-from tests.test_worker import peft_worker, running, wait_until
+from tests.test_worker import model_worker, running, wait_until
 
 pytestmark = pytest.mark.redis
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +77,7 @@ def test_sigkill_mid_batch_then_a_second_worker_answers_everything_once(redis_ur
             proc.wait(30)
     assert pending_of(r, keys, "A") > 0  # it died holding entries
     with torch_threads(1):
-        worker, _ = peft_worker(redis_url, tiny_base, adapters_root, prefix=prefix, name="B", max_batch=4,
+        worker, _ = model_worker(redis_url, tiny_base, adapters_root, prefix=prefix, name="B", max_batch=4,
                                 visibility_timeout_s=0.3)
         with running(worker):
             wait_until(lambda: r.xpending(keys.requests, WORKERS_GROUP)["pending"] == 0

@@ -31,7 +31,7 @@ def worker_cmd(
     ctx: typer.Context,
     base: Annotated[str | None, typer.Option("--base", help="Base model: a local HF model dir or a hub id. \\[default: worker.base, else the base the adapters record]")] = None,
     adapters: Annotated[str | None, typer.Option("--adapters", help="Dir with one adapter dir per persona (`<persona>/` or `<persona>/current -> vN`). \\[default: worker.adapters_dir = adapters]")] = None,
-    quantize: Annotated[str | None, typer.Option("--quantize", help="4bit: NF4 through bitsandbytes (CUDA or CPU); none: bf16 on CUDA, fp32 on CPU; auto: 4bit on CUDA only. \\[default: worker.quantize = auto]")] = None,
+    quantize: Annotated[str | None, typer.Option("--quantize", help="4bit: NF4 through bitsandbytes (CUDA or CPU); none: bf16 on CUDA, fp32 on CPU; auto: bf16 on CUDA while its weights take <= 40 % of the GPU, else 4bit; fp32 on CPU. \\[default: worker.quantize = auto]")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Consumer name in the `workers` group; reuse it after a restart to re-read its own pending entries. \\[default: host-pid]")] = None,
     max_batch: Annotated[int | None, typer.Option("--max-batch", min=1, max=256, help="Requests per generate call. \\[default: worker.max_batch = 16]")] = None,
     max_wait_ms: Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="After the first request, wait this long for more to batch. \\[default: 5]")] = None,
@@ -92,11 +92,14 @@ def status_cmd(
         print(json.dumps(status, indent=2, default=str))
         return
     table = Table(title=f"workers ({len(status['workers'])} alive)")
-    for col in ("worker", "pid", "base", "adapters loaded", "batches", "requests", "last seen"):
+    for col in ("worker", "pid", "base", "adapters loaded", "requests", "in flight", "batch rows", "tokens/s",
+                "last seen"):
         table.add_column(col)
     for w in status["workers"]:
+        occupancy = f"{w['rows_active']}/{w['rows_capacity']}" if w["rows_capacity"] else "-"
         table.add_row(escape(w["worker"]), str(w["pid"]), escape(w["base"]), escape(", ".join(w["adapters_loaded"])),
-                      str(w["batches"]), str(w["requests"]), f"{w['age_s']:.1f} s ago")
+                      str(w["requests"]), str(w["in_flight"]), occupancy, f"{w['tokens_per_s']:.0f}",
+                      f"{w['age_s']:.1f} s ago")
     console.print(table)
     console.print(f"queue depth {status['queue_depth']}  pending {status['pending']}  dead letters {status['dead']}")
 

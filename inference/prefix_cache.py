@@ -1,0 +1,94 @@
+"""Per-chat prefix (KV) cache: the next turn of a conversation reuses the keys/values of the history it shares.
+
+A chat's next request repeats the previous prompt and adds a few messages, and on a CPU reading that prompt
+(prefill) is most of a draft's time. After each prefill the decode loop stores the prompt's keys/values here under
+its adapter's name (unique per loaded version); a later prompt for the same adapter starts from the longest stored
+token prefix it shares and prefills only the rest. Bounded in bytes, least recently used entries dropped first;
+`drop(adapter)` forgets an adapter's entries (hot reload or eviction), so a new version never sees the old one's.
+
+Limits: the prefix must be shared token for token from the first token, so once a bot's history window starts to
+slide (the oldest message dropped) the saving drops to the tokens before the first changed message.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from inference.engine import common_prefix_length
+
+KV = list[tuple["object", "object"]]  # per layer (keys, values), each a tensor (1, heads, tokens, head_dim)
+
+
+@dataclass(slots=True)
+class _Entry:
+    adapter: str
+    ids: tuple[int, ...]
+    kv: KV
+    nbytes: int
+
+
+class PrefixCache:
+    """Keys/values of recent prompts, by adapter; `lookup` gives the longest shared prefix (LRU, byte-bounded)."""
+
+    def __init__(self, max_bytes: int, min_tokens: int = 8):
+        self.max_bytes = max_bytes
+        self.min_tokens = min_tokens  # a shorter shared prefix is not worth a lookup hit
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.tokens_saved = 0
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # oldest use first
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, adapter: str, ids: list[int]) -> tuple[int, KV | None]:
+        """(tokens reusable, their keys/values cut to that length) for prompt `ids`; (0, None) on a miss.
+
+        At most len(ids) - 1 tokens are reused: the last prompt token is always run, for its logits.
+        """
+        with self._lock:
+            best, best_key = 0, None
+            for key, entry in self._entries.items():
+                if entry.adapter == adapter:
+                    n = min(common_prefix_length(entry.ids, ids), len(ids) - 1)
+                    if n > best:
+                        best, best_key = n, key
+            if best < self.min_tokens or best_key is None:
+                self.misses += 1
+                return 0, None
+            self._entries.move_to_end(best_key)
+            self.hits += 1
+            self.tokens_saved += best
+            kv = [(k[:, :, :best], v[:, :, :best]) for k, v in self._entries[best_key].kv]
+            return best, kv
+
+    def put(self, adapter: str, ids: list[int], kv: KV) -> None:
+        """Store the keys/values of prompt `ids` (replacing an entry that is a prefix of it); evict to the bound."""
+        nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if nbytes > self.max_bytes or len(ids) < self.min_tokens:
+            return
+        key_ids = tuple(ids)
+        with self._lock:
+            for key, entry in list(self._entries.items()):  # an older turn of the same chat is now redundant
+                if entry.adapter == adapter and key_ids[: len(entry.ids)] == entry.ids:
+                    self._remove(key)
+            self._next += 1
+            self._entries[self._next] = _Entry(adapter, key_ids, kv, nbytes)
+            self.nbytes += nbytes
+            while self.nbytes > self.max_bytes:
+                self._remove(next(iter(self._entries)))
+
+    def drop(self, adapter: str) -> None:
+        """Forget every entry of `adapter` (its version was replaced or unloaded)."""
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if e.adapter == adapter]:
+                self._remove(key)
+
+    def _remove(self, key: int) -> None:
+        entry = self._entries.pop(key)
+        self.nbytes -= entry.nbytes
