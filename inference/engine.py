@@ -170,18 +170,45 @@ class Engine:
 
         A completion reads like the training targets without their final tag: " msg1\\n[TARGET] msg2".
         """
+        return self.generate_raw_batch(
+            [prompt], target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        )[0]
+
+    def generate_raw_batch(
+        self,
+        prompts: Sequence[str],
+        target_tag: str,
+        *,
+        n: int = 3,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+    ) -> list[list[str]]:
+        """`generate_raw` for many prompts in one `generate`: `n` rows per prompt, left-padded to one width.
+
+        Left padding puts every row's completion at the same column, so the stop test and the cut need one prompt
+        length. One prompt alone has no padding and samples exactly as before; in a batch, a row's samples depend
+        on the seed and on the batch it shares.
+        """
         check_tag(target_tag)
-        prompt_ids = encode(self.tokenizer, prompt)
-        prompt_len = len(prompt_ids)
-        input_ids = torch.tensor([prompt_ids] * n, device=self.device)  # (n, prompt_len)
-        stop = StoppingCriteriaList([_StopAtOtherSpeaker(self.tokenizer, prompt_len, target_tag)])
+        encoded = [encode(self.tokenizer, p) for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts) * n, width), pad, dtype=torch.long)  # (rows, width), left-padded
+        attention = torch.zeros_like(input_ids)
+        for r in range(len(prompts) * n):
+            ids = encoded[r // n]
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            attention[r, width - len(ids) :] = 1
+        stop = StoppingCriteriaList([_StopAtOtherSpeaker(self.tokenizer, width, target_tag)])
         sampling = temperature > 0
         gen_kwargs = dict(
-            attention_mask=torch.ones_like(input_ids),
+            attention_mask=attention.to(self.device),
             max_new_tokens=max_new_tokens,
             do_sample=sampling,
             stopping_criteria=stop,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=pad,
         )
         if sampling:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
@@ -193,11 +220,12 @@ class Engine:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 if seed is not None:
                     torch.manual_seed(seed)
-                out = self.model.generate(input_ids=input_ids, **gen_kwargs)  # (n, prompt_len + new)
+                out = self.model.generate(input_ids=input_ids.to(self.device), **gen_kwargs)  # (rows, width + new)
         finally:
             if was_training:
                 self.model.train()
-        return [trim_completion(cut_completion(self.tokenizer, row, prompt_len), target_tag) for row in out]
+        texts = [trim_completion(cut_completion(self.tokenizer, row, width), target_tag) for row in out]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def generate(
         self,
@@ -211,10 +239,26 @@ class Engine:
         seed: int | None = None,
     ) -> list[list[str]]:
         """`n` candidates for the target's next burst, each as its list of messages."""
-        raw = self.generate_raw(
-            prompt, target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        return self.generate_batch(
+            [prompt], target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        )[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        target_tag: str,
+        *,
+        n: int = 3,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+    ) -> list[list[list[str]]]:
+        """`generate` for many prompts in one left-padded `generate` call: per prompt, `n` candidates."""
+        raw = self.generate_raw_batch(
+            prompts, target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )
-        return [split_completion(text, target_tag) for text in raw]
+        return [[split_completion(text, target_tag) for text in texts] for texts in raw]
 
     def completion_nll(
         self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int | None = None

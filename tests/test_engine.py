@@ -155,3 +155,15 @@ def test_parse_conversation_and_target(adapter):
     assert resolve_target(meta, "RIYA") == ("RIYA", "ALICE")
     with pytest.raises(ConfigError, match="known tags: ALICE, RIYA"):
         resolve_target(meta, "BOB")
+
+
+def test_generate_batch_left_pads_prompts_of_different_lengths(engine):
+    short = "[BOB] hi\n[ALICE]"
+    long = PROMPT.removesuffix("[ALICE]") + "[BOB] and then what happened after that?\n[ALICE]"
+    greedy = dict(n=2, temperature=0, max_new_tokens=12)
+    batch = engine.generate_raw_batch([long, short], "ALICE", **greedy)
+    # Padding is masked: each prompt's greedy rows equal the prompt run alone.
+    assert batch == [engine.generate_raw(long, "ALICE", **greedy), engine.generate_raw(short, "ALICE", **greedy)]
+    sampled = engine.generate_batch([short, long, short], "ALICE", n=2, seed=3, max_new_tokens=12)
+    assert [len(c) for c in sampled] == [2, 2, 2]
+    assert engine.generate_batch([short, long, short], "ALICE", n=2, seed=3, max_new_tokens=12) == sampled

@@ -250,20 +250,19 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                 nll_pairs[method] = pairs
             else:
                 res.update({"nll_per_token": None, "perplexity": None, "tokens": 0})
-            cands: list[list[list[str]]] = []
-            for i in range(len(chosen)):
-                kwargs = dict(
-                    n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-                    max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1000 * i,
-                )
-                if method == "api":
-                    from training.evaluate import api
+            if method == "api":
+                from training.evaluate import api
 
-                    out = api.generate(client, ctxs[i].text, prompts[i], tag, **kwargs)
-                else:
-                    out = engine.generate(ctxs[i].text + prompts[i], tag, **kwargs)
-                cands.append([list(c) for c in out])
-                advance(f"{method}: sampling")
+                cands = []
+                for i in range(len(chosen)):
+                    out = api.generate(client, ctxs[i].text, prompts[i], tag, n=cfg.samples_per_prompt,
+                                       temperature=cfg.temperature, top_p=cfg.top_p,
+                                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1000 * i)
+                    cands.append([list(c) for c in out])
+                    advance(f"{method}: sampling")
+            else:
+                cands = sample_batched(engine, [ctxs[i].text + prompts[i] for i in range(len(chosen))], tag, cfg,
+                                       lambda k, method=method: advance(f"{method}: sampling", k))
         replies[method] = cands
         res.update(score_replies(real, cands, training_messages, embedder, cfg.seed))
         res["style_calibrated"] = M.calibrated_style(res["style"], style_ref)
@@ -300,6 +299,27 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
     result = EvalResult(metrics, comparisons)
     write_outputs(cfg, result)
     return result
+
+
+def sample_batched(engine, texts: list[str], tag: str, cfg: EvalConfig, done=None) -> list[list[list[str]]]:
+    """`cfg.samples_per_prompt` replies per text: texts of similar length share one left-padded `generate` call
+    (`cfg.batch_size` texts, each `n` rows), which costs far less than one call per prompt on a CPU.
+
+    Batch k samples with seed `cfg.seed + 1000 * k`; `done(count)` is called after each batch.
+    """
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    cands: list[list[list[str]]] = [[] for _ in texts]
+    for k, start in enumerate(range(0, len(order), cfg.batch_size)):
+        idx = order[start : start + cfg.batch_size]
+        out = engine.generate_batch(
+            [texts[i] for i in idx], tag, n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
+            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1000 * k,
+        )
+        for i, replies in zip(idx, out, strict=True):
+            cands[i] = [list(c) for c in replies]
+        if done is not None:
+            done(len(idx))
+    return cands
 
 
 def score_replies(real: list, cands: list[list[list[str]]], training_messages: set[str], embedder, seed: int) -> dict:
