@@ -50,6 +50,7 @@ COLUMNS = (
     ("copied", "copied", "lower", 2),
     ("assistant", "assistant voice", "lower", 2),
 )
+DIGITS = {c: d for c, _, _, d in COLUMNS}
 GENERATED = ("semantic", "style", "auc")  # what a verdict "beats on generated text" rests on
 FAILURES = ("empty", "repeated", "assistant")  # rates a better method must not make worse
 # Settings a rerun must share with the results it resumes (the speakers may differ: new ones are added).
@@ -188,7 +189,8 @@ def eval_curve(adapter_dir: Path) -> list[list[float]]:
     if not path.is_file():
         return []
     recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [[r["step"], round(r["eval_loss"], 4)] for r in recs if "eval_loss" in r]
+    curve = {r["step"]: round(r["eval_loss"], 4) for r in reversed(recs) if "eval_loss" in r}  # first per step
+    return [[step, curve[step]] for step in sorted(curve)]
 
 
 def train_adapter(data_dir: Path, base: str, out: Path, args, console) -> dict:
@@ -357,11 +359,12 @@ def pooled(per_speaker: list[dict]) -> dict | None:
     return {"value": sum(d["value"] for d in ds) / len(ds), "interval": _percentile_interval(boot), "speakers": len(ds)}
 
 
-def verdict(d: dict | None, better: str) -> int:
-    """+1: the difference is better with its interval excluding 0; -1: worse likewise; 0: not distinguishable."""
+def verdict(d: dict | None, better: str, digits: int) -> int:
+    """+1: the difference is better with its interval excluding 0 at the precision shown; -1: worse likewise;
+    0: not distinguishable."""
     if d is None or d["interval"] is None:
         return 0
-    lo, hi = d["interval"]
+    lo, hi = (round(x, digits) for x in d["interval"])
     sign = 1 if lo > 0 else -1 if hi < 0 else 0
     return sign if better == "higher" else -sign
 
@@ -396,7 +399,7 @@ def analyse(results: dict) -> dict:
                 continue
             for col, _, better, _ in COLUMNS:
                 per = {k: paired(s, m, base_m, col) for k, s in stats.items()}
-                votes = [verdict(d, better) for d in per.values() if d is not None]
+                votes = [verdict(d, better, DIGITS[col]) for d in per.values() if d is not None]
                 diffs[(m, base_m, col)] = {"per": per, "pooled": pooled(list(per.values())),
                                            "wins": votes.count(1), "losses": votes.count(-1), "of": len(votes)}
     return {"runs": runs, "stats": stats, "methods": methods, "diffs": diffs}
@@ -410,7 +413,7 @@ def beats(a: dict, m: str, base_m: str) -> tuple[bool, list[str], list[str]]:
         if col not in (*GENERATED, *FAILURES):
             continue
         d = a["diffs"].get((m, base_m, col))
-        v = verdict(d and d["pooled"], direction) if d else 0
+        v = verdict(d and d["pooled"], direction, DIGITS[col]) if d else 0
         if v > 0 and col in GENERATED:
             better.append(col)
         if v < 0:
@@ -434,7 +437,7 @@ def findings(results: dict, a: dict) -> list[str]:
             parts = []
             for col, _, _, _ in COLUMNS:
                 d = a["diffs"][(m, base_m, col)]
-                if d["of"] and (d["wins"] or d["losses"] or verdict(d["pooled"], direction[col])):
+                if d["of"] and (d["wins"] or d["losses"] or verdict(d["pooled"], direction[col], digits[col])):
                     parts.append(f"{labels[col]} {_with_iv(d['pooled'], digits[col], True)} "
                                  f"(better on {d['wins']}/{d['of']} speakers, worse on {d['losses']}/{d['of']})")
             if base_m == "incontext" or m.startswith("adapter"):
@@ -537,7 +540,7 @@ def diff_table(a: dict, base_m: str, key: str | None) -> str:
             entry = a["diffs"].get((m, base_m, col))
             x = None if entry is None else (entry["pooled"] if key is None else entry["per"].get(key))
             text = _with_iv(x, d, True)
-            v = verdict(x, better)
+            v = verdict(x, better, d)
             if key is None and entry and entry["of"]:
                 text += f" ({entry['wins']}↑ {entry['losses']}↓ of {entry['of']})"
             cells.append(f"**{text}**" if v > 0 else f"*{text}*" if v < 0 else text)
@@ -787,8 +790,7 @@ def run_speaker(sp: Speaker, data, args, work: Path, results: dict, save, embedd
                                           args, embedder, training_messages, None)
         real = [c["real"] for c in comps]
         if "real" not in run:
-            run.update(real=real, last_messages=[c["prompt"].rstrip().split("\n")[-2] if "\n" in c["prompt"].rstrip()
-                                                 else c["prompt"] for c in comps],
+            run.update(real=real, last_messages=[_last_message(c["prompt"]) for c in comps],
                        style_reference=metrics["real"]["style_reference"],
                        real_flags=_sum_flags([reply_flags([r], training_messages, assistant_detector()) for r in real]))
         elif run["real"] != real:
@@ -813,6 +815,11 @@ def run_speaker(sp: Speaker, data, args, work: Path, results: dict, save, embedd
         record(PREFERENCE, Engine.load(base=args.base, adapter=d / "adapter-preference"), d / "adapter-preference")
     run["done"] = all(m in run["methods"] or m in results["not_run"] for m in METHODS)
     save()
+
+
+def _last_message(prompt: str) -> str:
+    lines = prompt.rstrip().split("\n")
+    return lines[-2] if len(lines) > 1 else "(start of the conversation)"
 
 
 def _sum_flags(flags: list[dict]) -> dict:
