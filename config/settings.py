@@ -74,6 +74,11 @@ class GenerateSettings(BaseModel):
     temperature: float = Field(0.8, ge=0)  # sampling temperature (0: greedy)
     top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling mass
     max_new_tokens: int = Field(64, ge=1)  # max new tokens per candidate
+    rerank_k: int = Field(6, ge=0, le=32)  # sample this many, keep the n the adapter prefers over the base (0: off)
+    max_resample_rounds: int = Field(2, ge=0, le=8)  # extra draws for requests short of n clean, distinct candidates
+    resample_temperature: float = Field(0.8, gt=0)  # a greedy request's extra and re-drawn samples use this
+    repetition_penalty: float = Field(1.0, ge=1.0)  # on tokens the burst already holds (prompt and tags exempt)
+    no_repeat_ngram_size: int = Field(0, ge=0)  # ban repeating an n-gram of the burst (prompt and tags exempt; 0: off)
 
 
 class EvalSettings(BaseModel):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from inference.adapter_meta import AdapterMeta
@@ -30,6 +30,7 @@ from inference.prompt_format import (
     PromptFormatError,
     Turn,
     check_tag,
+    escape_text,
     make_tag,
     render_prompt,
     split_completion,
@@ -49,14 +50,21 @@ class BatchItem:
     prompt: str
     target: str
     adapter: str  # PEFT adapter name, or "__base__" for the bare base
+    samples: int = 0  # rows to sample for this item; 0 (the default) means request.n
+
+    def __post_init__(self):
+        if self.samples <= 0:
+            object.__setattr__(self, "samples", self.request.n)
 
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """What one request got: `n` candidates (each a list of messages) and the tokens generated for them."""
+    """What one item got: a candidate per row (each a list of messages), the tokens generated for them, and each
+    row's raw completion (trimmed at the end of the burst) for inference.candidates to clean."""
 
     candidates: list[list[str]]
     new_tokens: int
+    raw: list[str] = field(default_factory=list)
 
 
 class Backend(Protocol):
@@ -68,7 +76,12 @@ class Backend(Protocol):
     blocking: bool
 
     def generate(self, items: Sequence[BatchItem], on_partial: PartialSink | None = None) -> list[BatchResult]:
-        """Generate for every item in one go; `on_partial(id, text)` gets live text of stream requests."""
+        """Generate for every item in one go (`item.samples` rows each); `on_partial(id, text)` gets live text."""
+        ...
+
+    def score(self, pairs: Sequence[tuple[BatchItem, str]]) -> list[tuple[float, float, int]]:
+        """Per (item, completion text): summed log-prob of the completion under the item's adapter, under the bare
+        base, and its token count (one batched forward pass)."""
         ...
 
 
@@ -153,7 +166,7 @@ class EchoBackend:
         self.blocking = delay_s > 0
 
     def generate(self, items: Sequence[BatchItem], on_partial: PartialSink | None = None) -> list[BatchResult]:
-        """Echo the last history message (or "...") `n` times."""
+        """Echo the last history message (or "...") once per row."""
         if self.delay_s:  # with a delay it stands in for a model: the worker must run it in a thread
             time.sleep(self.delay_s)  # stands in for model time; not synchronisation
         out = []
@@ -161,5 +174,82 @@ class EchoBackend:
             last = item.request.history[-1].text if item.request.history else "..."
             if item.request.stream and on_partial is not None:
                 on_partial(item.request.id, last[: max(1, len(last) // 2)])
-            out.append(BatchResult([[last]] * item.request.n, item.request.n))
+            out.append(BatchResult([[last]] * item.samples, item.samples, [" " + escape_text(last)] * item.samples))
         return out
+
+    def score(self, pairs: Sequence[tuple[BatchItem, str]]) -> list[tuple[float, float, int]]:
+        """No model: every completion scores zero."""
+        return [(0.0, 0.0, 0) for _ in pairs]
+
+
+class CandidateBackend:
+    """Any backend, with inference.candidates on top: every request gets clean, distinct (reranked) candidates.
+
+    Each `generate` is one `sample_candidates` run over the batch: round 0 draws K = max(n, rerank_k) rows per
+    request in one inner `generate`, later rounds (at most `max_resample_rounds`) only the rows still missing, and
+    rerank is one inner `score` call. A greedy request (temperature 0) keeps its greedy row as the first sample and
+    is not reranked; its other rows are sampled at `resample_temperature` (n identical greedy rows would be one
+    candidate). Live partials come from round 0's first row: cleaning or rerank may still replace that text, and
+    the worker's final partial carries the candidate actually chosen.
+    """
+
+    def __init__(self, inner: Backend, *, rerank_k: int = 0, max_resample_rounds: int = 2,
+                 resample_temperature: float = 0.8):
+        self.inner = inner
+        self.blocking = getattr(inner, "blocking", True)
+        self.rerank_k, self.max_resample_rounds = rerank_k, max_resample_rounds
+        self.resample_temperature = resample_temperature
+        self.last: list = []  # the Outcomes of the last generate (counts for metrics and benchmarks)
+
+    def __getattr__(self, name: str):  # registry, tokenizer, ... of the inner backend
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def generate(self, items: Sequence[BatchItem], on_partial: PartialSink | None = None) -> list[BatchResult]:
+        """Clean, distinct candidates for every item (see the class docstring)."""
+        from dataclasses import replace
+
+        from inference.candidates import greedy_split, rerank_score, sample_candidates
+
+        tokens = [0] * len(items)
+        calls = 0
+
+        def generate_fn(indices: list[int], samples: list[int]) -> list[list[str]]:
+            nonlocal calls
+            batch: list[BatchItem] = []
+            owner: list[int] = []
+            for i, k in zip(indices, samples, strict=True):
+                item = items[i]
+                if item.request.temperature > 0:
+                    parts = [replace(item, samples=k)]
+                else:  # greedy: the greedy row once (round 0), sampled rows for the rest
+                    greedy, sampled = greedy_split(k, calls == 0)
+                    warm = item.request.model_copy(update={"temperature": self.resample_temperature,
+                                                           "stream": False})
+                    parts = [replace(item, samples=greedy)] if greedy else []
+                    if sampled:
+                        parts.append(replace(item, request=warm, samples=sampled))
+                batch += parts
+                owner += [i] * len(parts)
+            results = self.inner.generate(batch, on_partial if calls == 0 else None)
+            calls += 1
+            raw: dict[int, list[str]] = {i: [] for i in indices}
+            for i, result in zip(owner, results, strict=True):
+                tokens[i] += result.new_tokens
+                raw[i] += result.raw
+            return [raw[i] for i in indices]
+
+        def score_fn(pairs: list[tuple[int, str]]) -> list[float]:
+            return [rerank_score(*s) for s in self.inner.score([(items[i], text) for i, text in pairs])]
+
+        ks = [self.rerank_k if item.request.temperature > 0 else 0 for item in items]
+        outcomes = sample_candidates(list(range(len(items))), [item.target for item in items],
+                                     [item.request.n for item in items], generate_fn, score_fn, rerank_k=ks,
+                                     max_resample_rounds=self.max_resample_rounds)
+        self.last = outcomes
+        return [BatchResult(o.candidates, tokens[i], o.raw) for i, o in enumerate(outcomes)]
+
+    def score(self, pairs: Sequence[tuple[BatchItem, str]]) -> list[tuple[float, float, int]]:
+        """The inner backend's scores."""
+        return self.inner.score(pairs)

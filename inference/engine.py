@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from convo.errors import ConfigError, ConvoError, TrainError
 from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
+from inference.candidates import Outcome
 from inference.completion import cut_completion
 from inference.prompt_format import (
     Turn,
@@ -31,6 +32,7 @@ from inference.prompt_format import (
     split_completion,
     trim_burst,
 )
+from inference.repetition import BurstRepetition
 
 trim_completion = trim_burst  # the name simulate and eval know
 
@@ -165,10 +167,13 @@ class Engine:
         top_p: float = 0.95,
         max_new_tokens: int = 64,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
     ) -> list[str]:
         """`n` sampled completions of `prompt` (which ends with `[TARGET]`), each trimmed before the line that ends the burst.
 
         A completion reads like the training targets without their final tag: " msg1\\n[TARGET] msg2".
+        Repetition control (inference.repetition) counts the generated burst only.
         """
         return self.generate_raw_batch(
             [prompt], target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
@@ -212,6 +217,11 @@ class Engine:
         )
         if sampling:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+        repetition = BurstRepetition(self.tokenizer, prompt_len, repetition_penalty, no_repeat_ngram_size)
+        if repetition.active():
+            from transformers import LogitsProcessorList
+
+            gen_kwargs["logits_processor"] = LogitsProcessorList([repetition])
         was_training = self.model.training
         self.model.eval()
         devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
@@ -260,6 +270,38 @@ class Engine:
         )
         return [[split_completion(text, target_tag) for text in texts] for texts in raw]
 
+    def sample(self, prompt: str, target_tag: str, opts: SimulateOptions) -> Outcome:
+        """Clean, distinct candidates for one prompt through inference.candidates (re-sampling, rerank by `opts`).
+
+        Rerank (the adapter's per-token likelihood ratio to the base) needs an adapter and a sampling temperature;
+        a greedy request keeps its greedy completion first and draws the rest at `opts.resample_temperature`.
+        """
+        from inference.candidates import greedy_split, rerank_score, sample_candidates
+
+        calls = 0
+
+        def generate_fn(items: list, samples: list[int]) -> list[list[str]]:
+            nonlocal calls
+            [k] = samples
+            seed = None if opts.seed is None else opts.seed + 7919 * calls
+            common = dict(top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
+                          repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size)
+            greedy, sampled = greedy_split(k, calls == 0) if opts.temperature <= 0 else (0, k)
+            texts = self.generate_raw(prompt, target_tag, n=1, temperature=0, **common) if greedy else []
+            if sampled:
+                temperature = opts.temperature if opts.temperature > 0 else opts.resample_temperature
+                texts += self.generate_raw(prompt, target_tag, n=sampled, temperature=temperature, seed=seed, **common)
+            calls += 1
+            return [texts]
+
+        def score_fn(pairs: list[tuple[int, str]]) -> list[float]:
+            return [rerank_score(*s) for s in self.score([(prompt, text) for _, text in pairs])]
+
+        rerank = opts.rerank_k if opts.temperature > 0 and hasattr(self.model, "disable_adapter") else 0
+        [outcome] = sample_candidates([0], [target_tag], [opts.n], generate_fn, score_fn, rerank_k=rerank,
+                                      max_resample_rounds=opts.max_resample_rounds)
+        return outcome
+
     def completion_nll(
         self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int | None = None
     ) -> list[tuple[float, int]]:
@@ -268,37 +310,54 @@ class Engine:
         Tokenized exactly as training does (`tokenize_pair`); prompt tokens never carry loss. With `max_length`,
         the oldest tokens are dropped first (training's keep_end truncation).
         """
-        results: list[tuple[float, int]] = []
-        pad = self.tokenizer.pad_token_id
+        encoded = [tokenize_pair(self.tokenizer, p, c) for p, c in pairs]
+        if max_length is not None:
+            encoded = [(ids[-max_length:], mask[-max_length:]) for ids, mask in encoded]
         was_training = self.model.training
         self.model.eval()
         try:
-            for i in range(0, len(pairs), batch_size):
-                encoded = [tokenize_pair(self.tokenizer, p, c) for p, c in pairs[i : i + batch_size]]
-                if max_length is not None:
-                    encoded = [(ids[-max_length:], mask[-max_length:]) for ids, mask in encoded]
-                width = max(len(ids) for ids, _ in encoded)
-                ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-                attn = torch.zeros((len(encoded), width), dtype=torch.long)
-                loss_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
-                for row, (seq, mask) in enumerate(encoded):
-                    ids[row, : len(seq)] = torch.tensor(seq)
-                    attn[row, : len(seq)] = 1
-                    loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
-                ids, attn, loss_mask = ids.to(self.device), attn.to(self.device), loss_mask.to(self.device)
-                with torch.no_grad():
-                    logits = self.model(input_ids=ids, attention_mask=attn).logits.float()  # (B, T, V)
-                # Token t is predicted from position t-1.
-                logp = torch.log_softmax(logits[:, :-1], dim=-1)
-                target_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-                m = loss_mask[:, 1:]
-                nll = -(target_logp * m).sum(dim=1)
-                counts = m.sum(dim=1)
-                results += [(float(a), int(b)) for a, b in zip(nll.tolist(), counts.tolist(), strict=True)]
+            results: list[tuple[float, int]] = []
+            for i in range(0, len(encoded), batch_size):
+                chunk = completion_logprobs(self.model, self.tokenizer.pad_token_id, encoded[i : i + batch_size],
+                                            self.device)
+                results += [(-lp, count) for lp, count in chunk]
         finally:
             if was_training:
                 self.model.train()
         return results
+
+    def score(self, pairs: Sequence[tuple[str, str]], batch_size: int = 8) -> list[tuple[float, float, int]]:
+        """Per (prompt, completion): log-prob of the completion under the adapter, under the bare base, tokens."""
+        with_adapter = self.completion_nll(pairs, batch_size=batch_size)
+        with self.adapter_disabled():
+            bare = self.completion_nll(pairs, batch_size=batch_size)
+        return [(-a, -b, n) for (a, n), (b, _) in zip(with_adapter, bare, strict=True)]
+
+
+def completion_logprobs(model, pad_id: int, encoded: Sequence[tuple[list[int], list[int]]], device,
+                        **forward_kwargs) -> list[tuple[float, int]]:
+    """One forward pass over (input_ids, completion_mask) rows: (summed log-prob of the masked tokens, their count).
+
+    Rows are right-padded; `forward_kwargs` go to the model (e.g. PEFT's per-row `adapter_names`).
+    """
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(encoded), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(encoded), width), dtype=torch.bool)
+    for row, (seq, mask) in enumerate(encoded):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        attn[row, : len(seq)] = 1
+        loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
+    ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attn, **forward_kwargs).logits.float()  # (B, T, V)
+    # Token t is predicted from position t-1.
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    target_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    m = loss_mask[:, 1:]
+    sums = (target_logp * m).sum(dim=1)
+    counts = m.sum(dim=1)
+    return [(float(a), int(b)) for a, b in zip(sums.tolist(), counts.tolist(), strict=True)]
 
 
 def qlora_config(compute_dtype: torch.dtype = torch.bfloat16, flag: str = "--qlora"):
@@ -347,13 +406,26 @@ def qlora_device_map(device: str) -> dict:
 
 @dataclass(frozen=True, slots=True)
 class SimulateOptions:
-    """Sampling settings for simulate (defaults come from config.settings.GenerateSettings)."""
+    """Sampling and candidate settings for simulate and eval (`from_settings`: config.settings.GenerateSettings)."""
 
     n: int = 3
     temperature: float = 0.8
     top_p: float = 0.95
     max_new_tokens: int = 64
     seed: int | None = None
+    rerank_k: int = 0
+    max_resample_rounds: int = 2
+    resample_temperature: float = 0.8
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+
+    @classmethod
+    def from_settings(cls, g, **overrides) -> SimulateOptions:
+        """Options from a GenerateSettings `g`, with the given non-None overrides on top."""
+        names = [f for f in cls.__dataclass_fields__ if f != "seed"]
+        values = {name: getattr(g, name) for name in names}
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 def parse_conversation(text: str, default_tag: str) -> list[Turn]:
@@ -389,9 +461,5 @@ def resolve_target(meta: AdapterMeta | None, as_tag: str | None) -> tuple[str, s
 
 
 def simulate(engine: Engine, turns: Sequence[Turn], target: str, opts: SimulateOptions) -> list[list[str]]:
-    """Candidates for `target`'s next burst after `turns` (each a list of messages)."""
-    prompt = render_prompt(turns, target)
-    return engine.generate(
-        prompt, target, n=opts.n, temperature=opts.temperature, top_p=opts.top_p,
-        max_new_tokens=opts.max_new_tokens, seed=opts.seed,
-    )
+    """Candidates for `target`'s next burst after `turns` (each a list of messages), after inference.candidates."""
+    return engine.sample(render_prompt(turns, target), target, opts).candidates

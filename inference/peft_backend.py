@@ -15,9 +15,10 @@ from collections.abc import Sequence
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
 
-from inference.batching import BatchItem, BatchResult, PartialSink, partial_text, trim_burst
-from inference.engine import encode
+from inference.batching import BASE_ADAPTER, BatchItem, BatchResult, PartialSink, partial_text, trim_burst
+from inference.engine import completion_logprobs, encode, tokenize_pair
 from inference.prompt_format import completion_finished, split_completion
+from inference.repetition import BurstRepetition
 
 
 class PeftBackend:
@@ -25,14 +26,16 @@ class PeftBackend:
 
     blocking = True
 
-    def __init__(self, registry, tokenizer, device: str, partial_interval_ms: float = 250.0):
+    def __init__(self, registry, tokenizer, device: str, partial_interval_ms: float = 250.0, *,
+                 repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0):
         self.registry = registry  # inference.adapters.AdapterRegistry; its `model` changes when the first adapter loads
         self.tokenizer = tokenizer
         self.device = device
         self.partial_interval_s = partial_interval_ms / 1000
+        self.repetition_penalty, self.no_repeat_ngram_size = repetition_penalty, no_repeat_ngram_size
 
     def generate(self, items: Sequence[BatchItem], on_partial: PartialSink | None = None) -> list[BatchResult]:
-        """One left-padded generate for all rows (n per item), each row through its own adapter."""
+        """One left-padded generate for all rows (`item.samples` per item), each row through its own adapter."""
         from peft import PeftModel
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
@@ -40,7 +43,7 @@ class PeftBackend:
             return []
         tok = self.tokenizer
         pad = tok.pad_token_id
-        rows = [(i, item) for i, item in enumerate(items) for _ in range(item.request.n)]
+        rows = [(i, item) for i, item in enumerate(items) for _ in range(item.samples)]
         encoded = {i: encode(tok, item.prompt) for i, item in enumerate(items)}
         width = max(len(ids) for ids in encoded.values())
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (rows, width), left-padded
@@ -63,9 +66,15 @@ class PeftBackend:
             pad_token_id=pad,
             do_sample=sampling,
         )
+        processors = LogitsProcessorList()
+        repetition = BurstRepetition(tok, width, self.repetition_penalty, self.no_repeat_ngram_size)
+        if repetition.active():  # before sampling: a banned token must not survive as a greedy row's argmax
+            processors.append(repetition)
         if sampling:  # per-row temperature and top-p; the library's own warpers stay off
-            kwargs.update(temperature=1.0, top_p=1.0, top_k=0,
-                          logits_processor=LogitsProcessorList([_RowSampling(temps, top_ps)]))
+            kwargs.update(temperature=1.0, top_p=1.0, top_k=0)
+            processors.append(_RowSampling(temps, top_ps))
+        if processors:
+            kwargs["logits_processor"] = processors
         stop.max_new = [item.request.max_new_tokens for _, item in rows]
         model = self.registry.model
         if isinstance(model, PeftModel):
@@ -77,16 +86,40 @@ class PeftBackend:
         out = out.cpu()
         results: list[BatchResult] = []
         for i, item in enumerate(items):
-            candidates, new_tokens = [], 0
+            candidates, raws, new_tokens = [], [], 0
             for r in (r for r, (j, _) in enumerate(rows) if j == i):
                 gen = out[r, width : width + item.request.max_new_tokens].tolist()
                 while gen and gen[-1] == pad:
                     gen.pop()
                 new_tokens += len(gen)
-                raw = tok.decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-                candidates.append(split_completion(trim_burst(raw, item.target), item.target))
-            results.append(BatchResult(candidates, new_tokens))
+                raw = trim_burst(tok.decode(gen, skip_special_tokens=True, clean_up_tokenization_spaces=False),
+                                 item.target)
+                raws.append(raw)
+                candidates.append(split_completion(raw, item.target))
+            results.append(BatchResult(candidates, new_tokens, raws))
         return results
+
+    def score(self, pairs: Sequence[tuple[BatchItem, str]], batch_size: int = 16) -> list[tuple[float, float, int]]:
+        """Per (item, completion): summed log-prob under the item's adapter and under the bare base, and tokens.
+
+        Each chunk is one forward pass of 2 x rows: every pair once through its adapter, once as `__base__`.
+        """
+        from peft import PeftModel
+
+        model = self.registry.model
+        pad = self.tokenizer.pad_token_id
+        out: list[tuple[float, float, int]] = []
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            encoded = [tokenize_pair(self.tokenizer, item.prompt, text) for item, text in chunk]
+            kwargs = {}
+            if isinstance(model, PeftModel):
+                kwargs["adapter_names"] = [item.adapter for item, _ in chunk] + [BASE_ADAPTER] * len(chunk)
+            elif any(item.adapter != BASE_ADAPTER for item, _ in chunk):
+                raise RuntimeError("pairs name adapters but no adapter is loaded")
+            lps = completion_logprobs(model, pad, encoded + encoded, self.device, **kwargs)
+            out += [(a, b, n) for (a, n), (b, _) in zip(lps[: len(chunk)], lps[len(chunk) :], strict=True)]
+        return out
 
 
 class _RowStop(StoppingCriteria):

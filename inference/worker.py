@@ -630,10 +630,12 @@ def _salvage_ids(fields: dict) -> tuple[str | None, str | None]:
 
 def build_worker(settings, redis, *, base: str | None = None, adapters_dir: str | None = None,
                  quantize: str | None = None, name: str | None = None) -> Worker:
-    """Load the base model once and wrap it with the adapter registry, the PEFT backend and the queue loop."""
+    """Load the base model once and wrap it with the adapter registry, the PEFT backend (with the candidate step of
+    inference.candidates on top, `generate.*` settings) and the queue loop."""
     from pathlib import Path
 
     from inference.adapters import AdapterRegistry, load_base, recorded_base
+    from inference.batching import CandidateBackend
     from inference.peft_backend import PeftBackend
 
     ws = settings.worker
@@ -643,5 +645,9 @@ def build_worker(settings, redis, *, base: str | None = None, adapters_dir: str 
         raise ConfigError(f"no base model: pass --base DIR|ID (no adapter under {adapters} records one)")
     model, tokenizer, device = load_base(base, quantize or ws.quantize, ws.device)
     registry = AdapterRegistry(model, adapters, base, ws.max_loaded_adapters)
-    backend = PeftBackend(registry, tokenizer, device, ws.partial_interval_ms)
+    g = settings.generate
+    backend = CandidateBackend(
+        PeftBackend(registry, tokenizer, device, ws.partial_interval_ms, repetition_penalty=g.repetition_penalty,
+                    no_repeat_ngram_size=g.no_repeat_ngram_size),
+        rerank_k=g.rerank_k, max_resample_rounds=g.max_resample_rounds, resample_temperature=g.resample_temperature)
     return Worker(redis, Keys(settings.redis.prefix), backend, ws, registry=registry, base=str(base), name=name)

@@ -119,19 +119,20 @@ def simulate_cmd(
     top_p: Annotated[float | None, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass. \\[default: 0.95]")] = None,
     max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", min=1, help="Max tokens per candidate. \\[default: 64]")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Sampling seed (default: random).")] = None,
+    rerank_k: Annotated[int | None, typer.Option("--rerank-k", min=0, help="Sample this many and keep the N the adapter prefers over the base (0: off). \\[default: generate.rerank_k]")] = None,
+    resample_rounds: Annotated[int | None, typer.Option("--resample-rounds", min=0, help="Extra draws when fewer than N clean, distinct candidates came. \\[default: generate.max_resample_rounds]")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option("--repetition-penalty", min=1.0, help="Penalty on tokens the reply already holds (prompt and tags exempt). \\[default: generate.repetition_penalty]")] = None,
+    no_repeat_ngram: Annotated[int | None, typer.Option("--no-repeat-ngram", min=0, help="Ban repeating an n-gram of the reply (0: off). \\[default: generate.no_repeat_ngram_size]")] = None,
     qlora: Annotated[bool, typer.Option("--qlora", help="Load the base in 4-bit NF4 (bitsandbytes; CUDA or CPU).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print candidates as JSON.")] = False,
 ) -> None:
-    """Continue a conversation as a persona: sample N candidate bursts from base + adapter."""
+    """Continue a conversation as a persona: N clean, distinct candidate bursts from base + adapter (reranked)."""
     from inference.engine import SimulateOptions, parse_conversation, resolve_target, simulate
 
-    g = _state(ctx).settings.generate
-    gen = SimulateOptions(
-        n=n if n is not None else g.n,
-        temperature=temperature if temperature is not None else g.temperature,
-        top_p=top_p if top_p is not None else g.top_p,
-        max_new_tokens=max_new_tokens if max_new_tokens is not None else g.max_new_tokens,
-        seed=seed,
+    gen = SimulateOptions.from_settings(
+        _state(ctx).settings.generate, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+        seed=seed, rerank_k=rerank_k, max_resample_rounds=resample_rounds, repetition_penalty=repetition_penalty,
+        no_repeat_ngram_size=no_repeat_ngram,
     )
     if adapter is None and base is None:
         raise ConfigError("simulate needs --adapter DIR (or --base MODEL to try the bare base model)")
@@ -158,10 +159,11 @@ def _print_candidates(target: str, candidates: list[list[str]], as_json: bool) -
     if as_json:
         print(json.dumps({"target": target, "candidates": candidates}, ensure_ascii=False, indent=2))
         return
+    if not candidates:
+        console.print("[dim](no usable candidate: the model gave only empty or broken text; sample again or raise "
+                      "--resample-rounds)[/]")
     for i, messages in enumerate(candidates, 1):
         console.print(f"[bold]{i}.[/]")
-        if not messages:
-            console.print(f"   [dim]\\[{target}] (nothing: the model ended the turn at once)[/]")
         for m in messages:
             console.print(f"   [cyan]\\[{target}][/] {escape(m)}")
 
