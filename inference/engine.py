@@ -176,7 +176,8 @@ class Engine:
         Repetition control (inference.repetition) counts the generated burst only.
         """
         return self.generate_raw_batch(
-            [prompt], target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+            [prompt], target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
         )[0]
 
     def generate_raw_batch(
@@ -189,6 +190,8 @@ class Engine:
         top_p: float = 0.95,
         max_new_tokens: int = 64,
         seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
     ) -> list[list[str]]:
         """`generate_raw` for many prompts in one `generate`: `n` rows per prompt, left-padded to one width.
 
@@ -217,7 +220,7 @@ class Engine:
         )
         if sampling:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        repetition = BurstRepetition(self.tokenizer, prompt_len, repetition_penalty, no_repeat_ngram_size)
+        repetition = BurstRepetition(self.tokenizer, width, repetition_penalty, no_repeat_ngram_size)
         if repetition.active():
             from transformers import LogitsProcessorList
 
@@ -276,31 +279,45 @@ class Engine:
         Rerank (the adapter's per-token likelihood ratio to the base) needs an adapter and a sampling temperature;
         a greedy request keeps its greedy completion first and draws the rest at `opts.resample_temperature`.
         """
+        return self.sample_batch([prompt], target_tag, opts)[0]
+
+    def sample_batch(self, prompts: Sequence[str], target_tag: str, opts: SimulateOptions) -> list[Outcome]:
+        """`sample` for many prompts at once: each round of the candidate step is one left-padded `generate` per
+        distinct number of rows asked (usually one), and rerank scores every candidate in batches."""
         from inference.candidates import greedy_split, rerank_score, sample_candidates
 
         calls = 0
+        common = dict(top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
+                      repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size)
 
-        def generate_fn(items: list, samples: list[int]) -> list[list[str]]:
+        def generate_fn(items: list[int], samples: list[int]) -> list[list[str]]:
             nonlocal calls
-            [k] = samples
             seed = None if opts.seed is None else opts.seed + 7919 * calls
-            common = dict(top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
-                          repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size)
-            greedy, sampled = greedy_split(k, calls == 0) if opts.temperature <= 0 else (0, k)
-            texts = self.generate_raw(prompt, target_tag, n=1, temperature=0, **common) if greedy else []
-            if sampled:
-                temperature = opts.temperature if opts.temperature > 0 else opts.resample_temperature
-                texts += self.generate_raw(prompt, target_tag, n=sampled, temperature=temperature, seed=seed, **common)
+            texts: dict[int, list[str]] = {i: [] for i in items}
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, k in zip(items, samples, strict=True):
+                groups.setdefault(greedy_split(k, calls == 0) if opts.temperature <= 0 else (0, k), []).append(i)
+            for (greedy, sampled), group in groups.items():
+                batch = [prompts[i] for i in group]
+                if greedy:
+                    for i, out in zip(group, self.generate_raw_batch(batch, target_tag, n=1, temperature=0, **common),
+                                      strict=True):
+                        texts[i] += out
+                if sampled:
+                    temperature = opts.temperature if opts.temperature > 0 else opts.resample_temperature
+                    for i, out in zip(group, self.generate_raw_batch(batch, target_tag, n=sampled,
+                                                                     temperature=temperature, seed=seed, **common),
+                                      strict=True):
+                        texts[i] += out
             calls += 1
-            return [texts]
+            return [texts[i] for i in items]
 
         def score_fn(pairs: list[tuple[int, str]]) -> list[float]:
-            return [rerank_score(*s) for s in self.score([(prompt, text) for _, text in pairs])]
+            return [rerank_score(*s) for s in self.score([(prompts[i], text) for i, text in pairs])]
 
         rerank = opts.rerank_k if opts.temperature > 0 and hasattr(self.model, "disable_adapter") else 0
-        [outcome] = sample_candidates([0], [target_tag], [opts.n], generate_fn, score_fn, rerank_k=rerank,
-                                      max_resample_rounds=opts.max_resample_rounds)
-        return outcome
+        return sample_candidates(list(range(len(prompts))), [target_tag] * len(prompts), [opts.n] * len(prompts),
+                                 generate_fn, score_fn, rerank_k=rerank, max_resample_rounds=opts.max_resample_rounds)
 
     def completion_nll(
         self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int | None = None
