@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/train.py [--base models/tiny] [--conversations 400] [--steps 40] [--threads 1]
     .venv/bin/python bench/train.py --compare-bases [--steps 8] [--max-length 128] [--batch-size 4] [--threads 1]
+    .venv/bin/python bench/train.py --compare-targets --base models/smollm2-135m [--steps 30] [--eval-steps 5]
+        [--batch-size 4] [--max-length 128] [--conversations 60] [--val-samples 32] [--lr 1e-3] [--threads 1]
+
+`--compare-targets` trains LoRA on all linear layers and on q_proj/v_proj only, with everything else equal, and
+prints the validation loss at every evaluation and the wall time of each, side by side.
 
 `--compare-bases` trains LoRA and QLoRA (4-bit NF4, bitsandbytes on the CPU) on an untrained tiny base (hidden
 192, 4 layers: bitsandbytes' 4-bit CPU path needs layer widths that are multiples of 64) and on SmolLM2-135M
@@ -112,6 +117,7 @@ def one_run(args) -> dict:
     import torch
     from rich.console import Console
 
+    from config.settings import TrainSettings
     from training.tiny_base import build_tiny_base, chitchat_texts
     from training.train import TrainOptions, train
 
@@ -127,7 +133,8 @@ def one_run(args) -> dict:
     rss_before = peak_rss_mib()
     timer = _StepTimer.make()
     train(
-        TrainOptions(
+        TrainOptions.from_settings(
+            TrainSettings(),
             data_dir=data, base=base, out_dir=work / "run", max_steps=args.steps, eval_steps=args.steps,
             batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, sample_prompts=0, qlora=args.qlora,
         ),
@@ -172,9 +179,64 @@ def compare_bases(args) -> None:
           "tokens from the second step on; peak RSS of each run's own process, base loading included)")
 
 
+def compare_targets(args) -> None:
+    """LoRA on all linear layers vs on q_proj/v_proj only, same base, data, steps and settings otherwise:
+    validation loss at every evaluation and wall time, side by side."""
+    import torch
+    from rich.console import Console
+
+    from config.settings import TrainSettings
+    from training.train import TrainOptions, train
+
+    torch.set_num_threads(args.threads or 1)
+    if not args.base:
+        sys.exit("--compare-targets needs --base DIR (e.g. models/smollm2-135m from `convo base smollm2`)")
+    work = Path(tempfile.mkdtemp(prefix="convo-bench-targets-"))
+    data = chitchat_dataset_dir(work / "data", args.conversations)
+    n_train = sum(1 for _ in (data / "train.jsonl").open())
+    quiet = Console(file=open("/dev/null", "w"))  # noqa: SIM115 - the bench prints its own table
+    runs = {}
+    for targets in ("all-linear", "q_proj,v_proj"):
+        t0 = time.perf_counter()
+        result = train(
+            TrainOptions.from_settings(
+                TrainSettings(),
+                data_dir=data, base=args.base, out_dir=work / targets.replace(",", "+"), max_steps=args.steps,
+                eval_steps=args.eval_steps, max_val_samples=args.val_samples, batch_size=args.batch_size,
+                grad_accum=1, max_length=args.max_length, learning_rate=args.lr, lora_target_modules=targets,
+                sample_prompts=0, early_stopping_patience=args.steps,  # fixed length: compare the curves
+            ),
+            console=quiet,
+        )
+        wall = time.perf_counter() - t0
+        log = [json.loads(line) for line in (result.out_dir / "train_log.jsonl").read_text().splitlines()]
+        trainable = sum(p.numel() for p in result.trainer.model.parameters() if p.requires_grad)
+        runs[targets] = {"val": {r["step"]: r["eval_loss"] for r in log if "eval_loss" in r}, "wall_s": wall,
+                         "train_s": result.train_seconds, "trainable_params": trainable,
+                         "tokens_per_s": result.tokens_per_s}
+    if args.json:
+        print(json.dumps(runs, indent=2))
+        return
+    a, q = runs["all-linear"], runs["q_proj,v_proj"]
+    print(f"base {args.base}; {n_train} training samples from {args.conversations} chitchat conversations; "
+          f"{args.steps} steps, batch {args.batch_size}, max length {args.max_length}, lr {args.lr:g}, "
+          f"validation {args.val_samples} samples every {args.eval_steps} steps, torch threads {torch.get_num_threads()}")
+    print(f"{'step':>6}{'all-linear':>14}{'q_proj,v_proj':>16}")
+    for step in sorted(set(a["val"]) | set(q["val"])):
+        print(f"{step:>6}{a['val'].get(step, float('nan')):>14.4f}{q['val'].get(step, float('nan')):>16.4f}")
+    for name, key, fmt in (("wall s", "wall_s", ".1f"), ("train s", "train_s", ".1f"),
+                           ("tokens/s", "tokens_per_s", ".0f"), ("trainable params", "trainable_params", ",")):
+        print(f"{name:>16}{a[key]:>14{fmt}}{q[key]:>16{fmt}}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--compare-bases", action="store_true", help="LoRA vs QLoRA on the tiny and the SmolLM2 base")
+    ap.add_argument("--compare-targets", action="store_true",
+                    help="LoRA on all linear layers vs q_proj/v_proj only (needs --base): val loss and wall time")
+    ap.add_argument("--eval-steps", type=int, default=5, help="--compare-targets: steps between evaluations")
+    ap.add_argument("--val-samples", type=int, default=32, help="--compare-targets: validation samples scored")
+    ap.add_argument("--lr", type=float, default=1e-3, help="--compare-targets: learning rate (both runs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # one run of --compare-bases, in its own process
     ap.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="--compare-bases: print the raw figures as JSON")
@@ -190,6 +252,9 @@ def main() -> None:
         return
     if args.compare_bases:
         compare_bases(args)
+        return
+    if args.compare_targets:
+        compare_targets(args)
         return
 
     import torch

@@ -52,19 +52,40 @@ class TrainSettings(BaseModel):
     lora_alpha: int = Field(32, ge=1)  # LoRA scaling (alpha / r multiplies the update)
     lora_dropout: float = Field(0.05, ge=0, le=1)  # dropout on the LoRA path
     learning_rate: float = Field(2e-4, gt=0)  # peak learning rate
-    lr_scheduler: str = "cosine"  # schedule after warmup (transformers names: cosine, linear, constant, ...)
+    # After warmup the rate stays constant: runs end by early stopping on validation, at a step nobody knows in
+    # advance, so a schedule that decays to 0 at the step cap would decide the length instead (transformers names:
+    # constant_with_warmup, cosine, linear, ...; a decaying one suits a fixed --max-steps run).
+    lr_scheduler: str = "constant_with_warmup"
     warmup_ratio: float = 0.05  # share of the steps spent warming up
-    epochs: float = 3.0  # passes over the training set
+    epochs: float = 3.0  # passes over the training set (the cap; early stopping usually ends the run first)
     max_steps: int = -1  # stop after this many optimizer steps (overrides epochs; -1: off)
     batch_size: int = Field(8, ge=1)  # samples per device per step
     grad_accum: int = Field(4, ge=1)  # effective batch = batch_size * grad_accum (kept <= 32)
     max_length: int = 512  # max tokens per sample; the oldest context is dropped first
-    eval_steps: int = Field(50, ge=1)  # validate, sample and checkpoint every N steps
-    early_stopping_patience: int = 3  # evaluations without a better validation loss before stopping
+    eval_steps: int = Field(0, ge=0)  # validate, sample and checkpoint every N steps; 0: about 8 times per run
+    max_val_samples: int = Field(64, ge=0)  # validation samples scored at each evaluation, evenly spread (0: all)
+    early_stopping_patience: int = Field(3, ge=1)  # evaluations without a better validation loss before stopping
+    early_stopping_min_delta: float = Field(0.005, ge=0)  # nats/token an evaluation must beat the best by to count
+    lora_target_modules: str = "all-linear"  # LoRA on every linear layer, or names: "q_proj,v_proj"
     sample_prompts: int = 4  # validation prompts generated at every evaluation
     sample_seed: int = 0  # seed choosing the sample prompts (a private RNG)
     seed: int = 42  # training seed (LoRA init, shuffling)
     group_by_length: bool = True  # batch samples of similar length (less padding)
+
+
+class RefineSettings(BaseModel):
+    """`convo refine`: DPO on (real reply, the SFT adapter's own sample) pairs, on top of the SFT adapter."""
+
+    max_pairs: int = Field(64, ge=1)  # training prompts sampled into pairs at most (evenly spread over train.jsonl)
+    max_steps: int = Field(32, ge=0)  # DPO optimizer steps (0: one pass over the pairs)
+    batch_size: int = Field(4, ge=1)  # pairs per step
+    learning_rate: float = Field(5e-5, gt=0)  # constant after the first step
+    beta: float = Field(0.1, gt=0)  # DPO's pull towards the SFT adapter (higher: stays closer)
+    max_length: int = Field(256, ge=16)  # tokens per prompt+reply; the oldest context is dropped first
+    temperature: float = Field(0.8, ge=0)  # sampling the rejected replies (as the worker samples drafts)
+    top_p: float = Field(0.95, gt=0, le=1)
+    max_new_tokens: int = Field(48, ge=1)  # length of a sampled reply
+    seed: int = 0  # sampling and training seed
 
 
 class GenerateSettings(BaseModel):
@@ -220,6 +241,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = Field(default_factory=IngestSettings)
     dataset: DatasetSettings = Field(default_factory=DatasetSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
+    refine: RefineSettings = Field(default_factory=RefineSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     eval: EvalSettings = Field(default_factory=EvalSettings)
     base: BaseModelSettings = Field(default_factory=BaseModelSettings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -202,7 +202,7 @@ def test_split_is_chronological_by_session_without_leakage(tmp_path, val):
     assert not train_sessions & val_sessions
     starts = {s.session_id: s.start for s in sessionize(read_messages(DUO), 60)}
     assert max(starts[s] for s in train_sessions) < min(starts[s] for s in val_sessions)
-    assert len(val_rows) >= val * (len(train) + len(val_rows))
+    assert abs(len(val_rows) - val * (len(train) + len(val_rows))) <= 3  # about the share (3 samples of slack)
     assert summary.counts["val"] == len(val_rows) and summary.counts["train"] == len(train)
     assert summary.counts["sessions_val"] == len(val_sessions)
     # No validation prompt or completion text appears in training.
@@ -352,10 +352,66 @@ def test_targets_without_messages(tmp_path):
         build(tmp_path, path=log, persona="Bob", mode="self", me="u2")
 
 
-def test_one_session_cannot_be_split(tmp_path):
-    # With a 120-minute gap the two-hourly messages form one session: validation would take everything.
+def test_one_session_is_cut_at_a_silence(tmp_path):
+    # With a 120-minute gap the two-hourly messages form one session: it is cut, not all sent to validation.
+    summary, train, val = build(tmp_path, path=DATA / "sparse.jsonl", me="Riya", session_gap_min=120)
+    assert len(train) == 3 and len(val) == 1
+    assert {r["session"] for r in train} == {"Alice#1"} and {r["session"] for r in val} == {"Alice#1.2"}
+    assert summary.meta["split"]["cut"] == {"session": "Alice#1", "at": "2026-02-01T16:00:00+00:00",
+                                            "silence_min": 120.0, "train_samples": 3, "val_samples": 1}
+    assert summary.counts["sessions_without_samples"] == 0
+
+
+def test_a_session_too_short_to_cut_still_errs_when_training_is_empty(tmp_path):
+    log = tmp_path / "m.jsonl"
+    log.write_text("".join(line + "\n" for line in (DATA / "sparse.jsonl").read_text().splitlines()[:3]))
     with pytest.raises(DatasetError, match=r"training split is empty.*smaller --val.*smaller --gap"):
-        build(tmp_path, path=DATA / "sparse.jsonl", me="Riya", session_gap_min=120)
+        build(tmp_path, path=log, me="Riya", session_gap_min=120)
+
+
+def _long_chat(path, n_small=18, big=60):
+    """A chat like issue 16's: `n_small` short old sessions, then one newest session of `big` messages."""
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    rows = []
+    for d in range(n_small):
+        for k in range(4):
+            rows.append((t0 + timedelta(days=d, minutes=k), ("u1", "u2")[k % 2], f"old {d} {k}"))
+    t = t0 + timedelta(days=n_small)
+    for k in range(big):
+        t += timedelta(minutes=55 if k == 48 else 1 + k % 7)  # one long silence before message 48
+        rows.append((t, ("u1", "u2")[k % 2], f"new {k}"))
+    path.write_text("".join(json.dumps({"chat": "Alice", "ts": ts.isoformat(), "speaker": {"u1": "Riya", "u2": "Alice"}[sid],
+                                        "speaker_id": sid, "text": text, "reply_to": None, "source": "jsonl"}) + "\n"
+                            for ts, sid, text in rows))
+    return path
+
+
+def test_big_newest_session_is_cut_to_the_share(tmp_path):
+    log = _long_chat(tmp_path / "long.jsonl")
+    summary, train, val = build(tmp_path, path=log, me="Riya", mode="friend", val_fraction=0.1)
+    share = len(val) / (len(train) + len(val))
+    assert 0.07 <= share <= 0.13, share  # whole sessions would give 29 of 56 (52 %)
+    cut = summary.meta["split"]["cut"]
+    assert cut["session"] == "Alice#19" and cut["silence_min"] == 55.0  # the long silence within reach
+    assert {r["session"] for r in val} == {"Alice#19.2"}
+    assert summary.meta["split"]["val_share"] == round(share, 4)
+    # Context never crosses the cut: no validation prompt holds a message from before it, and no training
+    # sample holds one from after it.
+    before = {f"new {k}" for k in range(48)}
+    after = {f"new {k}" for k in range(48, 60)}
+    for r in val:
+        assert not any(line.endswith(tuple(before)) for line in r["prompt"].splitlines())
+    for r in train:
+        assert not any(w in r["prompt"] + r["completion"] for w in after)
+    assert summary.meta["val_from"] == cut["at"]
+
+
+def test_cli_summary_says_how_it_split(tmp_path, capsys):
+    log = _long_chat(tmp_path / "long.jsonl")
+    assert run(["dataset", str(log), "--persona", "Alice", "--me", "Riya", "--mode", "friend",
+                "--out", str(tmp_path / "ds")]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "session Alice#19 cut at" in printed and "55-min silence" in printed
 
 
 def test_empty_validation_split(tmp_path):

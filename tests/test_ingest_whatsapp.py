@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from convo.errors import IngestError
 from tests.conftest import FIXTURES
 from training.ingest.base import HEAD_BYTES, ParseContext
-from training.ingest.whatsapp import PARSER, chat_name
+from training.ingest.whatsapp import PARSER, PLACEHOLDERS, chat_name
 
 WA = FIXTURES / "ingest" / "whatsapp"
 
@@ -314,3 +314,43 @@ def test_cli_date_order_option_and_error(tmp_path, capsys):
     assert json.loads(out.read_text("utf-8").splitlines()[0])["ts"] == "2022-01-02T21:05:40Z"
     assert run(["ingest", str(src), "--out", str(out), "--date-order", "ymd"]) == 2
     assert "--date-order 'ymd': expected dmy (31/12) or mdy (12/31)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lang", sorted(PLACEHOLDERS))
+def test_placeholders_of_each_locale_are_never_training_text(lang, tmp_path):
+    """Every media, deleted and edited string of a language is dropped (or stripped), never kept as a message."""
+    row = PLACEHOLDERS[lang]
+    lines = ["31/12/2021, 21:00 - Lena: real one"]
+    lines += [f"31/12/2021, 21:01 - Riya: {w}" for w in row["media"] + row["ios_media"]]
+    lines += [f"31/12/2021, 21:02 - Lena: {w}" for w in row["deleted"]]
+    lines += [f"31/12/2021, 21:03 - Riya: {w}." for w in row["you_deleted"]]  # with WhatsApp's trailing dot
+    lines += [f"31/12/2021, 21:04 - Lena: real two {w}" for w in row["edited"]]
+    path = tmp_path / "chat.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    rows, ctx = parse(path)
+    assert [t for _, t, _ in rows] == ["real one"] + ["real two"] * len(row["edited"])
+    assert ctx.skipped == {"media_only": len(row["media"]) + len(row["ios_media"]),
+                           "deleted": len(row["deleted"]) + len(row["you_deleted"])}
+    assert ctx.me_hints == ({"Riya"} if row["you_deleted"] else set())
+
+
+def test_russian_media_placeholder_from_a_real_export_is_dropped(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text("25.03.2024, 10:15 - Маша: <Без медиафайлов>\n25.03.2024, 10:16 - Маша: привет\n", "utf-8")
+    rows, ctx = parse(path)
+    assert [t for _, t, _ in rows] == ["привет"] and ctx.skipped == {"media_only": 1}
+
+
+def test_typed_text_that_mentions_a_placeholder_is_kept(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text("31/12/2021, 21:00 - Lena: she said This message was deleted lol\n"
+                    "31/12/2021, 21:01 - Lena: <3 you: really>\n", "utf-8")
+    assert [t for _, t, _ in parse(path)[0]] == ["she said This message was deleted lol", "<3 you: really>"]
+
+
+def test_localized_attachment_keeps_only_its_caption(tmp_path):
+    path = tmp_path / "chat.txt"
+    path.write_text("31/12/2021, 21:00 - Lena: IMG-20211231-WA0001.jpg (archivo adjunto)\nmira esto\n"
+                    "[31/12/2021, 21:01:02] Lena: <adjunto: 00000012-PHOTO-2021-12-31.jpg>\n", "utf-8")
+    rows, ctx = parse(path)
+    assert [t for _, t, _ in rows] == ["mira esto"] and ctx.skipped == {"media_only": 1}

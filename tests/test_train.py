@@ -69,7 +69,9 @@ def test_loss_goes_down_and_outputs_are_written(trained):
     assert meta.training_args["lora_r"] == 8
     assert meta.final_metrics["best_eval_loss"] == pytest.approx(min(evals))
     assert not list(out.glob(".*"))  # no temp files left behind
-    assert _log(out)[-1]["final_best_model"] and _log(out)[-1]["eval_loss"] == pytest.approx(min(evals))
+    assert len(evals) == 3  # one per scheduled evaluation: the best model is not evaluated again at the end
+    assert trained.final_eval_loss == pytest.approx(min(evals)) == meta.final_metrics["final_eval_loss"]
+    assert meta.final_metrics["stopped_by"] == trained.stopped_by == "max_steps"
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in samples) == [10, 10, 20, 20, 30, 30]  # each evaluation once
     assert all(r["target"] == "ALICE" and r["real"] and isinstance(r["generated"], list) for r in samples)
@@ -319,3 +321,34 @@ def test_interactive_simulate_keeps_history_and_resamples(trained, monkeypatch, 
     assert h1 == h2 and h1[-1].text == "you coming?" and h1[-1].speaker == "RIYA"
     assert (s1, s2) == (5, 6)  # each round its own seed: a resample gives new replies, reproducibly
     assert "Chatting with" in capsys.readouterr().out
+
+
+def test_early_stopping_triggers_on_a_capped_validation_set_with_q_v_only(tmp_path, data, tiny_base):
+    """min_delta larger than any gain: after `patience` evaluations without one the run stops, well before the cap."""
+    result = train(_opts(data, tiny_base, tmp_path / "es", max_steps=40, eval_steps=2, early_stopping_patience=2,
+                         early_stopping_min_delta=10.0, max_val_samples=4, lora_target_modules="q_proj,v_proj",
+                         sample_prompts=0))
+    assert result.stopped_by == "early_stopping" and result.global_step == 6  # evals at 2 (best), 4, 6
+    run_record = json.loads((result.out_dir / "run.json").read_text())
+    assert run_record["val_samples"] == 4 and run_record["eval_steps"] == 2
+    names = [n for n, _ in result.trainer.model.named_parameters() if "lora_A" in n]
+    assert names and {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in names} == {"q_proj", "v_proj"}
+    meta = read_adapter_meta(result.out_dir)
+    assert meta.final_metrics["stopped_by"] == "early_stopping"
+    assert meta.training_args["lora_target_modules"] == "q_proj,v_proj"
+
+
+def test_training_defaults_helpers():
+    from training.train import auto_eval_steps, lora_targets, spread, stopped_by
+
+    rows = [{"i": i} for i in range(10)]
+    assert [r["i"] for r in spread(rows, 4)] == [0, 2, 5, 7] and spread(rows, 0) == rows and spread(rows, 20) == rows
+    assert auto_eval_steps(16) == 2 and auto_eval_steps(3) == 1 and auto_eval_steps(900) == 113
+    assert lora_targets("all-linear") == "all-linear" and lora_targets(" q_proj, v_proj ") == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="lora_target_modules is empty"):
+        lora_targets(" , ")
+    assert stopped_by(6, 40, 40) == "early_stopping" and stopped_by(40, 40, 40) == "max_steps"
+    assert stopped_by(12, 12, -1) == "epochs"
+    defaults = TrainSettings()
+    assert defaults.lr_scheduler == "constant_with_warmup"  # no decay to 0 at an arbitrary step cap
+    assert defaults.eval_steps == 0 and defaults.max_val_samples > 0 and defaults.early_stopping_min_delta > 0

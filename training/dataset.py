@@ -3,7 +3,8 @@
 Pipeline, top to bottom: read the log (and the `me` of its `.meta.json` sidecar) -> keep the chats the persona
 speaks in -> give every speaker a tag -> cut each chat into sessions at silences longer than the gap -> one sample
 per target burst (the persona's, mine, or both) with up to `context_messages` messages of the same session as
-history -> split by session, most recent sessions to validation -> write train.jsonl, val.jsonl, meta.json.
+history -> split by session, most recent sessions to validation (the last one cut at a silence so validation
+holds about the share asked for) -> write train.jsonl, val.jsonl, meta.json.
 
 Sample lines are TRL's prompt/completion format plus bookkeeping:
 `{"prompt": str, "completion": str, "session": str, "chat": str, "target": TAG}` with
@@ -421,27 +422,102 @@ def session_samples(
     return samples
 
 
-def split_by_session(
-    sessions: Sequence[Session], samples: dict[str, list[Sample]], val_fraction: float
-) -> tuple[list[Session], list[Session]]:
-    """Chronological split: the most recent sessions go to validation until they hold `val_fraction` of the samples.
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Sessions on each side, the samples of every session (cut parts included) and what the split did."""
 
-    Only sessions with samples are split; a session is never in both. Returns (train, val), each chronological.
+    train: list[Session]
+    val: list[Session]
+    samples: dict[str, list[Sample]]
+    info: dict[str, Any]
+
+
+def _cut_point(bursts: list[list[Message]], targets: set[str], need: float, slack: float) -> int | None:
+    """The burst index to cut a session at so that its later part holds about `need` samples, or None.
+
+    A part's first burst has no history in that part, so it gives no sample. Among the cuts leaving samples on
+    both sides, those within `slack` of `need` are candidates and the longest silence wins (a natural pause
+    in the conversation); if none is that close, the closest count wins.
+    """
+    is_target = [b[0].speaker_id in targets for b in bursts]
+    best: tuple[bool, float, float] | None = None
+    cut = None
+    for j in range(2, len(bursts)):
+        head = sum(is_target[1:j])
+        tail = sum(is_target[j + 1:])
+        if head == 0 or tail == 0:
+            continue
+        off = abs(tail - need)
+        silence_s = (bursts[j][0].ts - bursts[j - 1][-1].ts).total_seconds()
+        key = (off <= slack, silence_s if off <= slack else -off, -off)
+        if best is None or key > best:
+            best, cut = key, j
+    return cut
+
+
+def split_by_session(
+    sessions: Sequence[Session],
+    samples: dict[str, list[Sample]],
+    val_fraction: float,
+    samples_of: Callable[[Session], list[Sample]],
+    targets: set[str],
+) -> Split:
+    """Chronological split holding about `val_fraction` of the samples in validation, newest last.
+
+    The most recent sessions go to validation whole while they fit; the session that would overshoot the share
+    by more than max(3 samples, 20 %) is cut in two at a silence between bursts (see `_cut_point`): its later
+    part, as a session of its own (id `<session>.2`), goes to validation and its earlier part stays in
+    training. Context never crosses a cut: the validation part's samples see only messages after the cut, the
+    training part's only messages before it (history only ever looks back), so no message is context on one
+    side and a target on the other. Only sessions with samples are split. Returns sessions in time order.
     """
     used = [s for s in sessions if samples.get(s.session_id)]
     total = sum(len(samples[s.session_id]) for s in used)
+    want = val_fraction * total
+    slack = max(3.0, 0.2 * want)
+    parts = dict(samples)
     val: list[Session] = []
+    train = list(used)
     n_val = 0
+    cut_info = None
     for s in reversed(used):
-        if n_val >= val_fraction * total:
+        if n_val >= want:
             break
-        val.append(s)
-        n_val += len(samples[s.session_id])
+        n_s = len(samples[s.session_id])
+        need = want - n_val
+        if n_s - need <= slack:
+            val.append(s)
+            train.remove(s)
+            n_val += n_s
+            continue
+        bursts = bursts_of(s.messages)
+        j = _cut_point(bursts, targets, need, slack)
+        if j is None:
+            if not val:  # validation must not stay empty: the whole session, however big
+                val.append(s)
+                train.remove(s)
+                n_val += n_s
+            break
+        n_head = sum(1 for b in bursts[1:j] if b[0].speaker_id in targets)
+        cut_at = sum(len(b) for b in bursts[:j])
+        head = Session(s.session_id, s.chat, s.messages[:cut_at])
+        tail = Session(f"{s.session_id}.2", s.chat, s.messages[cut_at:])
+        parts[head.session_id] = samples[s.session_id][:n_head]  # the same samples: history only looks back
+        parts[tail.session_id] = samples_of(tail)
+        train[train.index(s)] = head
+        val.append(tail)
+        n_val += len(parts[tail.session_id])
+        cut_info = {"session": s.session_id, "at": tail.start.isoformat(),
+                    "silence_min": round((tail.start - head.messages[-1].ts).total_seconds() / 60, 1),
+                    "train_samples": n_head, "val_samples": len(parts[tail.session_id])}
+        break
     val.reverse()
     val_ids = {s.session_id for s in val}
-    train = [s for s in used if s.session_id not in val_ids]
     assert not val_ids & {s.session_id for s in train}, "a session is in both splits"
-    return train, val
+    n_total = sum(len(parts[s.session_id]) for s in train + val)
+    info = {"rule": "newest sessions to validation, the last one cut at its longest fitting silence",
+            "val_share": round(n_val / n_total, 4) if n_total else 0.0, "cut": cut_info}
+    return Split(train, val, parts, info)
 
 
 # ---------------------------------------------------------------- writing
@@ -672,7 +748,11 @@ def build_dataset(
         reason = _no_samples_reason(sessions, targets, session_gap_min, persona_sp)
         raise DatasetError(f"no samples from {messages_path} for {persona_sp.name} (--mode {mode}): {reason}")
 
-    train_sessions, val_sessions = split_by_session(sessions, by_session, val_fraction)
+    split = split_by_session(
+        sessions, by_session, val_fraction,
+        lambda sess: session_samples(sess, speakers, target_ids, context_messages, fit), target_ids,
+    )
+    train_sessions, val_sessions, by_session = split.train, split.val, split.samples
     if not val_sessions:
         raise DatasetError(
             f"the validation split is empty (--val {val_fraction:g}): use --val 0.1 or more (and more data if "
@@ -697,7 +777,7 @@ def build_dataset(
         "sessions_train": len(train_sessions),
         "sessions_val": len(val_sessions),
         "sessions_total": len(sessions),
-        "sessions_without_samples": len(sessions) - len(train_sessions) - len(val_sessions),
+        "sessions_without_samples": len(sessions) - len(train_sessions) - len(val_sessions) + bool(split.info["cut"]),
         "messages": len(messages),
         "by_target": dict(Counter(s.target for s in train + val).most_common()),
         "over_max_tokens": over,
@@ -716,6 +796,7 @@ def build_dataset(
         "max_tokens": max_tokens,
         "tokenizer": tokenizer_name,
         "val_fraction": val_fraction,
+        "split": split.info,
         "counts": counts,
         "source": str(messages_path.resolve()),
         "source_sha256": file_sha256(messages_path),

@@ -61,7 +61,10 @@ class TrainOptions:
     grad_accum: int
     max_length: int
     eval_steps: int
+    max_val_samples: int
     early_stopping_patience: int
+    early_stopping_min_delta: float
+    lora_target_modules: str
     sample_prompts: int
     sample_seed: int
     seed: int
@@ -72,7 +75,7 @@ class TrainOptions:
     gradient_checkpointing: bool | None = None  # None: on with CUDA (memory), off on CPU (it only costs time there)
     resume: bool = False
     force: bool = False
-    logging_steps: int = 5
+    logging_steps: int = 1  # every step: the loss curve smooths them (one batch alone is mostly its lengths)
     init_adapter: Path | None = None  # continue from this adapter's weights (and its LoRA config) instead of B = 0
 
     @classmethod
@@ -111,6 +114,7 @@ class TrainResult:
     last_train_loss: float | None
     train_seconds: float
     tokens_per_s: float
+    stopped_by: str | None = None  # "early_stopping", "max_steps" or "epochs"; None when interrupted
     paths: dict[str, Path] = field(default_factory=dict)
     trainer: Any = field(default=None, repr=False)  # the SFTTrainer (model with the best adapter loaded)
 
@@ -155,6 +159,34 @@ def target_of(prompt: str) -> str:
 def choose_sample_indices(n_rows: int, k: int, seed: int) -> list[int]:
     """Which validation rows get sample generations: a private Random(seed), immune to the Trainer's reseeding."""
     return sorted(random.Random(seed).sample(range(n_rows), min(k, n_rows)))
+
+
+def spread(rows: list[dict], k: int) -> list[dict]:
+    """`k` rows evenly spread over `rows` (all of them when k <= 0 or there are fewer): a capped validation set
+    that still covers the whole validation period."""
+    if k <= 0 or len(rows) <= k:
+        return list(rows)
+    return [rows[i * len(rows) // k] for i in range(k)]
+
+
+def auto_eval_steps(total_steps: int, evaluations: int = 8) -> int:
+    """Steps between evaluations when --eval-steps is 0: about `evaluations` per run (at least every step)."""
+    return max(1, math.ceil(total_steps / evaluations))
+
+
+def lora_targets(value: str) -> str | list[str]:
+    """PEFT's target_modules from the setting: "all-linear" as is, else the comma-separated module names."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:
+        raise ConfigError("train.lora_target_modules is empty: use all-linear or names such as q_proj,v_proj")
+    return "all-linear" if names == ["all-linear"] else names
+
+
+def stopped_by(global_step: int, total_steps: int, max_steps: int) -> str:
+    """Why a finished run stopped: early stopping before the step cap, else the cap (--max-steps or --epochs)."""
+    if global_step < total_steps:
+        return "early_stopping"
+    return "max_steps" if max_steps > 0 else "epochs"
 
 
 def tokenize_rows(tokenizer, rows: list[dict], max_length: int | None):
@@ -410,13 +442,14 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
 
     train_ds = tokenize_rows(tokenizer, data.train, opts.max_length)
-    val_ds = tokenize_rows(tokenizer, data.val, opts.max_length)
+    val_rows = spread(data.val, opts.max_val_samples)
+    val_ds = tokenize_rows(tokenizer, val_rows, opts.max_length)
 
     lora = LoraConfig(
         r=opts.lora_r,
         lora_alpha=opts.lora_alpha,
         lora_dropout=opts.lora_dropout,
-        target_modules="all-linear",
+        target_modules=lora_targets(opts.lora_target_modules),
         task_type="CAUSAL_LM",
         init_lora_weights=True,  # B = 0: no PiSSA/OLoRA, which would rewrite the shared base weights
     )
@@ -438,7 +471,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
 
     steps_per_epoch = math.ceil(len(train_ds) / (opts.batch_size * opts.grad_accum))
     total_steps = opts.max_steps if opts.max_steps > 0 else math.ceil(steps_per_epoch * opts.epochs)
-    eval_steps = max(1, min(opts.eval_steps, total_steps))
+    eval_steps = auto_eval_steps(total_steps) if opts.eval_steps <= 0 else max(1, min(opts.eval_steps, total_steps))
     config = SFTConfig(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=opts.batch_size,
@@ -486,7 +519,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         Samples(sample_rows, tokenizer, out / SAMPLES, console, opts.sample_seed, opts.sample_max_new_tokens),
         stop_cb,
         *([TensorBoardCallback(tb_writer=tb_writer)] if main else []),
-        EarlyStoppingCallback(early_stopping_patience=opts.early_stopping_patience),
+        EarlyStoppingCallback(early_stopping_patience=opts.early_stopping_patience,
+                              early_stopping_threshold=opts.early_stopping_min_delta),
         *extra_callbacks,
     ]
     trainer = SFTTrainer(
@@ -503,7 +537,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     trainer.remove_callback(PrinterCallback)  # our progress bar and train_log.jsonl replace the printed dicts
 
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
-    run_record = {"options": resolved, "dataset_sha256": data.sha256, "total_steps": total_steps}
+    run_record = {"options": resolved, "dataset_sha256": data.sha256, "total_steps": total_steps,
+                  "eval_steps": eval_steps, "val_samples": len(val_rows)}
     if main:
         _atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2) + "\n")
 
@@ -554,12 +589,12 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
             tb_writer.close()
         return result
 
-    # The best checkpoint is loaded (load_best_model_at_end); its validation loss is what the adapter scores.
-    log_cb.extra = {"final_best_model": True}
-    final = trainer.evaluate()  # on every process: a collective under DDP
+    # The best checkpoint is loaded (load_best_model_at_end). Its validation loss was measured when it was saved,
+    # on the same samples with dropout off, so it is not evaluated again.
     if tb_writer is not None:
         tb_writer.close()
-    result.final_eval_loss = float(final["eval_loss"])
+    result.final_eval_loss = trainer.state.best_metric
+    result.stopped_by = stopped_by(result.global_step, total_steps, opts.max_steps)
     if not main:
         return result
     trainer.model.save_pretrained(str(out))
@@ -572,7 +607,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         format_version=FORMAT_VERSION,
         dataset_sha256=data.sha256,
         data_last_ts=data.meta.get("data_last_ts"),
-        training_args={**resolved, "effective_batch": opts.batch_size * opts.grad_accum, "total_steps": total_steps},
+        training_args={**resolved, "effective_batch": opts.batch_size * opts.grad_accum, "total_steps": total_steps,
+                       "eval_steps": eval_steps, "val_samples": len(val_rows)},
         final_metrics={
             "best_eval_loss": result.best_eval_loss,
             "final_eval_loss": result.final_eval_loss,
@@ -582,6 +618,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
             "train_seconds": round(train_seconds, 2),
             "tokens_per_s": round(tokens_per_s, 1),
             "best_checkpoint": trainer.state.best_model_checkpoint,
+            "stopped_by": result.stopped_by,
         },
         convo_version=convo_version(),
     )
@@ -621,31 +658,16 @@ def _tokens_at_checkpoint(checkpoint: str) -> int:
 
 
 def plot_loss_curve(log_path: Path, png_path: Path) -> Path:
-    """Training and validation loss against step, from train_log.jsonl (all runs, resumed ones included)."""
+    """Training loss (each step faint, smoothed bold) and validation loss against step, from train_log.jsonl."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train_pts, eval_pts = [], []
-    if log_path.is_file():
-        for line in log_path.read_text(encoding="utf-8").splitlines():
-            rec = json.loads(line)
-            if rec.get("final_best_model"):
-                continue
-            if "loss" in rec:
-                train_pts.append((rec["step"], rec["loss"]))
-            if "eval_loss" in rec:
-                eval_pts.append((rec["step"], rec["eval_loss"]))
+    from training.evaluate.report import draw_loss, read_train_log
+
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    if train_pts:
-        ax.plot(*zip(*sorted(train_pts), strict=True), label="train")
-    if eval_pts:
-        ax.plot(*zip(*sorted(eval_pts), strict=True), marker="o", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/token)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    draw_loss(ax, read_train_log(log_path))
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(prefix=f".{png_path.name}.", suffix=".png", dir=png_path.parent)
     os.close(fd)

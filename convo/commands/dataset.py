@@ -146,6 +146,11 @@ def _print_summary(summary) -> None:
                  + ", ".join(f"{t} {n:,}" for t, n in c["by_target"].items()))
     grid.add_row("sessions", f"{c['sessions_train']:,} train / {c['sessions_val']:,} val "
                  f"(of {c['sessions_total']:,}; gap {meta['session_gap_min']:g} min; val from {meta['val_from']})")
+    cut = meta["split"]["cut"]
+    grid.add_row("split", f"validation {meta['split']['val_share']:.1%} of samples (asked {meta['val_fraction']:g})"
+                 + (f"; session {escape(cut['session'])} cut at {cut['at']} after a {cut['silence_min']:g}-min "
+                    f"silence: {cut['train_samples']} train / {cut['val_samples']} val samples" if cut else
+                    "; whole sessions"))
     grid.add_row("chats", escape(", ".join(meta["chats"])))
     if meta.get("since"):
         grid.add_row("since", f"sessions ending after {meta['since']['after']} "

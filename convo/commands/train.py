@@ -37,15 +37,18 @@ def train_cmd(
     lora_alpha: Annotated[int | None, typer.Option("--lora-alpha", min=1, help="LoRA alpha. \\[default: train.lora_alpha = 32]")] = None,
     lora_dropout: Annotated[float | None, typer.Option("--lora-dropout", min=0.0, max=1.0, help="LoRA dropout. \\[default: 0.05]")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate. \\[default: train.learning_rate = 2e-4]")] = None,
-    lr_scheduler: Annotated[str | None, typer.Option("--lr-scheduler", help="LR schedule after warmup (cosine, linear, constant...). \\[default: cosine]")] = None,
+    lr_scheduler: Annotated[str | None, typer.Option("--lr-scheduler", help="LR schedule after warmup (constant_with_warmup, cosine, linear...). \\[default: constant_with_warmup]")] = None,
     warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Share of the steps spent warming up. \\[default: 0.05]")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help="Passes over the training set. \\[default: 3]")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs; -1: off).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per device per step. \\[default: 8]")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps; batch-size x grad-accum must be <= 32. \\[default: 4]")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", min=8, help="Max tokens per sample; the oldest context is dropped first. \\[default: 512]")] = None,
-    eval_steps: Annotated[int | None, typer.Option("--eval-steps", min=1, help="Validate (and sample, and checkpoint) every N steps. \\[default: 50]")] = None,
+    eval_steps: Annotated[int | None, typer.Option("--eval-steps", min=0, help="Validate (and sample, and checkpoint) every N steps; 0: about 8 times per run. \\[default: 0]")] = None,
+    max_val_samples: Annotated[int | None, typer.Option("--max-val-samples", min=0, help="Validation samples scored at each evaluation, evenly spread over val.jsonl (0: all). \\[default: 64]")] = None,
     patience: Annotated[int | None, typer.Option("--patience", min=1, help="Early stopping: evaluations without a better validation loss. \\[default: 3]")] = None,
+    min_delta: Annotated[float | None, typer.Option("--min-delta", min=0.0, help="Early stopping: nats/token an evaluation must beat the best by. \\[default: 0.005]")] = None,
+    target_modules: Annotated[str | None, typer.Option("--target-modules", help="LoRA on all-linear layers or on named ones, e.g. q_proj,v_proj. \\[default: all-linear]")] = None,
     sample_prompts: Annotated[int | None, typer.Option("--sample-prompts", min=0, help="Validation prompts generated at every evaluation. \\[default: 4]")] = None,
     sample_seed: Annotated[int | None, typer.Option("--sample-seed", help="Seed choosing those prompts (a private RNG). \\[default: 0]")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Training seed (LoRA init, shuffling). \\[default: 42]")] = None,
@@ -69,7 +72,8 @@ def train_cmd(
         data_dir=data, base=base, out_dir=out, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         learning_rate=lr, lr_scheduler=lr_scheduler, warmup_ratio=warmup_ratio, epochs=epochs,
         max_steps=max_steps, batch_size=batch_size, grad_accum=grad_accum, max_length=max_length,
-        eval_steps=eval_steps, early_stopping_patience=patience, sample_prompts=sample_prompts,
+        eval_steps=eval_steps, max_val_samples=max_val_samples, early_stopping_patience=patience,
+        early_stopping_min_delta=min_delta, lora_target_modules=target_modules, sample_prompts=sample_prompts,
         sample_seed=sample_seed, seed=seed, group_by_length=group_by_length, qlora=qlora,
         gradient_checkpointing=gradient_checkpointing, resume=resume,
         force=force,
@@ -79,6 +83,7 @@ def train_cmd(
         "out": str(result.out_dir),
         "interrupted": result.interrupted,
         "steps": result.global_step,
+        "stopped_by": result.stopped_by,
         "best_eval_loss": result.best_eval_loss,
         "final_eval_loss": result.final_eval_loss,
         "first_train_loss": result.first_train_loss,
@@ -91,7 +96,7 @@ def train_cmd(
         print(json.dumps(summary, indent=2))
     else:
         table = Table.grid(padding=(0, 2))
-        for key in ("steps", "best_eval_loss", "final_eval_loss", "first_train_loss", "last_train_loss",
+        for key in ("steps", "stopped_by", "best_eval_loss", "final_eval_loss", "first_train_loss", "last_train_loss",
                     "train_seconds", "tokens_per_s"):
             value = summary[key]
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value))

@@ -112,13 +112,8 @@ def _plots(metrics: dict, comparisons: list[dict], train_log: Path | None) -> li
     curve = read_train_log(train_log) if train_log else {}
     if curve:
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        for name, pts in curve.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None,
-                    markersize=3, label=name)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend(fontsize=7)
-        out.append(("Adapter training loss", _svg(fig)))
+        draw_loss(ax, curve)
+        out.append(("Adapter training loss · validation: the same held-out samples at every evaluation", _svg(fig)))
     return out
 
 
@@ -138,8 +133,8 @@ def read_train_log(path: Path) -> dict[str, list[tuple[float, float]]]:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int | float):
-            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int | float) or rec.get("final_best_model"):
+            continue  # (older logs repeated the best model's evaluation at the end, marked final_best_model)
         for key, name in (("loss", "train"), ("eval_loss", "validation"), ("val_loss", "validation")):
             v = rec.get(key)
             if isinstance(v, int | float):
@@ -245,3 +240,38 @@ of replies; copied: share of 4+ word messages identical to a training message.</
 <script>{_JS}</script>
 </body></html>
 """
+
+
+def ema(points: list[tuple[float, float]], span: float) -> list[tuple[float, float]]:
+    """Exponential moving average of (step, value) points, weight 2/(span+1), bias-corrected from the start."""
+    alpha = 2.0 / (span + 1.0)
+    out, avg, weight = [], 0.0, 0.0
+    for step, value in points:
+        avg = (1 - alpha) * avg + alpha * value
+        weight = (1 - alpha) * weight + alpha
+        out.append((step, avg / weight))
+    return out
+
+
+def draw_loss(ax, series: dict[str, list[tuple[float, float]]]) -> None:
+    """Loss curve a user can read: each logged training loss faint, their moving average bold, validation as dots.
+
+    One batch's loss says mostly how long and how predictable its samples were (length-grouped batches come in
+    runs of similar length), so the smoothed training line and above all validation, the same held-out samples
+    every time, show whether the adapter learns.
+    """
+    train = sorted(series.get("train", []))
+    if train:
+        steps = [p[0] for p in train]
+        ax.plot(steps, [p[1] for p in train], color="#4c78a8", alpha=0.3, linewidth=1, label="train (each log)")
+        if len(train) >= 4:
+            smooth = ema(train, span=max(4.0, len(train) / 5))
+            ax.plot(steps, [p[1] for p in smooth], color="#4c78a8", linewidth=2, label="train (moving average)")
+    val = sorted(series.get("validation", []))
+    if val:
+        ax.plot([p[0] for p in val], [p[1] for p in val], color="#e45756", marker="o", markersize=4,
+                label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)

@@ -95,20 +95,96 @@ _SYSTEM_TEXT = re.compile(
     r"(?:, .*)?\.?$",
     re.I,
 )
+# What WhatsApp writes instead of something the person typed, in the languages most exports come in. The strings
+# are WhatsApp's own (its Android `export_media_omitted` / `revoked_msg_*` strings and iOS Localizable keys, as
+# collected by open-source export parsers such as chat-analytics and whatsapp-chat-parser, and seen in real exports
+# quoted by other parsers' tests); one language's column may hold several wordings because they changed across
+# versions. A locale with no known wording for a row has none rather than a guess.
+PLACEHOLDERS: dict[str, dict[str, tuple[str, ...]]] = {
+    # media: Android "export without media" line; ios_media: iOS's per-kind stubs; deleted: someone else's deleted message; you_deleted: the
+    # exporting user's own (it names them, see me_hints); edited: the suffix after an edited message.
+    "en": {"media": ("<Media omitted>",), "ios_media": ("image omitted", "video omitted", "audio omitted", "sticker omitted", "GIF omitted", "document omitted",
+                     "Contact card omitted", "voice message omitted"),
+           "deleted": ("This message was deleted",),
+           "you_deleted": ("You deleted this message",), "edited": ("<This message was edited>",)},
+    "es": {"media": ("<Multimedia omitido>", "<Archivo omitido>"),
+           "ios_media": ("imagen omitida", "video omitido", "audio omitido", "sticker omitido", "GIF omitido", "documento omitido"),
+           "deleted": ("Se eliminó este mensaje", "Este mensaje fue eliminado"),
+           "you_deleted": ("Eliminaste este mensaje",), "edited": ("<Se editó este mensaje.>", "<Mensaje editado>")},
+    "pt": {"media": ("<Mídia oculta>", "<Mídia omitida>", "<Arquivo de mídia oculto>", "<Multimédia omitido>",
+                     "<Ficheiro não revelado>"),
+           "ios_media": ("imagem ocultada", "vídeo omitido", "áudio ocultado", "figurinha omitida", "documento omitido"),
+           "deleted": ("Mensagem apagada", "Esta mensagem foi apagada", "Essa mensagem foi apagada",
+                       "Esta mensagem foi eliminada"),
+           "you_deleted": ("Você apagou esta mensagem", "Apagou esta mensagem", "Eliminou esta mensagem"),
+           "edited": ("<Mensagem editada>", "<Esta mensagem foi editada>")},
+    "de": {"media": ("<Medien ausgeschlossen>", "<Medien weggelassen>"),
+           "ios_media": ("Bild weggelassen", "Video weggelassen", "Audio weggelassen", "Sticker weggelassen", "GIF weggelassen",
+                     "Dokument weggelassen"),
+           "deleted": ("Diese Nachricht wurde gelöscht",),
+           "you_deleted": ("Du hast diese Nachricht gelöscht", "Sie haben diese Nachricht gelöscht"),
+           "edited": ("<Diese Nachricht wurde bearbeitet>",)},
+    "fr": {"media": ("<Médias omis>", "<Fichier omis>"), "ios_media": ("image absente", "vidéo absente", "audio omis", "sticker omis", "GIF retiré", "document manquant"),
+           "deleted": ("Ce message a été supprimé",),
+           "you_deleted": ("Vous avez supprimé ce message",), "edited": ("<Ce message a été modifié>",)},
+    "it": {"media": ("<Media omessi>", "<Media omesso>"), "ios_media": ("immagine omessa", "video omesso", "audio omesso", "sticker non incluso", "GIF esclusa", "documento omesso"),
+           "deleted": ("Questo messaggio è stato eliminato",),
+           "you_deleted": ("Hai eliminato questo messaggio",), "edited": ("<Questo messaggio è stato modificato>",)},
+    "ru": {"media": ("<Без медиафайлов>", "<Файл пропущен>"),
+           "ios_media": ("изображение отсутствует", "видео отсутствует", "аудиофайл отсутствует", "стикер не добавлен",
+                     "GIF отсутствует", "документ отсутствует"),
+           "deleted": ("Данное сообщение удалено", "Это сообщение удалено"),
+           "you_deleted": ("Вы удалили данное сообщение", "Вы удалили это сообщение"),
+           "edited": ("<Сообщение изменено>",)},
+    "tr": {"media": ("<Medya dahil edilmedi>", "<Medya atlanmış>"), "ios_media": ("görüntü dahil edilmedi", "video dahil edilmedi", "ses dahil edilmedi", "Çıkartma dahil edilmedi",
+                     "GIF dahil edilmedi", "belge dahil edilmedi"),
+           "deleted": ("Bu mesaj silindi",),
+           "you_deleted": ("Bu mesajı sildiniz",), "edited": ("<Bu mesaj düzenlendi>",)},
+    "id": {"media": ("<Media tidak disertakan>",), "ios_media": ("gambar tidak disertakan", "video tidak disertakan", "audio tidak disertakan", "stiker tidak disertakan",
+                     "GIF tidak disertakan", "dokumen tidak disertakan"),
+           "deleted": ("Pesan ini telah dihapus", "Pesan ini dihapus"),
+           "you_deleted": ("Anda menghapus pesan ini", "Anda telah menghapus pesan ini"),
+           "edited": ("<Pesan ini diedit>",)},
+    "hi": {"media": ("<मीडिया के बिना>",), "ios_media": ("फ़ोटो हटाई गई", "वीडियो छोड़ा गया", "ऑडियो हटाई गयी", "स्टिकर छोड़ा गया", "GIF छोड़ा गया",
+                     "डॉक्यूमेंट छोड़ा गया"),
+           "deleted": ("यह संदेश मिटाया गया", "यह मैसेज मिटाया गया"),
+           "you_deleted": ("आपने यह संदेश मिटाया", "आपने यह मैसेज डिलीट किया"), "edited": ()},
+    "ar": {"media": ("<تم استبعاد الوسائط>",), "ios_media": ("لم يتم إدراج الصورة", "لم يتم إدراج الفيديوهات", "لم يتم إدراج المقاطع الصوتية", "تم حذف الملصقات",
+                     "لم يتم إدراج صورة GIF", "لم يتم إدراج المستند"),
+           "deleted": ("تم حذف هذه الرسالة",),
+           "you_deleted": ("لقد حذفت هذه الرسالة", "لقد حذَفت هذه الرسالة", "أنت حذفت هذه الرسالة"),
+           "edited": ("<تم تعديل هذه الرسالة>",)},
+    "nl": {"media": ("<Media weggelaten>",), "ios_media": ("afbeelding weggelaten", "video weggelaten", "audio weggelaten", "sticker weggelaten", "GIF weggelaten",
+                     "document weggelaten"),
+           "deleted": ("Dit bericht is verwijderd",),
+           "you_deleted": ("U hebt dit bericht verwijderd", "Je hebt dit bericht verwijderd"),
+           "edited": ("<Dit bericht is bewerkt>",)},
+}
+
+
+def _alternatives(kind: str) -> str:
+    """One regex alternation of every language's `kind` strings, longest first."""
+    words = {w for row in PLACEHOLDERS.values() for w in row[kind]}
+    return "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+
+
+# A file sent with the export: Android "IMG-...jpg (file attached)" in the exporter's language, iOS
+# "<attached: 00000012-PHOTO-....jpg>" with the word translated.
+_FILE_ATTACHED = (r"(?:file attached|archivo adjunto|arquivo anexado|Datei angehängt|fichier joint|file allegato"
+                  r"|bestand bijgevoegd|файл добавлен|dosya ekli|الملف مرفق)")
+_IOS_ATTACHED = r"<[^<>:\n]{1,20}: [^<>\n]+\.\w{2,5}>"
 _MEDIA = re.compile(
-    r"^(?:<Media omitted>|<Medien ausgeschlossen>|<Multimedia omitido>|<Médias omis>|<Media weggelaten>"
-    r"|<Media tidak disertakan>|<View once (?:voice )?message omitted>"
-    r"|(?:image|video|audio|sticker|GIF|document|Contact card|voice message) omitted"
+    rf"^(?:{_alternatives('media')}|{_alternatives('ios_media')}|<View once (?:voice )?message omitted>"
     r"|.*\u2022.*document omitted"
     r"|(?:Location|Live location): https?://\S+"
-    r"|.+ \(file attached\)"
-    r"|<attached: [^>]*>)$",
+    rf"|.+ \({_FILE_ATTACHED}\)|{_IOS_ATTACHED})$",
     re.I,
 )
-_ATTACHED = re.compile(r"<attached: [^>]*>|^.+?\.\w{2,5} \(file attached\)$", re.M)
-_DELETED = re.compile(r"^(?:This message was deleted|You deleted this message)\.?$", re.I)
+_ATTACHED = re.compile(rf"{_IOS_ATTACHED}|^.+?\.\w{{2,5}} \({_FILE_ATTACHED}\)$", re.M | re.I)
+_YOU_DELETED = re.compile(rf"^(?:{_alternatives('you_deleted')})[.।]?$", re.I)
+_DELETED = re.compile(rf"^(?:{_alternatives('deleted')}|{_alternatives('you_deleted')})[.।]?$", re.I)
 _OTHER_PLACEHOLDER = re.compile(r"^(?:null|<Message deleted by admin>|Waiting for this message.*)$", re.I)
-_EDITED = re.compile(r"\s*\u200e?<This message was edited>\s*$")
+_EDITED = re.compile(rf"\s*[{MARKS}]*(?:{_alternatives('edited')})\s*$", re.I)
 
 EXPECTED = "expected a WhatsApp line like '31/12/2021, 21:05 - Name: text' or '[31.12.21, 21:05:33] Name: text'"
 
@@ -313,7 +389,7 @@ class WhatsAppParser:
         raw_text = "\n".join([sm["text"] or "", *more])
         text = _EDITED.sub("", raw_text).replace("\u200e", "").strip()
         kind = self._placeholder(text)
-        if kind == "deleted" and text.lower().startswith("you deleted"):
+        if kind == "deleted" and _YOU_DELETED.match(text):
             ctx.me_hints.add(speaker)
         if kind is None and raw_text.startswith("\u200e"):
             # iOS marks media and system events with a leading U+200E; typed text never starts with one.
