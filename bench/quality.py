@@ -55,7 +55,7 @@ GENERATED = ("semantic", "style", "auc")  # what a verdict "beats on generated t
 FAILURES = ("empty", "repeated", "assistant")  # rates a better method must not make worse
 # Settings a rerun must share with the results it resumes (the speakers may differ: new ones are added).
 RESUME_KEYS = ("base", "max_prompts", "n", "max_new_tokens", "budget", "seed", "max_steps", "eval_steps",
-               "patience", "lr", "lora_r", "batch_size", "max_length", "val_samples", "context", "rerank_k")
+               "patience", "lr", "lora_r", "lora_targets", "pref_pairs", "pref_steps", "batch_size", "max_length", "val_samples", "context", "rerank_k")
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,19 +144,6 @@ def write_messages(data, sp: Speaker, path: Path, max_conversations: int | None 
     return taken, len(lines)
 
 
-def trim_val(data_dir: Path, keep: int, seed: int) -> int:
-    """Keep `keep` validation samples (seeded choice, file order): early stopping and the eval use only these."""
-    path = data_dir / "val.jsonl"
-    rows = path.read_text(encoding="utf-8").splitlines()
-    if len(rows) > keep:
-        idx = sorted(random.Random(seed).sample(range(len(rows)), keep))
-        rows = [rows[i] for i in idx]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(rows) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    return len(rows)
-
-
 def method_availability() -> dict[str, str]:
     """Methods this checkout cannot run -> why (the doc lists them as not run)."""
     from training.evaluate.run import METHODS as EVAL_METHODS
@@ -203,11 +190,11 @@ def train_adapter(data_dir: Path, base: str, out: Path, args, console) -> dict:
         data_dir=data_dir, base=base, out_dir=out, lora_r=args.lora_r, lora_alpha=2 * args.lora_r,
         learning_rate=args.lr, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=1,
         max_length=args.max_length, eval_steps=args.eval_steps, early_stopping_patience=args.patience,
-        sample_prompts=0, seed=args.seed, force=True,
+        max_val_samples=args.val_samples, lora_target_modules=args.lora_targets, sample_prompts=0, seed=args.seed, force=True,
     ), console=console)
-    early = res.global_step < args.max_steps
+    early = res.stopped_by == "early_stopping"
     stopped = (f"early stopping at step {res.global_step} ({args.patience} validations without a better loss)"
-               if early else f"the step cap ({args.max_steps} steps)")
+               if early else f"the step cap ({args.max_steps} steps)" if res.stopped_by else "an interruption")
     return {"steps": res.global_step, "best_eval_loss": _r(res.best_eval_loss), "seconds": round(time.monotonic() - t0, 1),
             "stopped_by": stopped, "stopped_early": early, "eval_curve": eval_curve(out)}
 
@@ -584,10 +571,11 @@ def write_doc(path: Path, results: dict) -> None:
         f"- Base: `{results['base']}` ({results['base_note']}).",
         f"- Speakers: the demo pair (Jordan's replies to Sam, `examples/`) and the most active chitchat-dataset "
         "speakers; each speaker's conversations become one message log; `convo dataset --mode friend`, "
-        f"{args['context']} messages of history per sample, validation capped at {args['val_samples']} samples.",
-        f"- Adapters: LoRA r={args['lora_r']} (alpha {2 * args['lora_r']}), lr {args['lr']}, batch "
-        f"{args['batch_size']}, max length {args['max_length']} tokens, validation every {args['eval_steps']} steps, "
-        f"early stopping after {args['patience']} validations without a better loss, at most {args['max_steps']} "
+        f"{args['context']} messages of history per sample.",
+        f"- Adapters: LoRA r={args['lora_r']} (alpha {2 * args['lora_r']}, {args.get('lora_targets', 'all-linear')}), lr {args['lr']}, batch "
+        f"{args['batch_size']}, max length {args['max_length']} tokens, validation on {args['val_samples']} samples "
+        f"every {args['eval_steps'] or 'max-steps/8'} steps, early stopping after {args['patience']} validations "
+        f"without a better loss (`convo train`'s min delta), at most {args['max_steps']} "
         "steps (the stated budget); the best checkpoint is the adapter. What stopped each one is in its section.",
         f"- Eval: {args['max_prompts']} validation prompts per speaker, {args['n']} sampled replies each "
         f"(at most {args['max_new_tokens']} new tokens), context budget {args['budget']} tokens for incontext and "
@@ -625,7 +613,7 @@ def write_doc(path: Path, results: dict) -> None:
         curve = ", ".join(f"{v:.3f}@{s}" for s, v in (ad or {}).get("eval_curve", []))
         parts += ["", f"## {run['label']}", "",
                   f"{run['conversations']} conversations, {run['messages']} messages; dataset {run['counts'].get('train')} "
-                  f"train / {run['counts'].get('val')} val samples (val capped to {run['val_kept']})."
+                  f"train / {run['counts'].get('val')} val samples."
                   + (f" Adapter: {ad['steps']} steps in {ad['seconds']:.0f} s, stopped by {ad['stopped_by']}; best "
                      f"val loss {ad['best_eval_loss']} (val loss at steps: {curve or '-'})." if ad else "")
                   + (f" Preference step: {pref['summary']}." if pref else "")
@@ -663,13 +651,16 @@ def parse_args(argv):
     p.add_argument("--base", required=False, help="base model dir (e.g. models/smollm2-135m)")
     p.add_argument("--base-note", default="", help="what the base is, written into the doc")
     p.add_argument("--max-steps", type=int, default=200, help="adapter step cap: the budget when early stopping does not end it")
-    p.add_argument("--eval-steps", type=int, default=10, help="validate every N steps")
-    p.add_argument("--patience", type=int, default=2, help="validations without a better loss before stopping")
+    p.add_argument("--eval-steps", type=int, default=0, help="validate every N steps (0: about 8 times per run)")
+    p.add_argument("--patience", type=int, default=3, help="validations without a better loss before stopping")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-length", type=int, default=96, help="max tokens per training sample")
-    p.add_argument("--val-samples", type=int, default=48, help="validation samples kept (early stopping and eval)")
+    p.add_argument("--val-samples", type=int, default=64, help="validation samples scored at each evaluation")
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-targets", default="all-linear", help="LoRA target modules (`convo train --lora-targets`)")
     p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--pref-pairs", type=int, default=64, help="preference pairs (training prompts) at most")
+    p.add_argument("--pref-steps", type=int, default=32, help="preference (DPO) optimizer steps")
     p.add_argument("--context", type=int, default=6, help="messages of history per sample")
     p.add_argument("--budget", type=int, default=128, help="context token budget of incontext and retrieval")
     p.add_argument("--max-prompts", type=int, default=40)
@@ -774,9 +765,8 @@ def run_speaker(sp: Speaker, data, args, work: Path, results: dict, save, embedd
         convs, n_msgs = write_messages(data, sp, d / "messages.jsonl", args.max_conversations)
         summary = build_dataset(d / "messages.jsonl", "persona", d / "data", me="partner", mode="friend",
                                 context_messages=args.context)
-        run.update(conversations=convs, messages=n_msgs, counts=summary.counts,
-                   val_kept=trim_val(d / "data", args.val_samples, args.seed))
-        console.print(f"{sp.label}: {n_msgs} messages -> {summary.counts} (val kept: {run['val_kept']})")
+        run.update(conversations=convs, messages=n_msgs, counts=summary.counts)
+        console.print(f"{sp.label}: {n_msgs} messages -> {summary.counts}")
         save()
     if "adapter" not in run or not (d / "adapter" / "adapter_config.json").is_file():
         run["adapter"] = train_adapter(d / "data", args.base, d / "adapter", args, console)
@@ -827,8 +817,21 @@ def _sum_flags(flags: list[dict]) -> dict:
 
 
 def train_preference(d: Path, args, console) -> dict:
-    """The preference step on top of the SFT adapter (training.prefer)."""
-    raise NotImplementedError("training.prefer is not merged yet")
+    """The preference step on top of the SFT adapter: DPO on (real reply, the adapter's own sample) pairs."""
+    from training.prefer import RefineOptions, refine
+
+    from config.settings import RefineSettings
+
+    t0 = time.monotonic()
+    res = refine(d / "adapter", d / "data", d / "adapter-preference", RefineOptions.from_settings(
+        RefineSettings(), base=args.base, max_pairs=args.pref_pairs, max_steps=args.pref_steps, seed=args.seed,
+        force=True), console=console)
+    seconds = round(time.monotonic() - t0, 1)
+    return {"pairs": res.pairs, "steps": res.steps, "seconds": seconds, "accuracy_after": _r(res.accuracy_after),
+            "margin_after": _r(res.margin_after),
+            "summary": f"DPO on {res.pairs} (real reply, the adapter's own sample) pairs, {res.steps} steps in "
+                       f"{seconds:.0f} s; afterwards the implicit reward prefers the real reply on "
+                       f"{res.accuracy_after:.0%} of the pairs (margin {res.margin_after:+.3f})"}
 
 
 if __name__ == "__main__":

@@ -204,3 +204,18 @@ def test_api_method_against_local_stand_in(adapter, stand_in, tmp_path, monkeypa
 def test_api_reply_parsing():
     assert api.parse_reply("sure thing\n[ALICE] ok\n\n[BOB] hi\n[ALICE] no", "ALICE") == ["sure thing", "ok"]
     assert api.parse_reply("", "ALICE") == []
+
+
+def test_eval_adapter_rerank_draws_k_and_keeps_n(adapter, engine, tmp_path):
+    """adapter+rerank samples rerank_k per prompt and scores them; every method reports its candidate step."""
+    from training.evaluate.run import EvalConfig, run_eval
+
+    cfg = EvalConfig(data_dir=DATA, out_dir=tmp_path / "rr", adapter_dir=adapter, methods=("adapter", "adapter+rerank"),
+                     max_prompts=3, samples_per_prompt=2, max_new_tokens=8, rerank_k=4, bootstrap_resamples=0)
+    m = run_eval(cfg, engine=engine).metrics["methods"]
+    plain, rr = m["adapter"]["candidate_step"], m["adapter+rerank"]["candidate_step"]
+    assert plain["scored"] == 0 and plain["samples"] >= 3 * 2
+    assert rr["samples"] >= 3 * 4 and 0 < rr["scored"] <= rr["samples"]
+    with pytest.raises(EvalError, match="rerank-k above --n"):
+        run_eval(EvalConfig(data_dir=DATA, out_dir=tmp_path / "bad", adapter_dir=adapter, methods=("adapter+rerank",),
+                            samples_per_prompt=2, rerank_k=2), engine=engine)

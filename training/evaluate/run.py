@@ -12,6 +12,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,9 +32,11 @@ from training.evaluate.data import Sample, exchanges, load_meta, read_samples, s
 
 METHODS = (
     "base", "incontext", "retrieval", "retrieval-bm25", "retrieval-dense",
-    "adapter", "adapter+retrieval", "adapter+retrieval-bm25", "adapter+retrieval-dense", "api",
+    "adapter", "adapter+retrieval", "adapter+retrieval-bm25", "adapter+retrieval-dense", "adapter+rerank", "api",
 )
-ADAPTER_METHODS = frozenset({"adapter", "adapter+retrieval", "adapter+retrieval-bm25", "adapter+retrieval-dense"})
+ADAPTER_METHODS = frozenset({"adapter", "adapter+retrieval", "adapter+retrieval-bm25", "adapter+retrieval-dense",
+                             "adapter+rerank"})
+RERANK_METHODS = frozenset({"adapter+rerank"})  # sample rerank_k, keep the n the adapter prefers over the base
 TEXT_ONLY_METHODS = frozenset({"api"})
 # Which context each method puts before the prompt; "retrieval" means the configured retriever (cfg.retriever).
 CONTEXT_OF = {
@@ -46,6 +49,7 @@ CONTEXT_OF = {
     "adapter+retrieval": "retrieval",
     "adapter+retrieval-bm25": "retrieval-bm25",
     "adapter+retrieval-dense": "retrieval-dense",
+    "adapter+rerank": None,
     "api": "incontext",
 }
 
@@ -78,6 +82,10 @@ class EvalConfig:
     temperature: float = _G.temperature
     top_p: float = _G.top_p
     max_new_tokens: int = _G.max_new_tokens
+    rerank_k: int = _G.rerank_k
+    max_resample_rounds: int = _G.max_resample_rounds
+    repetition_penalty: float = _G.repetition_penalty
+    no_repeat_ngram_size: int = _G.no_repeat_ngram_size
     batch_size: int = _E.batch_size
     retriever: str = _E.retriever
     embedding_model: str | None = _E.embedding_model
@@ -96,6 +104,8 @@ class EvalConfig:
             "methods": parse_methods(e.methods), "context_budget_tokens": e.context_budget_tokens,
             "samples_per_prompt": e.samples_per_prompt, "max_prompts": e.max_prompts, "seed": e.seed,
             "temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
+            "rerank_k": g.rerank_k, "max_resample_rounds": g.max_resample_rounds,
+            "repetition_penalty": g.repetition_penalty, "no_repeat_ngram_size": g.no_repeat_ngram_size,
             "batch_size": e.batch_size, "retriever": e.retriever, "embedding_model": e.embedding_model,
             "bootstrap_resamples": e.bootstrap_resamples, "api_base": e.api_base, "api_model": e.api_model,
             "api_key_env": e.api_key_env,
@@ -136,6 +146,9 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvalError(f"retriever {cfg.retriever!r}: choose bm25 or dense (--retriever, eval.retriever)")
     if cfg.context_budget_tokens < 0 or cfg.samples_per_prompt < 1 or cfg.max_prompts < 1:
         raise EvalError("--context-budget must be >= 0, --n and --max-prompts >= 1")
+    if any(m in RERANK_METHODS for m in cfg.methods) and cfg.rerank_k <= cfg.samples_per_prompt:
+        raise EvalError(f"adapter+rerank needs --rerank-k above --n ({cfg.rerank_k} <= {cfg.samples_per_prompt}; "
+                        "generate.rerank_k)")
 
 
 def choose_samples(val: list[Sample], tag: str, max_prompts: int, seed: int) -> list[Sample]:
@@ -261,8 +274,10 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                     cands.append([list(c) for c in out])
                     advance(f"{method}: sampling")
             else:
-                cands = sample_batched(engine, [ctxs[i].text + prompts[i] for i in range(len(chosen))], tag, cfg,
-                                       lambda k, method=method: advance(f"{method}: sampling", k))
+                cands, res["candidate_step"] = sample_batched(
+                    engine, [ctxs[i].text + prompts[i] for i in range(len(chosen))], tag, cfg,
+                    cfg.rerank_k if method in RERANK_METHODS else 0,
+                    lambda k, method=method: advance(f"{method}: sampling", k))
         replies[method] = cands
         res.update(score_replies(real, cands, training_messages, embedder, cfg.seed))
         res["style_calibrated"] = M.calibrated_style(res["style"], style_ref)
@@ -301,25 +316,36 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
     return result
 
 
-def sample_batched(engine, texts: list[str], tag: str, cfg: EvalConfig, done=None) -> list[list[list[str]]]:
-    """`cfg.samples_per_prompt` replies per text: texts of similar length share one left-padded `generate` call
-    (`cfg.batch_size` texts, each `n` rows), which costs far less than one call per prompt on a CPU.
+def sample_batched(engine, texts: list[str], tag: str, cfg: EvalConfig, rerank_k: int = 0,
+                   done=None) -> tuple[list[list[list[str]]], dict]:
+    """`cfg.samples_per_prompt` candidates per text through the candidate step the worker and simulate use
+    (inference.candidates: clean, distinct, re-sampled, reranked with `rerank_k`), and what that step cost.
 
-    Batch k samples with seed `cfg.seed + 1000 * k`; `done(count)` is called after each batch.
+    Texts of similar length share one left-padded `generate` call (`cfg.batch_size` texts, n or K rows each),
+    far cheaper than one call per prompt on a CPU. Batch k samples with seed `cfg.seed + 1000 * k`;
+    `done(count)` is called after each batch.
     """
+    from inference.engine import SimulateOptions
+
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     cands: list[list[list[str]]] = [[] for _ in texts]
+    cost = dict.fromkeys(("samples", "rejected", "scored", "rounds"), 0)
+    flaws: Counter = Counter()
     for k, start in enumerate(range(0, len(order), cfg.batch_size)):
         idx = order[start : start + cfg.batch_size]
-        out = engine.generate_batch(
-            [texts[i] for i in idx], tag, n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p,
-            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1000 * k,
+        opts = SimulateOptions(
+            n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+            seed=cfg.seed + 1000 * k, rerank_k=rerank_k, max_resample_rounds=cfg.max_resample_rounds,
+            repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
         )
-        for i, replies in zip(idx, out, strict=True):
-            cands[i] = [list(c) for c in replies]
+        for i, outcome in zip(idx, engine.sample_batch([texts[i] for i in idx], tag, opts), strict=True):
+            cands[i] = [list(c) for c in outcome.candidates]
+            for key in cost:
+                cost[key] += getattr(outcome, key)
+            flaws.update(outcome.flaws)
         if done is not None:
             done(len(idx))
-    return cands
+    return cands, {**cost, "flaws": dict(flaws)}
 
 
 def score_replies(real: list, cands: list[list[list[str]]], training_messages: set[str], embedder, seed: int) -> dict:
