@@ -158,13 +158,6 @@ def method_availability() -> dict[str, str]:
     return missing
 
 
-def assistant_detector():
-    """The eval's assistant-voice test of one message, or None when this checkout has none."""
-    from training.evaluate import metrics as M
-
-    return getattr(M, "is_assistant_voice", None)
-
-
 # ---------------------------------------------------------------- training
 
 
@@ -206,8 +199,12 @@ def _r(x, d=4):
 # ---------------------------------------------------------------- evaluation
 
 
-def reply_flags(replies: list[list[str]], training_messages: set[str], assistant) -> dict:
-    """Counts behind the rate columns for one prompt's replies (so any set of prompts can be re-aggregated)."""
+def reply_flags(replies: list[list[str]], training_messages: set[str]) -> dict:
+    """Counts behind the rate columns for one prompt's replies (so any set of prompts can be re-aggregated).
+
+    Assistant voice is the candidate step's own test (inference.candidates.assistant_voice) on each message.
+    """
+    from inference.candidates import assistant_voice
     from training.evaluate import metrics as M
 
     out = dict.fromkeys(("replies", "empty", "repeated", "long", "copied", "assistant"), 0)
@@ -219,7 +216,7 @@ def reply_flags(replies: list[list[str]], training_messages: set[str], assistant
         out["repeated"] += int(d["repeated"] > 0)
         out["long"] += long_msgs
         out["copied"] += round(d["copied"] * long_msgs)
-        out["assistant"] += int(assistant is not None and any(assistant(m) for m in r))
+        out["assistant"] += int(any(assistant_voice(m) for m in r))
     return out
 
 
@@ -243,12 +240,11 @@ def eval_method(method: str, engine, data_dir: Path, adapter: Path, out: Path, a
     cands = [c["replies"][name] for c in comps]
     sem = M.semantic_similarity(real, [r for per in cands for r in per], [i for i, per in enumerate(cands) for _ in per],
                                 embedder)
-    assistant = assistant_detector()
     units = [{"nll": c["nll"].get(name), "semantic": round(sem[i], 6), "replies": cands[i],
-              "flags": reply_flags(cands[i], training_messages, assistant)} for i, c in enumerate(comps)]
+              "flags": reply_flags(cands[i], training_messages)} for i, c in enumerate(comps)]
     m = result.metrics["methods"][name]
     record = {"seconds": round(time.monotonic() - t0, 1), "context_tokens_mean": m["context_tokens_mean"],
-              "units": units, **{k: m[k] for k in ("rerank",) if k in m}}
+              "units": units, "candidate_step": m.get("candidate_step")}
     return record, comps, result.metrics
 
 
@@ -492,8 +488,6 @@ def sizes_section(results: dict, a: dict) -> list[str]:
     for m in METHODS:
         if m in results.get("not_run", {}):
             lines.append(f"- `{m}`: not run ({results['not_run'][m]}).")
-    if results.get("assistant_missing"):
-        lines.append("- `assistant voice` column: not measured (no assistant-voice detector in this checkout).")
     return lines
 
 
@@ -618,6 +612,10 @@ def write_doc(path: Path, results: dict) -> None:
                      f"val loss {ad['best_eval_loss']} (val loss at steps: {curve or '-'})." if ad else "")
                   + (f" Preference step: {pref['summary']}." if pref else "")
                   + " Eval seconds per method: " + ", ".join(f"{m} {r['seconds']:.0f}" for m, r in run["methods"].items())
+                  + ". Candidate step per method (raw samples drawn / rejected as unusable / scored by rerank, for "
+                  f"{len(run['real'])} prompts × {args['n']}): "
+                  + ", ".join(f"{m} {c['samples']}/{c['rejected']}/{c['scored']}" for m, r in run["methods"].items()
+                              if (c := r.get("candidate_step")))
                   + ".", "", result_table(run, a["stats"][key])]
         for base_m in BASELINES:
             if base_m in a["stats"][key]:
@@ -729,7 +727,6 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/quality.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     results = load_results(results_path, args, command.strip())
     results["not_run"] = method_availability()
-    results["assistant_missing"] = assistant_detector() is None
     results["results_path"] = str(results_path)
     last = [time.monotonic()]
 
@@ -782,7 +779,7 @@ def run_speaker(sp: Speaker, data, args, work: Path, results: dict, save, embedd
         if "real" not in run:
             run.update(real=real, last_messages=[_last_message(c["prompt"]) for c in comps],
                        style_reference=metrics["real"]["style_reference"],
-                       real_flags=_sum_flags([reply_flags([r], training_messages, assistant_detector()) for r in real]))
+                       real_flags=_sum_flags([reply_flags([r], training_messages) for r in real]))
         elif run["real"] != real:
             raise SystemExit(f"{sp.label}: {method} was scored on other prompts than the methods before it")
         run["methods"][method] = rec
