@@ -374,7 +374,10 @@ def run_demo(args) -> int:
                 worker = stack.enter_context(running_worker(settings, str(base)))
                 console.print(f"worker {escape(worker.worker.name)} up (heartbeat seen)")
 
-            with stages.stage("conversation", "`convo chat` through the bot core and the worker"):
+            g = settings.generate
+            step = (f"candidates cleaned, {g.rerank_k} sampled and reranked by the adapter" if g.rerank_k
+                    else "candidates cleaned (rerank off)")
+            with stages.stage("conversation", f"`convo chat` through the bot core and the worker; {step}"):
                 conversation = scripted_conversation(settings, PERSONA, console)
                 if conversation.replies == 0:
                     raise DemoFailed("the worker answered no request of the scripted conversation")

@@ -244,7 +244,7 @@ def eval_method(method: str, engine, data_dir: Path, adapter: Path, out: Path, a
               "flags": reply_flags(cands[i], training_messages)} for i, c in enumerate(comps)]
     m = result.metrics["methods"][name]
     record = {"seconds": round(time.monotonic() - t0, 1), "context_tokens_mean": m["context_tokens_mean"],
-              "units": units, "candidate_step": m.get("candidate_step")}
+              "units": units, "candidates": m.get("candidates")}
     return record, comps, result.metrics
 
 
@@ -612,10 +612,10 @@ def write_doc(path: Path, results: dict) -> None:
                      f"val loss {ad['best_eval_loss']} (val loss at steps: {curve or '-'})." if ad else "")
                   + (f" Preference step: {pref['summary']}." if pref else "")
                   + " Eval seconds per method: " + ", ".join(f"{m} {r['seconds']:.0f}" for m, r in run["methods"].items())
-                  + ". Candidate step per method (raw samples drawn / rejected as unusable / scored by rerank, for "
-                  f"{len(run['real'])} prompts × {args['n']}): "
-                  + ", ".join(f"{m} {c['samples']}/{c['rejected']}/{c['scored']}" for m, r in run["methods"].items()
-                              if (c := r.get("candidate_step")))
+                  + ". Candidate step per method (raw samples drawn per prompt / share rejected as unusable / "
+                  f"candidates scored by rerank per prompt; {args['n']} kept): "
+                  + ", ".join(f"{m} {c['samples_per_prompt']:.1f}/{c['rejected']:.2f}/{c['scored_per_prompt']:.1f}"
+                              for m, r in run["methods"].items() if (c := r.get("candidates")))
                   + ".", "", result_table(run, a["stats"][key])]
         for base_m in BASELINES:
             if base_m in a["stats"][key]:

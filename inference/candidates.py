@@ -175,6 +175,7 @@ class Outcome:
     """What one item got: its candidates (best first), and counts of what it took."""
 
     candidates: list[list[str]]
+    n: int = 0  # candidates asked for
     samples: int = 0  # raw completions drawn
     rounds: int = 0  # generate calls that included this item
     scored: int = 0  # candidates scored by rerank
@@ -221,7 +222,7 @@ def sample_candidates(
     if score_fn is None:
         ks = [0] * len(items)
     pools = [_Pool(item, target, n) for item, target, n in zip(items, targets, ns, strict=True)]
-    outcomes = [Outcome([]) for _ in pools]
+    outcomes = [Outcome([], p.n) for p in pools]
     want = [max(p.n, k) for p, k in zip(pools, ks, strict=True)]
     todo = list(range(len(pools)))
     for round_ in range(max_resample_rounds + 1):

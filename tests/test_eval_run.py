@@ -206,16 +206,23 @@ def test_api_reply_parsing():
     assert api.parse_reply("", "ALICE") == []
 
 
-def test_eval_adapter_rerank_draws_k_and_keeps_n(adapter, engine, tmp_path):
-    """adapter+rerank samples rerank_k per prompt and scores them; every method reports its candidate step."""
-    from training.evaluate.run import EvalConfig, run_eval
-
-    cfg = EvalConfig(data_dir=DATA, out_dir=tmp_path / "rr", adapter_dir=adapter, methods=("adapter", "adapter+rerank"),
-                     max_prompts=3, samples_per_prompt=2, max_new_tokens=8, rerank_k=4, bootstrap_resamples=0)
-    m = run_eval(cfg, engine=engine).metrics["methods"]
-    plain, rr = m["adapter"]["candidate_step"], m["adapter+rerank"]["candidate_step"]
-    assert plain["scored"] == 0 and plain["samples"] >= 3 * 2
-    assert rr["samples"] >= 3 * 4 and 0 < rr["scored"] <= rr["samples"]
-    with pytest.raises(EvalError, match="rerank-k above --n"):
-        run_eval(EvalConfig(data_dir=DATA, out_dir=tmp_path / "bad", adapter_dir=adapter, methods=("adapter+rerank",),
-                            samples_per_prompt=2, rerank_k=2), engine=engine)
+def test_eval_adapter_rerank_method_and_candidate_columns(adapter, tmp_path, capsys):
+    """adapter+rerank draws --rerank-k samples and scores them; every method reports assistant voice and raw flaws."""
+    out = tmp_path / "rr"
+    code = run(["eval", "--adapter", str(adapter), "--data", str(DATA), "--out", str(out), "--max-prompts", "2",
+                "--n", "2", "--max-new-tokens", "8", "--methods", "adapter,adapter+rerank", "--rerank-k", "4"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "adapter+rerank" in captured.out and "asst" in captured.out
+    r = json.loads((out / "metrics.json").read_text())["methods"]
+    assert r["adapter+rerank"]["candidates"]["samples_per_prompt"] >= 4
+    assert r["adapter+rerank"]["candidates"]["scored_per_prompt"] >= 2
+    assert r["adapter"]["candidates"]["scored_per_prompt"] == 0
+    for res in r.values():
+        assert set(res["candidates"]["raw_flaws"]) == {"empty", "tag", "repeat", "loop", "assistant"}
+        assert "assistant" in res["degeneration"] and res["degeneration"]["empty"] == 0.0
+    # same likelihood (rerank changes sampling only)
+    assert r["adapter"]["nll_per_token"] == pytest.approx(r["adapter+rerank"]["nll_per_token"])
+    assert run(["eval", "--adapter", str(adapter), "--data", str(DATA), "--methods", "adapter+rerank",
+                "--rerank-k", "0"]) == 2
+    assert "--rerank-k" in capsys.readouterr().err

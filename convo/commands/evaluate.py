@@ -21,7 +21,7 @@ def eval_command(
         str | None,
         typer.Option(
             "--methods",
-            help="Comma-separated: base, incontext, retrieval, adapter, adapter+retrieval, api; retrieval-bm25, "
+            help="Comma-separated: base, incontext, retrieval, adapter, adapter+retrieval, adapter+rerank, api; retrieval-bm25, "
             "retrieval-dense, adapter+retrieval-bm25, adapter+retrieval-dense pin the retriever "
             "(default: eval.methods).",
         ),
@@ -45,6 +45,10 @@ def eval_command(
     top_p: Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling (default: generate.top_p).")] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option("--max-new-tokens", help="Longest reply in tokens (default: generate.max_new_tokens).")
+    ] = None,
+    rerank_k: Annotated[
+        int | None, typer.Option("--rerank-k", help="Samples adapter+rerank draws per prompt before keeping the "
+                                 "--n best (default: generate.rerank_k).")
     ] = None,
     api_base: Annotated[
         str | None, typer.Option("--api-base", help="OpenAI-compatible endpoint up to /v1, for method api (default: eval.api_base).")
@@ -83,6 +87,7 @@ def eval_command(
         temperature=temperature,
         top_p=top_p,
         max_new_tokens=max_new_tokens,
+        rerank_k=rerank_k,
         retriever=retriever,
         api_base=api_base,
         api_model=api_model,
@@ -102,7 +107,8 @@ def eval_command(
     console.print(
         "[dim]ctx: context tokens · sem: semantic similarity to the real reply (1 = same meaning) · "
         "style: calibrated style distance (0 = as close as the person's own other replies) · AUC: real vs generated (0.5 = "
-        "indistinguishable) · empty/rep: share of replies · copy: share of 4+ word messages copied from training[/]"
+        "indistinguishable) · empty/rep/asst: share of replies (empty, self-repeating, assistant voice) · copy: share of "
+        "4+ word messages copied from training[/]"
     )
     console.print("[bold]written[/]")
     for k, p in result.paths.items():

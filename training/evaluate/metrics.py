@@ -24,7 +24,9 @@ generated reply and the real reply; higher is closer in meaning.
 drawn with replacement, so an interval shows how much the figure depends on which prompts were drawn.
 
 **Degeneration**: share of replies that are empty, that repeat themselves (a message twice in one reply, or
-one word 3-gram looping 3+ times), and of messages of 4+ words that copy a training message verbatim.
+one word 3-gram looping 3+ times), that sound like an assistant (inference.candidates.assistant_voice: offers of
+help, "as an AI", "I'm not sure what you're asking"), and of messages of 4+ words that copy a training message
+verbatim.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import unicodedata
 from bisect import bisect_right
 from collections import Counter
 from collections.abc import Sequence
+
+from inference.candidates import assistant_voice, loops
 
 Reply = Sequence[str]
 
@@ -281,12 +285,6 @@ def _normalise(message: str) -> str:
     return " ".join(message.casefold().split())
 
 
-def _loops(message: str) -> bool:
-    w = words(message)
-    grams = Counter(tuple(w[i : i + 3]) for i in range(len(w) - 2))
-    return any(n >= 3 for n in grams.values())
-
-
 def degeneration(replies: Sequence[Reply], training_messages: set[str]) -> dict:
     """Shares of empty, self-repeating and training-copying replies (see the module docstring).
 
@@ -295,14 +293,16 @@ def degeneration(replies: Sequence[Reply], training_messages: set[str]) -> dict:
     n = len(replies)
     empty = sum(1 for r in replies if not any(m.strip() for m in r))
     repeated = sum(
-        1 for r in replies if len({_normalise(m) for m in r}) < len(r) or any(_loops(m) for m in r)
+        1 for r in replies if len({_normalise(m) for m in r}) < len(r) or any(loops(m) for m in r)
     )
+    assistant = sum(1 for r in replies if any(assistant_voice(m) for m in r))
     long_msgs = [_normalise(m) for r in replies for m in r if len(words(m)) >= COPY_MIN_WORDS]
     copies = sum(1 for m in long_msgs if m in training_messages)
     return {
         "empty": empty / n if n else 0.0,
         "repeated": repeated / n if n else 0.0,
         "copied": copies / len(long_msgs) if long_msgs else 0.0,
+        "assistant": assistant / n if n else 0.0,
     }
 
 

@@ -159,7 +159,7 @@ def _cell(r: dict, key: str, value, digits=3) -> str:
 def _table(metrics: dict) -> str:
     cols = ["method", "context tokens", "NLL/token", "perplexity", "semantic", "style (calibrated)", "style (raw)",
             *M.STYLE_COMPONENTS,
-            "AUC", "empty", "repeated", "copied", "seconds"]
+            "AUC", "empty", "repeated", "copied", "assistant voice", "raw rejected", "seconds"]
     rows = []
     for name, r in metrics["methods"].items():
         d, s = r["degeneration"], r["style"]
@@ -168,16 +168,17 @@ def _table(metrics: dict) -> str:
                  _cell(r, "style_calibrated", (r.get("style_calibrated") or {}).get("combined")),
                  _cell(r, "style", s["combined"]), *(html.escape(_fmt(s[k], 2)) for k in M.STYLE_COMPONENTS),
                  _cell(r, "auc", r["auc"]), _cell(r, "empty", d["empty"], 2), _cell(r, "repeated", d["repeated"], 2),
-                 _cell(r, "copied", d["copied"], 2), html.escape(_fmt(r.get("seconds"), 1))]
+                 _cell(r, "copied", d["copied"], 2), _cell(r, "assistant", d.get("assistant"), 2),
+                 html.escape(_fmt(r.get("candidates", {}).get("rejected"), 2)), html.escape(_fmt(r.get("seconds"), 1))]
         rows.append(f'<tr data-method="{html.escape(name)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     rd = metrics["real"]["degeneration"]
     ref = metrics["real"].get("style_reference")
     if ref:
         other = ["(another sample of the person's replies)", "", "", "", "", "0", _fmt(ref["combined"]),
-                 *(_fmt(ref[k], 2) for k in M.STYLE_COMPONENTS), "", "", "", "", ""]
+                 *(_fmt(ref[k], 2) for k in M.STYLE_COMPONENTS), "", "", "", "", "", "", ""]
         rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in other) + "</tr>")
     real = ["(real replies)", "", "", "", "1", "0", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", _fmt(rd["empty"], 2),
-            _fmt(rd["repeated"], 2), _fmt(rd["copied"], 2), ""]
+            _fmt(rd["repeated"], 2), _fmt(rd["copied"], 2), _fmt(rd.get("assistant"), 2), "", ""]
     rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in real) + "</tr>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     return f'<div class="wide"><table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
@@ -230,8 +231,9 @@ NLL/token: mean negative log-likelihood of the real replies given each method's 
 tokens carry no loss). Semantic: cosine between sentence embeddings of the generated and the real reply (1 = same
 meaning). Style (raw): mean of six components in [0, 1] (0 = same style as the real replies); style (calibrated):
 the excess over what another sample of the person's own replies scores, so 0 = as close as the person themself.
-AUC: cross-validated char n-gram classifier, real vs generated (0.5 = indistinguishable). Empty/repeated: share
-of replies; copied: share of 4+ word messages identical to a training message.</p>
+AUC: cross-validated char n-gram classifier, real vs generated (0.5 = indistinguishable). Empty/repeated/assistant
+voice: share of replies (served candidates, after the candidate step); copied: share of 4+ word messages identical
+to a training message; raw rejected: share of raw samples with nothing usable, re-sampled before serving.</p>
 <h2>Plots</h2><div class="plots">{plots}</div>
 <h2>Validation contexts</h2>
 <div id="filters"></div><p id="filter-status" class="note"></p>

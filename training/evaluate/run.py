@@ -12,7 +12,6 @@ import json
 import os
 import random
 import time
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ METHODS = (
 )
 ADAPTER_METHODS = frozenset({"adapter", "adapter+retrieval", "adapter+retrieval-bm25", "adapter+retrieval-dense",
                              "adapter+rerank"})
-RERANK_METHODS = frozenset({"adapter+rerank"})  # sample rerank_k, keep the n the adapter prefers over the base
+RERANK_METHODS = frozenset({"adapter+rerank"})  # sample generate.rerank_k, keep the n the adapter prefers
 TEXT_ONLY_METHODS = frozenset({"api"})
 # Which context each method puts before the prompt; "retrieval" means the configured retriever (cfg.retriever).
 CONTEXT_OF = {
@@ -84,6 +83,7 @@ class EvalConfig:
     max_new_tokens: int = _G.max_new_tokens
     rerank_k: int = _G.rerank_k
     max_resample_rounds: int = _G.max_resample_rounds
+    resample_temperature: float = _G.resample_temperature
     repetition_penalty: float = _G.repetition_penalty
     no_repeat_ngram_size: int = _G.no_repeat_ngram_size
     batch_size: int = _E.batch_size
@@ -105,7 +105,8 @@ class EvalConfig:
             "samples_per_prompt": e.samples_per_prompt, "max_prompts": e.max_prompts, "seed": e.seed,
             "temperature": g.temperature, "top_p": g.top_p, "max_new_tokens": g.max_new_tokens,
             "rerank_k": g.rerank_k, "max_resample_rounds": g.max_resample_rounds,
-            "repetition_penalty": g.repetition_penalty, "no_repeat_ngram_size": g.no_repeat_ngram_size,
+            "resample_temperature": g.resample_temperature, "repetition_penalty": g.repetition_penalty,
+            "no_repeat_ngram_size": g.no_repeat_ngram_size,
             "batch_size": e.batch_size, "retriever": e.retriever, "embedding_model": e.embedding_model,
             "bootstrap_resamples": e.bootstrap_resamples, "api_base": e.api_base, "api_model": e.api_model,
             "api_key_env": e.api_key_env,
@@ -142,13 +143,12 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvalError(f"--adapter {cfg.adapter_dir}: not a directory (train one with `convo train`)")
     if "api" in cfg.methods and not (cfg.api_base and cfg.api_model):
         raise EvalError("method api needs --api-base URL and --api-model NAME (or eval.api_base/api_model settings)")
+    if cfg.rerank_k <= 0 and any(m in RERANK_METHODS for m in cfg.methods):
+        raise EvalError("method adapter+rerank needs --rerank-k K > 0 (or generate.rerank_k)")
     if cfg.retriever not in ("bm25", "dense"):
         raise EvalError(f"retriever {cfg.retriever!r}: choose bm25 or dense (--retriever, eval.retriever)")
     if cfg.context_budget_tokens < 0 or cfg.samples_per_prompt < 1 or cfg.max_prompts < 1:
         raise EvalError("--context-budget must be >= 0, --n and --max-prompts >= 1")
-    if any(m in RERANK_METHODS for m in cfg.methods) and cfg.rerank_k <= cfg.samples_per_prompt:
-        raise EvalError(f"adapter+rerank needs --rerank-k above --n ({cfg.rerank_k} <= {cfg.samples_per_prompt}; "
-                        "generate.rerank_k)")
 
 
 def choose_samples(val: list[Sample], tag: str, max_prompts: int, seed: int) -> list[Sample]:
@@ -263,6 +263,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                 nll_pairs[method] = pairs
             else:
                 res.update({"nll_per_token": None, "perplexity": None, "tokens": 0})
+            drawn = CandidateCounts()
             if method == "api":
                 from training.evaluate import api
 
@@ -273,13 +274,13 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed + 1000 * i)
                     cands.append([list(c) for c in out])
                     advance(f"{method}: sampling")
-            else:
-                cands, res["candidate_step"] = sample_batched(
-                    engine, [ctxs[i].text + prompts[i] for i in range(len(chosen))], tag, cfg,
-                    cfg.rerank_k if method in RERANK_METHODS else 0,
-                    lambda k, method=method: advance(f"{method}: sampling", k))
+            else:  # through the candidate step the worker and simulate use (inference.candidates)
+                cands = sample_batched(engine, [ctxs[i].text + prompts[i] for i in range(len(chosen))], tag, cfg,
+                                       method, drawn, lambda k, method=method: advance(f"{method}: sampling", k))
         replies[method] = cands
         res.update(score_replies(real, cands, training_messages, embedder, cfg.seed))
+        if method not in TEXT_ONLY_METHODS:
+            res["candidates"] = drawn.summary()
         res["style_calibrated"] = M.calibrated_style(res["style"], style_ref)
         res["intervals"] = intervals(real, cands, nll_pairs.get(method), training_messages, embedder, cfg, style_ref)
         res["seconds"] = round(time.perf_counter() - t0, 2)
@@ -316,36 +317,72 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
     return result
 
 
-def sample_batched(engine, texts: list[str], tag: str, cfg: EvalConfig, rerank_k: int = 0,
-                   done=None) -> tuple[list[list[list[str]]], dict]:
-    """`cfg.samples_per_prompt` candidates per text through the candidate step the worker and simulate use
-    (inference.candidates: clean, distinct, re-sampled, reranked with `rerank_k`), and what that step cost.
-
-    Texts of similar length share one left-padded `generate` call (`cfg.batch_size` texts, n or K rows each),
-    far cheaper than one call per prompt on a CPU. Batch k samples with seed `cfg.seed + 1000 * k`;
-    `done(count)` is called after each batch.
-    """
+def candidate_options(cfg: EvalConfig, method: str, batch: int):
+    """The candidate step's options for batch `batch` of `method`: eval's sampling, its own seed, rerank or not."""
     from inference.engine import SimulateOptions
 
+    return SimulateOptions(
+        n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+        seed=cfg.seed + 1000 * batch, rerank_k=cfg.rerank_k if method in RERANK_METHODS else 0,
+        max_resample_rounds=cfg.max_resample_rounds, resample_temperature=cfg.resample_temperature,
+        repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+    )
+
+
+def sample_batched(engine, texts: list[str], tag: str, cfg: EvalConfig, method: str, drawn: CandidateCounts,
+                   done=None) -> list[list[list[str]]]:
+    """`cfg.samples_per_prompt` candidates per text through the candidate step (clean, distinct, re-sampled,
+    reranked for the rerank methods), counted into `drawn`.
+
+    Texts of similar length share one left-padded `generate` call (`cfg.batch_size` texts, n or K rows each),
+    far cheaper than one call per prompt on a CPU; `done(count)` is called after each batch.
+    """
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     cands: list[list[list[str]]] = [[] for _ in texts]
-    cost = dict.fromkeys(("samples", "rejected", "scored", "rounds"), 0)
-    flaws: Counter = Counter()
     for k, start in enumerate(range(0, len(order), cfg.batch_size)):
         idx = order[start : start + cfg.batch_size]
-        opts = SimulateOptions(
-            n=cfg.samples_per_prompt, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-            seed=cfg.seed + 1000 * k, rerank_k=rerank_k, max_resample_rounds=cfg.max_resample_rounds,
-            repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
-        )
-        for i, outcome in zip(idx, engine.sample_batch([texts[i] for i in idx], tag, opts), strict=True):
+        outcomes = engine.sample_batch([texts[i] for i in idx], tag, candidate_options(cfg, method, k))
+        for i, outcome in zip(idx, outcomes, strict=True):
             cands[i] = [list(c) for c in outcome.candidates]
-            for key in cost:
-                cost[key] += getattr(outcome, key)
-            flaws.update(outcome.flaws)
+            drawn.add(outcome)
         if done is not None:
             done(len(idx))
-    return cands, {**cost, "flaws": dict(flaws)}
+    return cands
+
+
+@dataclass
+class CandidateCounts:
+    """What the candidate step took for one method: raw samples drawn, their flaws, rejections, scored, short."""
+
+    samples: int = 0
+    rejected: int = 0
+    scored: int = 0
+    short: int = 0  # prompts that got fewer than n candidates (rounds ran out)
+    prompts: int = 0
+    flaws: dict = field(default_factory=dict)
+
+    def add(self, outcome) -> None:
+        """Count one prompt's Outcome (inference.candidates)."""
+        self.prompts += 1
+        self.samples += outcome.samples
+        self.rejected += outcome.rejected
+        self.scored += outcome.scored
+        self.short += len(outcome.candidates) < outcome.n
+        for name, count in outcome.flaws.items():
+            self.flaws[name] = self.flaws.get(name, 0) + count
+
+    def summary(self) -> dict:
+        """Rates over the raw samples (before cleaning) and per-prompt counts, for metrics.json."""
+        from inference.candidates import FLAWS
+
+        per = max(self.samples, 1)
+        return {
+            "samples_per_prompt": self.samples / max(self.prompts, 1),
+            "raw_flaws": {name: self.flaws.get(name, 0) / per for name in FLAWS},
+            "rejected": self.rejected / per,
+            "scored_per_prompt": self.scored / max(self.prompts, 1),
+            "short_prompts": self.short,
+        }
 
 
 def score_replies(real: list, cands: list[list[list[str]]], training_messages: set[str], embedder, seed: int) -> dict:
@@ -401,7 +438,7 @@ def intervals(
             return M.auc_from_scores([y for y, _ in pts], [x for _, x in pts])
 
         out["auc"] = ci(auc)
-    for key in ("empty", "repeated", "copied"):
+    for key in ("empty", "repeated", "copied", "assistant"):
         out[key] = ci(lambda idx, key=key: M.degeneration([c for i in idx for c in cands[i]], training_messages)[key])
     return out
 
@@ -438,7 +475,8 @@ def metrics_table(metrics: dict):
     ctx: mean context tokens; NLL/tok: of the real replies (perplexity is in metrics.json); sem: semantic
     similarity to the real reply (higher is better); style: calibrated combined
     style distance; empty/rep: share of empty/self-repeating replies; copy: share of 4+ word messages copied
-    from training.
+    from training; asst: share of replies in an assistant's voice (the share of raw samples the candidate step
+    rejected is in metrics.json and the report).
     """
     from rich import box
     from rich.table import Table
@@ -451,15 +489,16 @@ def metrics_table(metrics: dict):
         box=box.SIMPLE_HEAD, collapse_padding=True,
     )
     table.add_column("method", no_wrap=True)
-    for col in ("ctx", "NLL/tok", "sem", "style", "AUC", "empty", "rep", "copy"):
+    for col in ("ctx", "NLL/tok", "sem", "style", "AUC", "empty", "rep", "copy", "asst"):
         table.add_column(col, justify="right", no_wrap=True)
     for name, r in metrics["methods"].items():
         d = r["degeneration"]
         table.add_row(
             name, f"{r['context_tokens_mean']:.0f}", f(r["nll_per_token"]), f(r.get("semantic")),
-            f((r.get("style_calibrated") or r["style"])["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2), f(d["copied"], 2),
+            f((r.get("style_calibrated") or r["style"])["combined"]), f(r["auc"]), f(d["empty"], 2), f(d["repeated"], 2),
+            f(d["copied"], 2), f(d.get("assistant"), 2),
         )
     rd = metrics["real"]["degeneration"]
     table.add_row("(real)", "", "", "1.000", "0.000", "0.5", f(rd["empty"], 2), f(rd["repeated"], 2), f(rd["copied"], 2),
-                  style="dim")
+                  f(rd.get("assistant"), 2), style="dim")
     return table
