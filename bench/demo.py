@@ -265,7 +265,8 @@ def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict
         train_args = ["train", "--data", str(out / "dataset"), "--base", str(base), "--out", str(pdir / "v1"),
                       "--force", "--max-steps", str(preset["steps"]), "--batch-size", str(t["batch_size"]),
                       "--grad-accum", str(t["grad_accum"]), "--lora-r", str(t["lora_r"]), "--lr", str(t["learning_rate"]),
-                      "--max-length", str(t["max_length"]), "--eval-steps", str(preset["steps"]),
+                      "--max-length", str(t["max_length"]), "--eval-steps", str(max(1, preset["steps"] // 4)),
+                      "--max-val-samples", str(preset["val_samples"] // 2),
                       "--sample-prompts", str(t["sample_prompts"])]
         if args.threads:
             train_args += ["--threads", str(args.threads)]

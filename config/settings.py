@@ -83,7 +83,7 @@ class RefineSettings(BaseModel):
     beta: float = Field(0.1, gt=0)  # DPO's pull towards the SFT adapter (higher: stays closer)
     max_length: int = Field(256, ge=16)  # tokens per prompt+reply; the oldest context is dropped first
     temperature: float = Field(0.8, ge=0)  # sampling the rejected replies (as the worker samples drafts)
-    top_p: float = Field(0.95, gt=0, le=1)
+    top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling mass for those replies
     max_new_tokens: int = Field(48, ge=1)  # length of a sampled reply
     seed: int = 0  # sampling and training seed
 

@@ -58,7 +58,7 @@ def state(ctx: typer.Context) -> State:
 
 
 # The order commands appear in `convo --help`; any other module in convo/commands/ follows in name order.
-_COMMAND_ORDER = ("ingest", "stats", "dataset", "base", "train", "evaluate", "simulate", "serve", "ask", "chat",
+_COMMAND_ORDER = ("ingest", "stats", "dataset", "base", "train", "refine", "evaluate", "simulate", "serve", "ask", "chat",
                   "feedback", "adapters", "retrain")
 
 

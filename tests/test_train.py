@@ -352,3 +352,30 @@ def test_training_defaults_helpers():
     defaults = TrainSettings()
     assert defaults.lr_scheduler == "constant_with_warmup"  # no decay to 0 at an arbitrary step cap
     assert defaults.eval_steps == 0 and defaults.max_val_samples > 0 and defaults.early_stopping_min_delta > 0
+
+
+def test_loss_curve_smooths_training_and_shows_every_validation(tmp_path):
+    """What the plot draws: each logged loss faint, their moving average, and validation at every evaluation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from training.evaluate.report import draw_loss, ema, read_train_log
+
+    assert ema([(1, 2.0), (2, 2.0), (3, 2.0)], span=4) == [(1, 2.0), (2, 2.0), (3, 2.0)]  # bias-corrected start
+    # Batches alternating short (high loss) and long (low loss) over a slow decline: the average declines smoothly.
+    raw = [(s, 3.0 - 0.02 * s + (0.4 if s % 2 else -0.4)) for s in range(1, 41)]
+    smooth = [v for _, v in ema(raw, span=8)][8:]
+    assert all(b < a for a, b in zip(smooth[::2], smooth[2::2], strict=False))
+    log = tmp_path / "train_log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": v}) + "\n" for s, v in raw)
+                   + "".join(json.dumps({"step": s, "eval_loss": 3.0 - 0.02 * s}) + "\n" for s in (10, 20, 30, 40))
+                   + json.dumps({"step": 40, "eval_loss": 2.2, "final_best_model": True}) + "\n")  # an older log
+    series = read_train_log(log)
+    assert [s for s, _ in series["validation"]] == [10, 20, 30, 40]
+    fig, ax = plt.subplots()
+    draw_loss(ax, series)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert labels == ["train (each log)", "train (moving average)", "validation"]
+    plt.close(fig)

@@ -223,27 +223,18 @@ def kto_weights(n_desirable: int, n_undesirable: int) -> tuple[float, float]:
 
 def run_kto(base: str, adapter_dir: Path, rows: list[dict], settings, work: Path, console: Console) -> dict:
     """One KTO pass on top of the SFT'd adapter in `adapter_dir` (overwritten with the result); returns metrics."""
-    import warnings
-
     import datasets
     import torch
     import transformers
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
+
+    from training.train import load_trainable_adapter
 
     fs = settings.feedback
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     cuda = torch.cuda.is_available()
-    bf16 = cuda and torch.cuda.is_bf16_supported()
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    model, tokenizer, bf16 = load_trainable_adapter(base, adapter_dir)
     n_pos = sum(1 for r in rows if r["label"])
     dw, uw = kto_weights(n_pos, len(rows) - n_pos)
     config = KTOConfig(

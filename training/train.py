@@ -241,6 +241,28 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def load_trainable_adapter(base: str, adapter_dir: Path):
+    """(model, tokenizer, bf16) for a preference step on top of an adapter: the base in float32 (bf16 on a CUDA
+    that has it) on its device, the adapter loaded trainable; the base weights stay frozen."""
+    import warnings
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16 if bf16 else torch.float32)
+    model.to("cuda" if cuda else "cpu")
+    with warnings.catch_warnings():  # peft calls a transformers method deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+    return model, tokenizer, bf16
+
+
 # ---------------------------------------------------------------- callbacks
 
 

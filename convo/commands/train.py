@@ -285,8 +285,48 @@ def base_tiny_cmd(
     console.print(Panel(table, title="base model built", expand=False))
 
 
+# ---------------------------------------------------------------- convo refine
+
+
+def refine_cmd(
+    ctx: typer.Context,
+    adapter: Annotated[Path, typer.Option("--adapter", help="The SFT adapter dir to refine (a `convo train` --out).")],
+    data: Annotated[Path, typer.Option("--data", help="Its dataset dir (`convo dataset`): the real replies come from train.jsonl.")],
+    out: Annotated[Path, typer.Option("--out", help="New adapter dir (must be fresh unless --force).")],
+    base: Annotated[str | None, typer.Option("--base", help="Base model dir (default: the one the adapter records).")] = None,
+    max_pairs: Annotated[int | None, typer.Option("--max-pairs", min=1, help="Training prompts turned into pairs at most. \\[default: refine.max_pairs = 64]")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=0, help="DPO steps (0: one pass over the pairs). \\[default: 32]")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate. \\[default: 5e-5]")] = None,
+    beta: Annotated[float | None, typer.Option("--beta", min=0.0, help="DPO beta: higher stays closer to the SFT adapter. \\[default: 0.1]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing adapter dir in --out.")] = False,
+    threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for torch (0: torch's choice).")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Preference step from the person's own history: DPO of their real replies over the adapter's own samples."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    from training.prefer import RefineOptions, refine
+
+    opts = RefineOptions.from_settings(_state(ctx).settings, max_pairs=max_pairs, max_steps=max_steps,
+                                       learning_rate=lr, beta=beta, base=base, force=force)
+    result = refine(adapter, data, out, opts, console=Console(stderr=True) if as_json else console)
+    summary = {"out": str(result.out_dir), **result.metrics, "paths": {k: str(v) for k, v in result.paths.items()}}
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    table = Table.grid(padding=(0, 2))
+    for key in ("pairs", "skipped_equal", "steps", "margin_after", "accuracy_after", "sample_seconds", "train_seconds"):
+        table.add_row(key.replace("_", " "), str(summary[key]))
+    for name, path in summary["paths"].items():
+        table.add_row(name, escape(path))
+    console.print(Panel(table, title="adapter refined (DPO margin before: 0)", expand=False))
+
+
 def register(app: typer.Typer) -> None:
-    """Add `train`, `simulate` and the `base` sub-app to the app."""
+    """Add `train`, `refine`, `simulate` and the `base` sub-app to the app."""
     app.command("train")(train_cmd)
+    app.command("refine")(refine_cmd)
     app.command("simulate")(simulate_cmd)
     app.add_typer(base_app, name="base")
