@@ -24,6 +24,7 @@ def test_quality_bench_smoke_run_resumes_and_rebuilds_its_doc(tmp_path, tiny_bas
     argv = ["--base", str(tiny_base), "--top", "1", "--max-messages", "2000", "--max-conversations", "12",
             "--max-steps", "4", "--eval-steps", "2", "--patience", "1", "--val-samples", "6", "--max-prompts", "2",
             "--n", "2", "--max-new-tokens", "8", "--bootstrap", "50", "--budget", "64", "--rerank-k", "3",
+            "--pref-pairs", "4", "--pref-steps", "2",
             "--work", str(work), "--doc", str(doc)]
     with torch_threads(1):
         assert quality.main(argv) == 0
