@@ -551,16 +551,20 @@ def write_doc(path: Path, results: dict) -> None:
     """docs/quality.md from the results alone: every figure and statement below is computed here."""
     a = analyse(results)
     args = results["args"]
-    minutes = results.get("wall_s", 0) / 60
+    runs_of = results.get("parts") or [{k: results.get(k) for k in ("command", "wall_s", "finished", "results_path")}]
+    rebuild = " ".join(f"--results {p.get('results_path') or 'runs/quality/results.json'}" for p in runs_of)
     parts = [
         "# Quality study: which method imitates a person best on generated text",
         "",
-        "Written entirely by `bench/quality.py` from its results file; rebuild it with "
-        f"`python bench/quality.py --doc-only --results {results.get('results_path', 'runs/quality/results.json')}`.",
+        "Written entirely by `bench/quality.py` from its results; rebuild it with "
+        f"`python bench/quality.py --doc-only {rebuild}`.",
         "",
-        "```bash", results["command"], "```", "",
-        f"Wall time: {minutes:.1f} min of study on {args['machine']} (summed over resumed runs; last results saved "
-        f"{results.get('finished', '?')}).",
+        "```bash", *(p["command"] for p in runs_of), "```", "",
+        *(f"Wall time{f' of run {i + 1}' if len(runs_of) > 1 else ''}: {(p.get('wall_s') or 0) / 60:.1f} min on "
+          f"{args['machine']} (summed over resumed runs; last results saved {p.get('finished', '?')})."
+          for i, p in enumerate(runs_of)),
+        *(["Runs side by side (one torch thread each), each over its own speakers, with the same settings."]
+          if len(runs_of) > 1 else []),
         "",
         f"- Base: `{results['base']}` ({results['base_note']}).",
         f"- Speakers: the demo pair (Jordan's replies to Sam, `examples/`) and the most active chitchat-dataset "
@@ -639,7 +643,8 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--list", action="store_true", help="list candidate speakers and exit")
     p.add_argument("--doc-only", action="store_true", help="rebuild --doc from the results file and exit")
-    p.add_argument("--results", type=Path, help="results file (default WORK/results.json)")
+    p.add_argument("--results", type=Path, action="append",
+                   help="results file (default WORK/results.json); --doc-only takes several (runs side by side)")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming the results file")
     p.add_argument("--speakers", help="comma-separated chitchat sender ids (default: --top picks)")
     p.add_argument("--top", type=int, default=3, help="chitchat speakers picked when --speakers is not given")
@@ -690,15 +695,32 @@ def load_results(path: Path, args, command: str) -> dict:
     return old
 
 
+def merge_results(paths: list[Path]) -> dict:
+    """One results record from runs made side by side with the same settings, each over its own speakers."""
+    merged = None
+    for path in paths:
+        res = json.loads(Path(path).read_text(encoding="utf-8"))
+        part = {"command": res["command"], "wall_s": res.get("wall_s", 0.0), "finished": res.get("finished"),
+                "results_path": str(path)}
+        if merged is None:
+            merged = {**res, "runs": dict(res["runs"]), "parts": [part]}
+            continue
+        changed = [k for k in RESUME_KEYS if merged["args"].get(k) != res["args"].get(k)]
+        if changed:
+            raise SystemExit(f"{path}: other settings than {paths[0]} ({', '.join(changed)}); the doc needs one set")
+        merged["runs"].update({k: r for k, r in res["runs"].items() if k not in merged["runs"]})
+        merged["not_run"] = {**res.get("not_run", {}), **merged.get("not_run", {})}
+        merged["parts"].append(part)
+    return merged
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the study, or rebuild the doc (see the module docstring)."""
     args = parse_args(argv)
     work = Path(args.work)
-    results_path = Path(args.results or work / "results.json")
+    results_path = Path(args.results[0] if args.results else work / "results.json")
     if args.doc_only:
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        results["results_path"] = str(results_path)
-        write_doc(args.doc, results)
+        write_doc(args.doc, merge_results(args.results or [results_path]))
         print(f"wrote {args.doc}")
         return 0
     data = chitchat()
@@ -815,9 +837,8 @@ def _sum_flags(flags: list[dict]) -> dict:
 
 def train_preference(d: Path, args, console) -> dict:
     """The preference step on top of the SFT adapter: DPO on (real reply, the adapter's own sample) pairs."""
-    from training.prefer import RefineOptions, refine
-
     from config.settings import RefineSettings
+    from training.prefer import RefineOptions, refine
 
     t0 = time.monotonic()
     res = refine(d / "adapter", d / "data", d / "adapter-preference", RefineOptions.from_settings(

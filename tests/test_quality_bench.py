@@ -60,9 +60,16 @@ def test_quality_bench_smoke_run_resumes_and_rebuilds_its_doc(tmp_path, tiny_bas
     for k, secs in before.items():
         assert {m: again["runs"][k]["methods"][m]["seconds"] for m in secs} == secs  # not re-evaluated
 
-    # The doc can be rebuilt from the results file alone, anywhere.
-    moved = tmp_path / "elsewhere.json"
-    moved.write_text((work / "results.json").read_text())
+    # The doc can be rebuilt from the results alone, anywhere, also from runs made side by side over other speakers.
+    first, second = dict(again), dict(again)
+    first["runs"] = {k: r for k, r in again["runs"].items() if k == key}
+    second["runs"] = {k: r for k, r in again["runs"].items() if k != key}
+    second["command"] += " --no-demo"
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
     doc.unlink()
-    assert quality.main(["--doc-only", "--results", str(moved), "--doc", str(doc)]) == 0
-    assert "## Findings (computed)" in doc.read_text()
+    assert quality.main(["--doc-only", "--results", str(tmp_path / "a.json"), "--results", str(tmp_path / "b.json"),
+                         "--doc", str(doc)]) == 0
+    text = doc.read_text()
+    assert "## Findings (computed)" in text and "Wall time of run 2" in text and "--no-demo" in text
+    assert all(r["label"] in text for r in again["runs"].values())
