@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("base", "incontext", "retrieval", "adapter", "adapter+retrieval", "adapter+rerank", "adapter+preference")
+# In the order they run: the comparisons that answer the question first (a run cut short still has them).
+METHODS = ("incontext", "adapter", "adapter+rerank", "adapter+preference", "base", "retrieval", "adapter+retrieval")
 PREFERENCE = "adapter+preference"  # the eval's `adapter` method run with the preference-refined adapter
 BASELINES = ("incontext", "adapter")  # every method is compared, paired, with these two
 # (key, label, better, digits): the columns of every table; `better` is the direction of a better method.
@@ -790,7 +791,7 @@ def run_speaker(sp: Speaker, data, args, work: Path, results: dict, save, embedd
     if "adapter" not in run or not (d / "adapter" / "adapter_config.json").is_file():
         run["adapter"] = train_adapter(d / "data", args.base, d / "adapter", args, console)
         save()
-    todo = [m for m in METHODS if m not in run["methods"] and m not in results["not_run"] and m != PREFERENCE]
+    todo = [m for m in METHODS if m not in run["methods"] and m not in results["not_run"]]
     train = read_samples(d / "data" / "train.jsonl")
     training_messages = M.normalise_messages([t.text for sess in sessions(train) for t in sess])
 
@@ -808,19 +809,17 @@ def run_speaker(sp: Speaker, data, args, work: Path, results: dict, save, embedd
         console.print(f"{sp.label}: {method} done in {rec['seconds']:.0f} s")
         save()
 
-    if todo:
-        from inference.engine import Engine
+    from inference.engine import Engine
 
-        engine = Engine.load(base=args.base, adapter=d / "adapter")
-        for m in todo:
+    engine = None  # the SFT adapter's, loaded once for every method but the preference one
+    for m in todo:
+        if m != PREFERENCE:
+            engine = engine or Engine.load(base=args.base, adapter=d / "adapter")
             record(m, engine, d / "adapter")
-        del engine
-    if PREFERENCE not in results["not_run"] and PREFERENCE not in run["methods"]:
+            continue
         if "preference" not in run or not (d / "adapter-preference" / "adapter_config.json").is_file():
             run["preference"] = train_preference(d, args, console)
             save()
-        from inference.engine import Engine
-
         record(PREFERENCE, Engine.load(base=args.base, adapter=d / "adapter-preference"), d / "adapter-preference")
     run["done"] = all(m in run["methods"] or m in results["not_run"] for m in METHODS)
     save()
