@@ -426,7 +426,9 @@ def findings(results: dict, a: dict) -> list[str]:
                                  f"(better on {d['wins']}/{d['of']} speakers, worse on {d['losses']}/{d['of']})")
             if base_m == "incontext" or m.startswith("adapter"):
                 text = "; ".join(parts) if parts else "no column differs with an interval excluding 0 on any speaker"
-                lines.append(f"- `{m}` vs `{base_m}` (paired difference, mean over {n_sp} speakers): {text}.")
+                of = max((a["diffs"][(m, base_m, c)]["of"] for c, _, _, _ in COLUMNS), default=0)
+                lines.append(f"- `{m}` vs `{base_m}` (paired difference, mean over {of} of {n_sp} "
+                             f"speaker{'s' if n_sp > 1 else ''}): {text}.")
     winners = []
     for m in a["methods"]:
         if m == "incontext":
@@ -450,7 +452,10 @@ def findings(results: dict, a: dict) -> list[str]:
                      f"worse on another of them or on the {', '.join(FAILURES)} rates.")
         adapters = [m for m in a["methods"] if m.startswith("adapter") and m != "adapter"]
         best_adapter = [(len(bt), m, bt) for m in adapters for ok, bt, _ in [beats(a, m, "adapter")] if ok]
-        if best_adapter:
+        if "adapter" not in a["methods"] or not adapters:
+            lines.append("- **Recommended default: in-context prompting** (no adapter variant has results to compare "
+                         "with the plain adapter yet).")
+        elif best_adapter:
             best_adapter.sort(reverse=True)
             _, m, bt = best_adapter[0]
             lines.append(f"- **Recommended default: in-context prompting**; among the adapter methods `{m}` beats the "
@@ -468,7 +473,7 @@ def sizes_section(results: dict, a: dict) -> list[str]:
     done = [r for r in runs if r.get("done")]
     chitchat_done = [r for r in done if not r["key"].startswith("demo")]
     demo_done = any(r["key"].startswith("demo") for r in done)
-    prompts = sorted({len(r["real"]) for r in done if r.get("real")})
+    prompts = sorted({len(r["real"]) for r in runs if r.get("real")})
 
     def met(ok):
         return "met" if ok else "**not met**"
@@ -628,9 +633,12 @@ def write_doc(path: Path, results: dict) -> None:
         parts += ["", "Sample replies (first sample of each method; ⏎ separates messages of one burst):", "",
                   samples_table(run)]
     parts += ["", "## The same measurements on your own data", "",
-              "Every method above is `convo eval` on the speaker's dataset: "
-              "`convo eval --data data/alice --adapter adapters/alice --methods "
-              "base,incontext,retrieval,adapter,adapter+retrieval` (see [evaluation.md](evaluation.md))."]
+              "Every method above is `convo eval` on the speaker's dataset (see [evaluation.md](evaluation.md)); "
+              "`adapter+preference` is the `adapter` method on the adapter `convo refine` writes:", "",
+              "```bash", "convo eval --data data/alice --adapter adapters/alice --methods "
+              "incontext,adapter,adapter+rerank,base,retrieval,adapter+retrieval",
+              "convo refine --adapter adapters/alice --data data/alice --out adapters/alice-refined",
+              "convo eval --data data/alice --adapter adapters/alice-refined --methods adapter", "```"]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
