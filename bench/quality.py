@@ -429,6 +429,19 @@ def findings(results: dict, a: dict) -> list[str]:
                 of = max((a["diffs"][(m, base_m, c)]["of"] for c, _, _, _ in COLUMNS), default=0)
                 lines.append(f"- `{m}` vs `{base_m}` (paired difference, mean over {of} of {n_sp} "
                              f"speaker{'s' if n_sp > 1 else ''}): {text}.")
+    rr = [(r["methods"]["adapter+rerank"], r["methods"]["adapter"]) for r in a["runs"].values()
+          if "adapter+rerank" in r["methods"] and "adapter" in r["methods"]]
+    if rr and all(x.get("candidates") and y.get("candidates") for x, y in rr):
+        def mean(values):
+            return sum(values) / len(values)
+
+        lines.append(
+            f"- Rerank cost ({len(rr)} speaker{'s' if len(rr) > 1 else ''}): `adapter+rerank` drew "
+            f"{mean([x['candidates']['samples_per_prompt'] for x, _ in rr]):.1f} raw samples per prompt against "
+            f"{mean([y['candidates']['samples_per_prompt'] for _, y in rr]):.1f} for `adapter`, and scored "
+            f"{mean([x['candidates']['scored_per_prompt'] for x, _ in rr]):.1f} candidates per prompt with two "
+            "extra forward passes each (adapter and bare base); its eval took "
+            f"{mean([x['seconds'] / y['seconds'] for x, y in rr]):.1f}× the plain adapter's time.")
     winners = []
     for m in a["methods"]:
         if m == "incontext":
