@@ -749,7 +749,9 @@ def merge_results(paths: list[Path]) -> dict:
         changed = [k for k in RESUME_KEYS if merged["args"].get(k) != res["args"].get(k)]
         if changed:
             raise SystemExit(f"{path}: other settings than {paths[0]} ({', '.join(changed)}); the doc needs one set")
-        merged["runs"].update({k: r for k, r in res["runs"].items() if k not in merged["runs"]})
+        for k, r in res["runs"].items():  # a speaker two runs started: the one with more methods done
+            if len(r.get("methods", {})) > len(merged["runs"].get(k, {}).get("methods", {})):
+                merged["runs"][k] = r
         merged["not_run"] = {**res.get("not_run", {}), **merged.get("not_run", {})}
         merged["parts"].append(part)
     return merged
