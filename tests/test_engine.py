@@ -155,3 +155,27 @@ def test_parse_conversation_and_target(adapter):
     assert resolve_target(meta, "RIYA") == ("RIYA", "ALICE")
     with pytest.raises(ConfigError, match="known tags: ALICE, RIYA"):
         resolve_target(meta, "BOB")
+
+
+def test_generate_batch_left_pads_prompts_of_different_lengths(engine):
+    short = "[BOB] hi\n[ALICE]"
+    long = PROMPT.removesuffix("[ALICE]") + "[BOB] and then what happened after that?\n[ALICE]"
+    greedy = dict(n=2, temperature=0, max_new_tokens=12)
+    batch = engine.generate_raw_batch([long, short], "ALICE", **greedy)
+    # Padding is masked: each prompt's greedy rows equal the prompt run alone.
+    assert batch == [engine.generate_raw(long, "ALICE", **greedy), engine.generate_raw(short, "ALICE", **greedy)]
+    sampled = engine.generate_batch([short, long, short], "ALICE", n=2, seed=3, max_new_tokens=12)
+    assert [len(c) for c in sampled] == [2, 2, 2]
+    assert engine.generate_batch([short, long, short], "ALICE", n=2, seed=3, max_new_tokens=12) == sampled
+
+
+def test_sample_batch_runs_the_candidate_step_for_every_prompt_in_one_go(engine):
+    from inference.engine import SimulateOptions
+
+    short = "[BOB] hi\n[ALICE]"
+    greedy = SimulateOptions(n=1, temperature=0, max_new_tokens=12, max_resample_rounds=0)
+    together = engine.sample_batch([PROMPT, short], "ALICE", greedy)
+    assert [o.candidates for o in together] == [engine.sample(p, "ALICE", greedy).candidates for p in (PROMPT, short)]
+    sampled = engine.sample_batch([PROMPT, short, PROMPT], "ALICE", SimulateOptions(n=2, seed=5, max_new_tokens=12))
+    for outcome in sampled:
+        assert outcome.samples >= 2 and len({tuple(c) for c in outcome.candidates}) == len(outcome.candidates)
