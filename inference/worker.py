@@ -362,7 +362,8 @@ class Worker:
         m.queue_wait.observe(queue_ms / 1000)
         await self._send([(entry, request, GenerateResponse(
             id=request.id, candidates=result.candidates, adapter=ref, queue_ms=round(queue_ms, 2),
-            generate_ms=round(generate_s * 1000, 2), worker=self.name))])
+            generate_ms=round(generate_s * 1000, 2), worker=self.name, prompt_tokens=result.prompt_tokens,
+            completion_tokens=result.new_tokens))])
 
     async def _validate(self, entries: Sequence[Entry], answers: list) -> list[tuple[Entry, GenerateRequest]]:
         """Requests worth generating; the rest are dead-lettered, acked as duplicates or answered `expired`."""

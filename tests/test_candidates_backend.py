@@ -146,7 +146,7 @@ class DirtyBackend(EchoBackend):
         for item in items:
             raws = [self.ROWS[(self.drawn + k) % len(self.ROWS)] for k in range(item.samples)]
             self.drawn += item.samples
-            out.append(BatchResult([[r] for r in raws], item.samples, raws))
+            out.append(BatchResult([[r] for r in raws], item.samples, raw=raws))
         return out
 
 

@@ -20,7 +20,7 @@ import pytest
 
 from inference.protocol import FeedbackEvent, GenerateRequest, Heartbeat, Keys, entry_data, utcnow
 from tests.conftest import REDIS_URL, make_persona_adapters, require_redis, torch_threads
-from tests.test_worker import peft_worker, running, wait_until
+from tests.test_worker import model_worker, running, wait_until
 
 pytestmark = pytest.mark.redis
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,7 +76,7 @@ def stack(tiny_base, tmp_path_factory):
     root = make_persona_adapters(tiny_base, tmp_path_factory.mktemp("api_adapters"))
     redis_url = REDIS_URL
     with torch_threads(1):
-        worker, _ = peft_worker(redis_url, tiny_base, root, prefix=prefix, name="api-w", max_batch=8,
+        worker, _ = model_worker(redis_url, tiny_base, root, prefix=prefix, name="api-w", max_batch=8,
                                 max_wait_ms=0)
         with running(worker):
             wait_until(lambda: client.exists(Keys(prefix).heartbeat("api-w")), 30, "worker heartbeat")
