@@ -54,9 +54,12 @@ COLUMNS = (
 DIGITS = {c: d for c, _, _, d in COLUMNS}
 GENERATED = ("semantic", "style", "auc")  # what a verdict "beats on generated text" rests on
 FAILURES = ("empty", "repeated", "assistant")  # rates a better method must not make worse
+# The adapter's training budget: runs merged into one doc may differ here (each speaker's section says what it had
+# and what stopped it); everything else in RESUME_KEYS must be the same.
+BUDGET_KEYS = ("max_steps", "eval_steps", "patience")
 # Settings a rerun must share with the results it resumes (the speakers may differ: new ones are added).
-RESUME_KEYS = ("base", "max_prompts", "n", "max_new_tokens", "budget", "seed", "max_steps", "eval_steps",
-               "patience", "lr", "lora_r", "lora_targets", "pref_pairs", "pref_steps", "batch_size", "max_length", "val_samples", "context", "rerank_k")
+RESUME_KEYS = ("base", "max_prompts", "n", "max_new_tokens", "budget", "seed", *BUDGET_KEYS, "lr", "lora_r",
+               "lora_targets", "pref_pairs", "pref_steps", "batch_size", "max_length", "val_samples", "context", "rerank_k")
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +380,7 @@ def analyse(results: dict) -> dict:
     stats = {k: speaker_statistics(r, b, seed) for k, r in runs.items()}
     methods = [m for m in METHODS if any(m in s for s in stats.values())]
     diffs: dict = {}
-    for base_m in BASELINES:
+    for base_m in methods:  # every pair: the recommendation asks whether any method beats another
         for m in methods:
             if m == base_m:
                 continue
@@ -470,31 +473,43 @@ def findings(results: dict, a: dict) -> list[str]:
     tried = ", ".join(f"`{m}`" for m in a["methods"] if m != "incontext")
     if winners:
         winners.sort(reverse=True)
-        _, _, best, better = winners[0]
         lines.append(f"- **Beats in-context on generated text:** {', '.join(f'`{w[2]}`' for w in winners)} "
                      f"(pooled paired interval better on at least one of {', '.join(GENERATED)} and worse on none of "
                      f"those nor on the {', '.join(FAILURES)} rates).")
-        lines.append(f"- **Recommended default: `{best}`** (better than in-context on {', '.join(better)}; the most "
-                     "generated-text columns won, ties broken by the semantic difference).")
     else:
         lines.append(f"- **No method beats in-context on generated text** on this evidence: tried {tried}; none is "
                      f"better than in-context (pooled paired interval excluding 0) on any of {', '.join(GENERATED)}, "
                      "on all the speakers in-context ran on, without being worse on another of them or on the "
                      f"{', '.join(FAILURES)} rates.")
-        adapters = [m for m in a["methods"] if m.startswith("adapter") and m != "adapter"]
-        best_adapter = [(len(bt), m, bt) for m in adapters for ok, bt, _ in [beats(a, m, "adapter")] if ok]
-        if "adapter" not in a["methods"] or not adapters:
-            lines.append("- **Recommended default: in-context prompting** (no adapter variant has results to compare "
-                         "with the plain adapter yet).")
-        elif best_adapter:
-            best_adapter.sort(reverse=True)
-            _, m, bt = best_adapter[0]
-            lines.append(f"- **Recommended default: in-context prompting**; among the adapter methods `{m}` beats the "
-                         f"plain adapter on {', '.join(bt)}, so it is the adapter default to serve.")
-        else:
-            lines.append("- **Recommended default: in-context prompting**; no adapter variant beats the plain adapter "
-                         "on generated text either.")
+    lines.append(recommendation(a))
     return lines
+
+
+def recommendation(a: dict) -> str:
+    """The default to serve: among the methods run on every speaker that no other method beats on generated text,
+    the one with the lowest NLL/token (the likelihood of the person's real replies) breaks the tie."""
+    full = [m for m in a["methods"] if all(m in s for s in a["stats"].values())]
+    beaten = {m: [o for o in full if o != m and beats(a, o, m)[0]] for m in full}
+    unbeaten = [m for m in full if not beaten[m]]
+    if not unbeaten:
+        return "- **Recommended default: none** (every method is beaten by another; the results hold a cycle)."
+
+    def nll(m):  # mean over speakers of the method's NLL/token
+        vals = [s[m]["nll"]["value"] for s in a["stats"].values() if s[m]["nll"]["value"] is not None]
+        return sum(vals) / len(vals) if vals else float("inf")
+
+    best = min(unbeaten, key=nll)
+    beaten_by_best = [m for m in full if best in beaten[m]]
+    serve = {"adapter+preference": "`convo train` runs the preference step by default (`train.prefer`), so this is "
+                                   "the adapter the worker and `simulate` serve",
+             "adapter": "`convo train --no-prefer` gives this adapter",
+             "adapter+rerank": "set `generate.rerank_k` to serve it",
+             "incontext": "the worker serves adapters only; in-context prompting is `convo eval --methods incontext`"}
+    return (f"- **Recommended default: `{best}`**: no method beats it on generated text (unbeaten: "
+            f"{', '.join(f'`{m}`' for m in unbeaten)}), and among those it has the lowest NLL/token "
+            f"({nll(best):.3f}, mean over {len(a['stats'])} speakers)"
+            + (f"; it beats {', '.join(f'`{m}`' for m in beaten_by_best)} on generated text" if beaten_by_best else "")
+            + (f". {serve[best]}." if best in serve else "."))
 
 
 def sizes_section(results: dict, a: dict) -> list[str]:
@@ -518,6 +533,14 @@ def sizes_section(results: dict, a: dict) -> list[str]:
         f"{args['n']} sampled replies each. Target ≥40 prompts × n=2: "
         f"{met(bool(prompts) and min(prompts) >= 40 and args['n'] >= 2)}.",
     ]
+    trained = [r for r in runs if r.get("adapter")]
+    early = [r for r in trained if r["adapter"].get("stopped_early")]
+    if trained:
+        lines.append(
+            f"- Early stopping ended {len(early)} of {len(trained)} adapters"
+            + (f" ({', '.join(r['label'] + ' at step ' + str(r['adapter']['steps']) for r in early)})" if early else "")
+            + (f"; the step cap ended {', '.join(r['label'] for r in trained if r not in early)}"
+               if len(early) < len(trained) else "") + ".")
     for r in runs:
         if not r.get("done"):
             pending = [m for m in METHODS if m not in r.get("methods", {}) and m not in results.get("not_run", {})]
@@ -584,11 +607,39 @@ def samples_table(run: dict, k: int = 3) -> str:
     return "\n".join(rows)
 
 
+def budget_text(b: dict) -> str:
+    """An adapter's training budget in words."""
+    return (f"at most {b['max_steps']} steps, validation every {b['eval_steps'] or 'max-steps/8'} steps, early "
+            f"stopping after {b['patience']} validations without a better loss")
+
+
+def run_budget(results: dict, run: dict) -> dict:
+    """The training budget a speaker's adapter had: its run's (merged docs) or the results' own settings."""
+    return run.get("budget") or {k: results["args"][k] for k in BUDGET_KEYS}
+
+
+def budgets_line(results: dict, runs_of: list[dict]) -> list[str]:
+    """How the runs merged into the doc relate: the same settings, or the same but the training budget."""
+    if len(runs_of) < 2:
+        return []
+    budgets = [p.get("budget") or {k: results["args"][k] for k in BUDGET_KEYS} for p in runs_of]
+    if all(b == budgets[0] for b in budgets):
+        return ["Runs side by side (one torch thread each), each over its own speakers, with the same settings."]
+    groups: dict[str, list[int]] = {}
+    for i, b in enumerate(budgets, 1):
+        groups.setdefault(budget_text(b), []).append(i)
+    return ["Runs side by side (one torch thread each), each over its own speakers, with the same settings except "
+            "the adapters' training budget: " + "; ".join(
+                f"run{'s' if len(ix) > 1 else ''} {', '.join(map(str, ix))}: {text}" for text, ix in groups.items())
+            + "."]
+
+
 def write_doc(path: Path, results: dict) -> None:
     """docs/quality.md from the results alone: every figure and statement below is computed here."""
     a = analyse(results)
     args = results["args"]
     runs_of = results.get("parts") or [{k: results.get(k) for k in ("command", "wall_s", "finished", "results_path")}]
+    one_budget = len({budget_text(run_budget(results, r)) for r in results["runs"].values()}) <= 1
     rebuild = " ".join(f"--results {p.get('results_path') or 'runs/quality/results.json'}" for p in runs_of)
     parts = [
         "# Quality study: which method imitates a person best on generated text",
@@ -600,18 +651,17 @@ def write_doc(path: Path, results: dict) -> None:
         *(f"Wall time{f' of run {i + 1}' if len(runs_of) > 1 else ''}: {(p.get('wall_s') or 0) / 60:.1f} min on "
           f"{args['machine']} (summed over resumed runs; last results saved {p.get('finished', '?')})."
           for i, p in enumerate(runs_of)),
-        *(["Runs side by side (one torch thread each), each over its own speakers, with the same settings."]
-          if len(runs_of) > 1 else []),
+        *budgets_line(results, runs_of),
         "",
         f"- Base: `{results['base']}` ({results['base_note']}).",
         f"- Speakers: the demo pair (Jordan's replies to Sam, `examples/`) and the most active chitchat-dataset "
         "speakers; each speaker's conversations become one message log; `convo dataset --mode friend`, "
         f"{args['context']} messages of history per sample.",
         f"- Adapters: LoRA r={args['lora_r']} (alpha {2 * args['lora_r']}, {args.get('lora_targets', 'all-linear')}), lr {args['lr']}, batch "
-        f"{args['batch_size']}, max length {args['max_length']} tokens, validation on {args['val_samples']} samples "
-        f"every {args['eval_steps'] or 'max-steps/8'} steps, early stopping after {args['patience']} validations "
-        f"without a better loss (`convo train`'s min delta), at most {args['max_steps']} "
-        "steps (the stated budget); the best checkpoint is the adapter. What stopped each one is in its section.",
+        f"{args['batch_size']}, max length {args['max_length']} tokens, validation on {args['val_samples']} samples; "
+        + (f"{budget_text(args)} (`convo train`'s min delta; the step cap is the stated budget)" if one_budget else
+           "the training budget of each run above (`convo train`'s min delta for early stopping)")
+        + "; the best checkpoint is the adapter. What stopped each one is in its section.",
         f"- Eval: {args['max_prompts']} validation prompts per speaker, {args['n']} sampled replies each "
         f"(at most {args['max_new_tokens']} new tokens), context budget {args['budget']} tokens for incontext and "
         f"retrieval (BM25), rerank K={args['rerank_k']}, seed {args['seed']}; bootstrap 95% intervals over prompts "
@@ -637,7 +687,9 @@ def write_doc(path: Path, results: dict) -> None:
                   "speakers, is better with the 95% interval excluding 0 on at least one of semantic, style and AUC, "
                   "and worse with the interval excluding 0 on none of them nor on the empty, repeat and "
                   "assistant-voice rates, with both methods run on the same speakers. Several methods and columns "
-                  "are compared at once, so a single interval that barely excludes 0 is weak evidence."]
+                  "are compared at once, so a single interval that barely excludes 0 is weak evidence. The recommended default "
+                  "is, among the methods run on every speaker that no other method beats, the one with the lowest "
+                  "NLL/token of the real replies."]
         for base_m in BASELINES:
             if any(base_m in s for s in a["stats"].values()):
                 parts += ["", f"## Paired differences vs {base_m}, mean over speakers", "",
@@ -650,7 +702,8 @@ def write_doc(path: Path, results: dict) -> None:
         parts += ["", f"## {run['label']}", "",
                   f"{run['conversations']} conversations, {run['messages']} messages; dataset {run['counts'].get('train')} "
                   f"train / {run['counts'].get('val')} val samples."
-                  + (f" Adapter: {ad['steps']} steps in {ad['seconds']:.0f} s, stopped by {ad['stopped_by']}; best "
+                  + (f" Adapter ({budget_text(run_budget(results, run))}): {ad['steps']} steps in "
+                     f"{ad['seconds']:.0f} s, stopped by {ad['stopped_by']}; best "
                      f"val loss {ad['best_eval_loss']} (val loss at steps: {curve or '-'})." if ad else "")
                   + (f" Preference step: {pref['summary']}." if pref else "")
                   + " Eval seconds per method: " + ", ".join(f"{m} {r['seconds']:.0f}" for m, r in run["methods"].items())
@@ -742,14 +795,15 @@ def merge_results(paths: list[Path]) -> dict:
     for path in paths:
         res = json.loads(Path(path).read_text(encoding="utf-8"))
         part = {"command": res["command"], "wall_s": res.get("wall_s", 0.0), "finished": res.get("finished"),
-                "results_path": str(path)}
+                "results_path": str(path), "budget": {k: res["args"].get(k) for k in BUDGET_KEYS}}
+        runs = {k: {**r, "budget": part["budget"]} for k, r in res["runs"].items()}
         if merged is None:
-            merged = {**res, "runs": dict(res["runs"]), "parts": [part]}
+            merged = {**res, "runs": runs, "parts": [part]}
             continue
-        changed = [k for k in RESUME_KEYS if merged["args"].get(k) != res["args"].get(k)]
+        changed = [k for k in RESUME_KEYS if k not in BUDGET_KEYS and merged["args"].get(k) != res["args"].get(k)]
         if changed:
             raise SystemExit(f"{path}: other settings than {paths[0]} ({', '.join(changed)}); the doc needs one set")
-        for k, r in res["runs"].items():  # a speaker two runs started: the one with more methods done
+        for k, r in runs.items():  # a speaker two runs started: the one with more methods done
             if len(r.get("methods", {})) > len(merged["runs"].get(k, {}).get("methods", {})):
                 merged["runs"][k] = r
         merged["not_run"] = {**res.get("not_run", {}), **merged.get("not_run", {})}

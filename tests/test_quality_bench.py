@@ -65,6 +65,7 @@ def test_quality_bench_smoke_run_resumes_and_rebuilds_its_doc(tmp_path, tiny_bas
     first["runs"] = {k: r for k, r in again["runs"].items() if k == key}
     second["runs"] = {k: r for k, r in again["runs"].items() if k != key}
     second["command"] += " --no-demo"
+    second["args"] = {**again["args"], "max_steps": again["args"]["max_steps"] + 5}  # a longer budget may be merged
     (tmp_path / "a.json").write_text(json.dumps(first))
     (tmp_path / "b.json").write_text(json.dumps(second))
     doc.unlink()
@@ -73,6 +74,13 @@ def test_quality_bench_smoke_run_resumes_and_rebuilds_its_doc(tmp_path, tiny_bas
     text = doc.read_text()
     assert "## Findings (computed)" in text and "Wall time of run 2" in text and "--no-demo" in text
     assert all(r["label"] in text for r in again["runs"].values())
+    assert "with the same settings except the adapters' training budget: run 1: at most" in text
+    assert f"run 2: at most {again['args']['max_steps'] + 5} steps" in text and "Early stopping ended" in text
+    second["args"]["lr"] = 1.0  # anything else must match
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    with pytest.raises(SystemExit, match="lr"):
+        quality.main(["--doc-only", "--results", str(tmp_path / "a.json"), "--results", str(tmp_path / "b.json"),
+                      "--doc", str(doc)])
 
 
 def _synthetic_results(semantic_gain: float) -> dict:
@@ -106,4 +114,12 @@ def test_quality_findings_name_the_method_that_beats_incontext_and_say_so_when_n
     assert "**Recommended default: `adapter+rerank`**" in found and "better on 2/2 speakers" in found
     found = "\n".join(quality.findings({}, quality.analyse(_synthetic_results(0.0))))
     assert "**No method beats in-context on generated text**" in found
-    assert "Recommended default: in-context prompting" in found
+    # Nothing beats anything: all three are unbeaten and the lowest NLL/token picks the default among them.
+    assert "(unbeaten: `incontext`, `adapter`, `adapter+rerank`)" in found and "**Recommended default: `" in found
+    # A method beaten on generated text is never the default, even with the lowest NLL/token.
+    results = _synthetic_results(0.1)
+    for run in results["runs"].values():
+        for u in run["methods"]["incontext"]["units"]:
+            u["nll"] = [0.0, 5]
+    found = "\n".join(quality.findings({}, quality.analyse(results)))
+    assert "**Recommended default: `adapter+rerank`**" in found and "it beats `incontext`, `adapter`" in found
