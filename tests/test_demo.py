@@ -236,3 +236,33 @@ def test_validation_is_trimmed_evenly_and_stays_a_valid_dataset(tmp_path):
     assert json.loads((data / "meta.json").read_text())["counts"]["val"] == 5
     assert len(read_dataset(data).val) == 5
     assert trim_validation(data, 50) is None and trim_validation(data, 0) is None  # nothing to cut
+
+
+@pytest.mark.slow
+def test_candidates_stage_shows_clean_distinct_candidates_with_and_without_rerank(adapters_v1, tmp_path, monkeypatch):
+    """Stage 7: the adapter's candidates after the candidate step, rerank off and K=6, beside the real reply."""
+    import json
+    import re
+
+    from bench import demo
+
+    monkeypatch.setattr(demo, "console", Console(file=io.StringIO(), width=200))
+    out = tmp_path / "candidates.json"
+    with torch_threads(1):
+        result = demo.show_candidates(adapters_v1 / "adapters" / "alice" / "v1", adapters_v1 / "dataset", out,
+                                      demo.PRESETS["tiny"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert len(result["prompts"]) == demo.CANDIDATE_PROMPTS
+    for shown in result["prompts"]:
+        assert shown["real"] and all(m for m in shown["real"])
+        for label in ("rerank off", f"rerank K={demo.RERANK_K}"):
+            cands = shown[label]
+            assert len({json.dumps(c) for c in cands}) == len(cands)  # distinct
+            assert all(c and all(m.strip() and not re.search(r"\[[A-Z0-9_]+\]", m) for m in c) for c in cands)
+    summary = result["summary"]
+    assert summary["rerank off"]["scored"] == 0
+    # K=6 drew at least 6 raw samples per prompt and scored the usable ones against the base.
+    assert summary[f"rerank K={demo.RERANK_K}"]["raw_samples"] >= demo.RERANK_K * demo.CANDIDATE_PROMPTS
+    assert summary[f"rerank K={demo.RERANK_K}"]["scored"] > 0
+    printed = demo.console.file.getvalue()
+    assert "ALICE really wrote" in printed and "unusable" in printed

@@ -121,3 +121,50 @@ def test_cli_refine_and_its_errors(tmp_path, data, sft, capsys):
     assert "already exists" in err and "Traceback" not in err
     assert run(["refine", "--adapter", str(tmp_path / "nope"), "--data", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "convo_adapter.json" in capsys.readouterr().err
+
+
+def test_convo_train_refines_by_default_and_keeps_the_sft_run(tmp_path, data, tiny_base, capsys):
+    """`convo train`: SFT, then the preference step; --out serves the refined adapter, --out/sft/ is the SFT run
+    with its logs; the metadata stays flat so retrain and the version gate read the SFT keys where they were."""
+    from training.prefer import SFT_DIR
+
+    out = tmp_path / "alice"
+    common = ["--data", str(data), "--base", str(tiny_base), "--max-steps", "4", "--eval-steps", "2",
+              "--batch-size", "8", "--grad-accum", "1", "--sample-prompts", "0", "--lr", "1e-2"]
+    code = run(["train", *common, "--out", str(out), "--prefer-pairs", "8", "--prefer-steps", "3", "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    summary = json.loads(captured.out)
+    assert summary["prefer"]["status"] == "refined"
+    assert summary["prefer"]["steps"] == 3 and summary["prefer"]["pairs"] + summary["prefer"]["skipped_equal"] == 8
+    sft = out / SFT_DIR
+    assert (sft / "train_log.jsonl").is_file() and (sft / "adapter_model.safetensors").is_file()
+    assert (out / "pairs.jsonl").is_file() and not list(tmp_path.glob(".*"))  # no staging dir left behind
+    meta, sft_meta = read_adapter_meta(out), read_adapter_meta(sft)
+    assert meta.training_args["refine"]["parent_adapter"] == str(sft.resolve())
+    assert meta.training_args["data_dir"] == sft_meta.training_args["data_dir"]  # where retrain looks
+    assert meta.final_metrics["final_eval_loss"] == sft_meta.final_metrics["final_eval_loss"]  # the version gate
+    assert meta.final_metrics["refine"]["steps"] == 3
+
+    # Nothing to resume in a refined dir: a clear error, not a second SFT run over it.
+    assert run(["train", *common, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "already trained and refined" in err and "Traceback" not in err
+
+    # --no-prefer: the SFT adapter alone, as before.
+    plain = tmp_path / "plain"
+    assert run(["train", *common, "--out", str(plain), "--no-prefer", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["prefer"]["status"] == "skipped" and not (plain / SFT_DIR).exists()
+    assert "refine" not in read_adapter_meta(plain).training_args
+
+
+def test_preference_step_is_skipped_on_too_little_data(tmp_path, sft, tiny_base):
+    """Fewer training samples than refine.min_pairs: the SFT adapter stays, untouched, and the reason is given."""
+    from training.prefer import prefer_after_sft
+
+    small = write_dataset(tmp_path / "small", n_train=3, n_val=2)
+    before = (sft / "adapter_model.safetensors").read_bytes()
+    outcome = prefer_after_sft(sft, small, _opts(min_pairs=4))
+    assert outcome.status == "skipped" and "3 training samples" in outcome.reason and outcome.result is None
+    assert (sft / "adapter_model.safetensors").read_bytes() == before and not (sft / "sft").exists()

@@ -244,7 +244,7 @@ def test_qlora_on_cpu_with_widths_bitsandbytes_cannot_block_is_a_clear_error(tmp
 def test_cli_qlora_on_cpu_is_accepted(tmp_path, data, qlora_base, capsys):
     code = run(["train", "--data", str(data), "--base", str(qlora_base), "--out", str(tmp_path / "q"), "--qlora",
                 "--max-steps", "2", "--eval-steps", "2", "--batch-size", "8", "--grad-accum", "1",
-                "--sample-prompts", "0", "--json"])
+                "--sample-prompts", "0", "--no-prefer", "--json"])
     out = capsys.readouterr()
     assert code == 0, out.err
     assert json.loads(out.out)["steps"] == 2
@@ -259,10 +259,14 @@ def test_cli_qlora_on_cpu_is_accepted(tmp_path, data, qlora_base, capsys):
 def test_cli_train_then_simulate(tmp_path, data, tiny_base, capsys):
     out = tmp_path / "cli"
     code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(out), "--max-steps", "4",
-                "--eval-steps", "2", "--batch-size", "8", "--grad-accum", "1", "--sample-prompts", "1", "--json"])
+                "--eval-steps", "2", "--batch-size", "8", "--grad-accum", "1", "--sample-prompts", "1",
+                "--prefer-pairs", "6", "--prefer-steps", "2", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 4 and Path(summary["paths"]["meta"]).is_file()
+    # The preference step ran by default: the refined adapter is --out, the SFT run's files moved to --out/sft/.
+    assert summary["prefer"]["status"] == "refined" and summary["prefer"]["steps"] == 2
+    assert Path(summary["paths"]["meta"]).parent == out / "sft" and summary["paths"]["adapter"] == str(out)
     code = run(["simulate", "--adapter", str(out), "[RIYA] you coming?", "--n", "2", "--seed", "1",
                 "--max-new-tokens", "8", "--json"])
     assert code == 0

@@ -19,7 +19,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ class RefineOptions:
     with `RefineOptions.from_settings(settings.refine, **overrides)` so defaults live once."""
 
     max_pairs: int
+    min_pairs: int
     max_steps: int
     batch_size: int
     learning_rate: float
@@ -270,9 +271,10 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
     options = {k: v for k, v in asdict(opts).items() if k != "force"}
     new_meta = meta.model_copy(update={
         "dataset_sha256": data.sha256,
-        "training_args": {"refine": {**options, "method": "dpo", "parent_adapter": str(adapter_dir.resolve())},
-                          "sft": meta.training_args},
-        "final_metrics": {"refine": metrics, "sft": meta.final_metrics},
+        # Flat: the SFT run's keys stay where retrain and the version gate read them (data_dir, final_eval_loss).
+        "training_args": {**meta.training_args,
+                          "refine": {**options, "method": "dpo", "parent_adapter": str(adapter_dir.resolve())}},
+        "final_metrics": {**meta.final_metrics, "refine": metrics},
     })
     write_adapter_meta(work / "adapter", new_meta)
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -284,3 +286,59 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
         margin_after=metrics["margin_after"], accuracy_after=metrics["accuracy_after"], train_seconds=train_seconds,
         metrics=metrics, paths={"adapter": out_dir, "pairs": out_dir / PAIRS_FILE, "log": out_dir / REFINE_LOG},
     )
+
+
+# ---------------------------------------------------------------- `convo train --prefer`
+
+SFT_DIR = "sft"  # inside a preferred adapter dir: the SFT adapter it was refined from (logs, loss plot, samples)
+
+
+@dataclass
+class PreferOutcome:
+    """What the preference step after SFT did: `refined` (the adapter in --out is the DPO one) or skipped/why."""
+
+    status: str  # "refined", "skipped" or "interrupted"
+    reason: str = ""
+    result: RefineResult | None = None
+
+
+def prefer_after_sft(out_dir: Path | str, data_dir: Path | str, opts: RefineOptions,
+                     console: Console | None = None) -> PreferOutcome:
+    """`convo train`'s preference step: refine the SFT adapter just written to `out_dir` and put the refined one
+    in its place, the SFT run moving to `out_dir/sft/`. The study (docs/quality.md) found the refined adapter
+    better than the plain one on NLL and on generated text, so this runs by default (`train.prefer`).
+
+    Skipped, leaving the SFT adapter in `out_dir` untouched, when train.jsonl has fewer than `opts.min_pairs` samples or
+    the adapter's samples equal the real replies everywhere; on Ctrl-C likewise (status "interrupted").
+    """
+    out_dir, data_dir = Path(out_dir), Path(data_dir)
+    from training.train import read_dataset
+
+    n_train = len(read_dataset(data_dir).train)
+    if n_train < opts.min_pairs:
+        return PreferOutcome("skipped", f"{n_train} training samples, fewer than refine.min_pairs = {opts.min_pairs}")
+    staged = out_dir.with_name(f".{out_dir.name}.preferred")
+    shutil.rmtree(staged, ignore_errors=True)
+    try:
+        result = refine(out_dir, data_dir, staged, replace(opts, force=True), console=console)
+    except KeyboardInterrupt:
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.rmtree(staged.with_name(f".{staged.name}.refine"), ignore_errors=True)
+        return PreferOutcome("interrupted", "Ctrl-C during the preference step; the SFT adapter is kept")
+    except TrainError as e:
+        if "no preference pairs" not in str(e):
+            raise
+        return PreferOutcome("skipped", str(e))
+    # Two renames: the SFT run goes inside the refined adapter, which then takes the --out name.
+    out_dir.rename(staged / SFT_DIR)
+    staged.rename(out_dir)
+    from inference.adapter_meta import read_adapter_meta, write_adapter_meta
+
+    meta = read_adapter_meta(out_dir)
+    args = dict(meta.training_args)
+    args["refine"] = {**args["refine"], "parent_adapter": str((out_dir / SFT_DIR).resolve())}
+    write_adapter_meta(out_dir, meta.model_copy(update={"training_args": args}))
+    result.out_dir = out_dir
+    result.paths = {k: out_dir / Path(v).name for k, v in result.paths.items()}
+    result.paths["adapter"] = out_dir
+    return PreferOutcome("refined", result=result)

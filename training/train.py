@@ -69,6 +69,7 @@ class TrainOptions:
     sample_seed: int
     seed: int
     group_by_length: bool
+    prefer: bool  # read by `convo train` after this SFT run (training.prefer.prefer_after_sft); train() ignores it
     # Per run, not settings.
     sample_max_new_tokens: int = 48
     qlora: bool = False

@@ -55,12 +55,16 @@ def train_cmd(
     group_by_length: Annotated[bool | None, typer.Option("--group-by-length/--no-group-by-length", help="Batch samples of similar length (less padding). \\[default: on]")] = None,
     qlora: Annotated[bool, typer.Option("--qlora", help="4-bit NF4 QLoRA (bitsandbytes; on CUDA or the CPU): less memory, slower steps on CPU.")] = False,
     gradient_checkpointing: Annotated[bool | None, typer.Option("--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations to save memory. \\[default: on with CUDA, off on CPU]")] = None,
+    prefer: Annotated[bool | None, typer.Option("--prefer/--no-prefer", help="After SFT, the preference step: DPO of the person's real replies over the adapter's own samples; the refined adapter is --out, the SFT run moves to --out/sft/. \\[default: train.prefer = on]")] = None,
+    prefer_pairs: Annotated[int | None, typer.Option("--prefer-pairs", min=1, help="Training prompts sampled into preference pairs at most. \\[default: refine.max_pairs = 32]")] = None,
+    prefer_steps: Annotated[int | None, typer.Option("--prefer-steps", min=0, help="DPO steps of the preference step (0: one pass over the pairs). \\[default: refine.max_steps = 16]")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint in --out; logs are appended.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing --out.")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for torch (0: torch's choice; 1 is often faster on a busy shared machine).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Train a LoRA adapter for one persona on a dataset dir (TRL SFT, loss on completions only)."""
+    """Train a LoRA adapter for one persona on a dataset dir (TRL SFT, loss on completions only), then refine it
+    with the preference step (DPO of their real replies over its own samples; --no-prefer skips it)."""
     if threads > 0:
         import torch
 
@@ -76,9 +80,15 @@ def train_cmd(
         early_stopping_min_delta=min_delta, lora_target_modules=target_modules, sample_prompts=sample_prompts,
         sample_seed=sample_seed, seed=seed, group_by_length=group_by_length, qlora=qlora,
         gradient_checkpointing=gradient_checkpointing, resume=resume,
-        force=force,
+        force=force, prefer=prefer,
     )
-    result = train(opts, console=Console(stderr=True) if as_json else console)
+    from training.prefer import SFT_DIR
+
+    if resume and (out / SFT_DIR / "convo_adapter.json").is_file():
+        raise ConfigError(f"{out}: already trained and refined (the SFT run is in {out / SFT_DIR}); "
+                          "nothing to resume, pick a fresh --out or --force")
+    out_console = Console(stderr=True) if as_json else console
+    result = train(opts, console=out_console)
     summary = {
         "out": str(result.out_dir),
         "interrupted": result.interrupted,
@@ -92,6 +102,11 @@ def train_cmd(
         "tokens_per_s": round(result.tokens_per_s, 1),
         "paths": {k: str(v) for k, v in result.paths.items()},
     }
+    if not result.interrupted:
+        summary["prefer"] = _prefer_step(ctx, opts, out_console, prefer_pairs, prefer_steps)
+        if summary["prefer"]["status"] == "refined":
+            summary["paths"] = {k: _moved_into_sft(out, v) for k, v in summary["paths"].items()}
+            summary["paths"]["adapter"] = str(out)
     if as_json:
         print(json.dumps(summary, indent=2))
     else:
@@ -102,11 +117,46 @@ def train_cmd(
             table.add_row(key.replace("_", " "), f"{value:.4f}" if isinstance(value, float) and "loss" in key else str(value))
         for name, path in summary["paths"].items():
             table.add_row(name, escape(path))
+        p = summary.get("prefer", {})
+        if p.get("status") == "refined":
+            table.add_row("preference step", f"DPO on {p['pairs']} pairs, {p['steps']} steps: the implicit reward "
+                          f"prefers the real reply on {p['accuracy_after']:.0%} of them (margin {p['margin_after']:+.3f})")
+        elif p:
+            table.add_row("preference step", escape(f"{p['status']}: {p['reason']}"))
         title = "training interrupted: checkpoint saved" if result.interrupted else "adapter trained"
         console.print(Panel(table, title=title, expand=False))
+    if summary.get("prefer", {}).get("status") == "interrupted":
+        console.print(f"the SFT adapter in {out} is complete; refine it later with: "
+                      f"convo refine --adapter {out} --data {data} --out {out}-refined")
+        raise typer.Exit(130)
     if result.interrupted:
         console.print(f"continue with: convo train --data {data} --base {base} --out {out} --resume")
         raise typer.Exit(130)
+
+
+def _moved_into_sft(out: Path, path: str) -> str:
+    """Where a file of the SFT run is after the preference step moved the run into <out>/sft/."""
+    from training.prefer import SFT_DIR
+
+    try:
+        rel = Path(path).resolve().relative_to(out.resolve())
+    except ValueError:
+        return path
+    return str(out / SFT_DIR / rel)
+
+
+def _prefer_step(ctx, opts, out_console: Console, pairs: int | None, steps: int | None) -> dict:
+    """The preference step after SFT (training.prefer.prefer_after_sft), or why it did not run; for the summary."""
+    if not opts.prefer:
+        return {"status": "skipped", "reason": "off (--no-prefer or train.prefer = false)"}
+    from training.prefer import RefineOptions, prefer_after_sft
+
+    ropts = RefineOptions.from_settings(_state(ctx).settings, max_pairs=pairs, max_steps=steps, base=opts.base)
+    outcome = prefer_after_sft(opts.out_dir, opts.data_dir, ropts, console=out_console)
+    if outcome.result is None:
+        return {"status": outcome.status, "reason": outcome.reason}
+    r = outcome.result
+    return {"status": outcome.status, **r.metrics, "sft_dir": str(opts.out_dir / "sft")}
 
 
 # ---------------------------------------------------------------- convo simulate
@@ -294,8 +344,8 @@ def refine_cmd(
     data: Annotated[Path, typer.Option("--data", help="Its dataset dir (`convo dataset`): the real replies come from train.jsonl.")],
     out: Annotated[Path, typer.Option("--out", help="New adapter dir (must be fresh unless --force).")],
     base: Annotated[str | None, typer.Option("--base", help="Base model dir (default: the one the adapter records).")] = None,
-    max_pairs: Annotated[int | None, typer.Option("--max-pairs", min=1, help="Training prompts turned into pairs at most. \\[default: refine.max_pairs = 64]")] = None,
-    max_steps: Annotated[int | None, typer.Option("--max-steps", min=0, help="DPO steps (0: one pass over the pairs). \\[default: 32]")] = None,
+    max_pairs: Annotated[int | None, typer.Option("--max-pairs", min=1, help="Training prompts turned into pairs at most. \\[default: refine.max_pairs = 32]")] = None,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=0, help="DPO steps (0: one pass over the pairs). \\[default: 16]")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate. \\[default: 5e-5]")] = None,
     beta: Annotated[float | None, typer.Option("--beta", min=0.0, help="DPO beta: higher stays closer to the SFT adapter. \\[default: 0.1]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing adapter dir in --out.")] = False,
