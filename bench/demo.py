@@ -162,6 +162,14 @@ def read_eval(eval_dir: Path) -> dict:
     return json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
 
 
+def _v1_refine(out: Path) -> dict | None:
+    """The preference step's figures recorded in v1's metadata (None when it was skipped)."""
+    meta = out / "adapters" / PERSONA / "v1" / "convo_adapter.json"
+    if not meta.is_file():
+        return None
+    return json.loads(meta.read_text(encoding="utf-8")).get("final_metrics", {}).get("refine")
+
+
 def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metrics: dict, conversation, stored,
                   outcome, after_version: str | None, stages: Stages):
     """The final panel: figures measured, the gate's decision and reason, where everything is."""
@@ -186,6 +194,16 @@ def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metric
         auc = r.get("auc")
         rows.append(f"{name} style {r['style']['combined']:.3f} AUC {'-' if auc is None else f'{auc:.2f}'}")
     grid.add_row("eval table", escape("; ".join(rows)) + " [dim](style: lower is closer; AUC: 0.5 = indistinguishable)[/]")
+    refine = _v1_refine(out)
+    if refine:
+        grid.add_row("preference step", f"v1 = SFT + DPO on {refine['pairs']} (real reply, own sample) pairs, "
+                                        f"{refine['steps']} steps; real reply preferred on "
+                                        f"{refine['accuracy_after']:.0%} of them after")
+    cands = out / "candidates.json"
+    if cands.is_file():
+        summary = json.loads(cands.read_text(encoding="utf-8"))["summary"]
+        grid.add_row("candidates", "; ".join(f"{label}: {v['raw_samples']} raw samples, {v['rejected']} unusable"
+                                             for label, v in summary.items()) + " (demo/candidates.json)")
     events = ", ".join(f"{k} {v}" for k, v in sorted(conversation.events.items()))
     grid.add_row("conversation", f"{conversation.replies} replies/draft sets from "
                                  f"{', '.join(sorted(conversation.versions)) or '?'}; events: {escape(events)}")
@@ -328,7 +346,8 @@ def show_candidates(adapter: Path, data_dir: Path, out_file: Path, preset: dict)
         last = row["prompt"].rstrip().splitlines()[-2] if "\n" in row["prompt"].rstrip() else ""
         real = split_completion(row["completion"], tag)
         cells = {label: [" / ".join(c) for c in outs[i].candidates] for label, outs in runs.items()}
-        table.add_row(escape(last[:80]), escape(" / ".join(real)), *("\n".join(f"{j + 1}. {escape(c)}" for j, c in
+        real_text = " / ".join(real)
+        table.add_row(escape(last[:80]), escape(real_text if len(real_text) <= 160 else real_text[:159] + "…"), *("\n".join(f"{j + 1}. {escape(c)}" for j, c in
                                                                         enumerate(v)) for v in cells.values()))
         shown.append({"last": last, "real": real, **{label: outs[i].candidates for label, outs in runs.items()}})
     console.print(table)

@@ -226,3 +226,16 @@ def test_eval_adapter_rerank_method_and_candidate_columns(adapter, tmp_path, cap
     assert run(["eval", "--adapter", str(adapter), "--data", str(DATA), "--methods", "adapter+rerank",
                 "--rerank-k", "0"]) == 2
     assert "--rerank-k" in capsys.readouterr().err
+
+
+def test_report_plots_the_sft_runs_loss_for_a_refined_adapter(tmp_path):
+    """`convo train`'s preference step moves the SFT run (and its train_log.jsonl) into <adapter>/sft/."""
+    from training.evaluate.run import training_log
+
+    refined = tmp_path / "v1"
+    (refined / "sft").mkdir(parents=True)
+    assert training_log(refined) == refined / "train_log.jsonl"  # neither: the old path (the report says no log)
+    (refined / "sft" / "train_log.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
+    assert training_log(refined) == refined / "sft" / "train_log.jsonl"
+    (refined / "train_log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    assert training_log(refined) == refined / "train_log.jsonl"  # an adapter's own log comes first

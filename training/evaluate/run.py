@@ -464,9 +464,16 @@ def write_outputs(cfg: EvalConfig, result: EvalResult) -> None:
     _atomic_write(
         paths["generations"], "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in result.comparisons)
     )
-    log = Path(cfg.adapter_dir) / "train_log.jsonl" if cfg.adapter_dir else None
+    log = training_log(Path(cfg.adapter_dir)) if cfg.adapter_dir else None
     _atomic_write(paths["report"], render_report(result.metrics, result.comparisons, log))
     result.paths = paths
+
+
+def training_log(adapter_dir: Path) -> Path:
+    """The adapter's train_log.jsonl: its own, or, for an adapter from `convo train`'s preference step, the one of
+    the SFT run kept in its `sft/` dir (the loss curve the report plots)."""
+    own, sft = adapter_dir / "train_log.jsonl", adapter_dir / "sft" / "train_log.jsonl"
+    return sft if not own.is_file() and sft.is_file() else own
 
 
 def metrics_table(metrics: dict):
