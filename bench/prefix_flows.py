@@ -59,7 +59,7 @@ def make_adapter(base: Path, root: Path, seed: int = 0) -> Path:
 @contextlib.contextmanager
 def worker_thread(worker, redis_url: str, timeout_s: float = 300.0):
     """Run the worker's loop on its own event loop in a thread; yields once its heartbeat exists (warmed up)."""
-    import redis
+    from inference.client import connect
 
     box: dict = {}
 
@@ -75,7 +75,7 @@ def worker_thread(worker, redis_url: str, timeout_s: float = 300.0):
 
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    r = redis.Redis.from_url(redis_url)
+    r = connect(redis_url, sync=True)
     end = time.monotonic() + timeout_s
     while not r.exists(worker.keys.heartbeat(worker.name)):  # bounded wait for start-up and warm-up
         if "error" in box or time.monotonic() > end:
@@ -130,11 +130,11 @@ def summarise(turns: list[dict], late: int) -> dict:
 def run(base: Path, *, turns: int = 14, max_new_tokens: int = 16, context_messages: int = 16, cut: int = 8,
         redis_url: str = "redis://127.0.0.1:6379/0", work: Path | None = None, say=print) -> dict:
     """The four configurations, one after the other on one worker; the results as a dict."""
-    import redis.asyncio as aioredis
     import torch
 
     from bot.core import BotConfig, BotCore, load_persona
     from config.settings import Settings
+    from inference.client import connect
     from inference.worker import build_worker
 
     work = work or Path(tempfile.mkdtemp(prefix="bench_prefix_flows_"))
@@ -154,7 +154,7 @@ def run(base: Path, *, turns: int = 14, max_new_tokens: int = 16, context_messag
     results: dict = {"base": str(base), "device": f"cpu ({torch.get_num_threads()} threads)", "turns": turns,
                      "max_new_tokens": max_new_tokens, "context_messages": context_messages, "cut": cut,
                      "late_turns": [turns - late + 1, turns], "configs": {}}
-    worker = build_worker(settings, aioredis.from_url(redis_url), base=str(base), adapters_dir=str(adapters),
+    worker = build_worker(settings, connect(redis_url), base=str(base), adapters_dir=str(adapters),
                           name=f"{prefix}-w")
     decoder = worker.backend.inner
     cache = decoder.prefix_cache
@@ -165,7 +165,7 @@ def run(base: Path, *, turns: int = 14, max_new_tokens: int = 16, context_messag
         for label, cache_on, config_cut in CONFIGS:
             config_cut = config_cut or cut
             config = BotConfig.from_settings(settings, context_cut_messages=config_cut)
-            core = BotCore(aioredis.from_url(redis_url), config, "console")
+            core = BotCore(connect(redis_url), config, "console")
             for loaded in list(worker.registry.current.values()):  # every configuration starts from an empty cache
                 cache.drop(loaded.name)
             decoder.prefix_cache = cache if cache_on else None
@@ -181,7 +181,7 @@ def run(base: Path, *, turns: int = 14, max_new_tokens: int = 16, context_messag
     try:
         with worker_thread(worker, redis_url):
             async def warm():  # loads the adapter: no configuration pays for it
-                core = BotCore(aioredis.from_url(redis_url), BotConfig.from_settings(settings), "console")
+                core = BotCore(connect(redis_url), BotConfig.from_settings(settings), "console")
                 await core.add_message("warm", "SAM", "hi")
                 await core.generate("warm", load_persona(adapters, PERSONA), "friend")
                 await core.redis.aclose()
@@ -205,9 +205,9 @@ def run(base: Path, *, turns: int = 14, max_new_tokens: int = 16, context_messag
 
 def cleanup(redis_url: str, prefix: str) -> None:
     """Delete every key of this run's prefix."""
-    import redis
+    from inference.client import connect
 
-    r = redis.Redis.from_url(redis_url)
+    r = connect(redis_url, sync=True)
     for key in r.scan_iter(match=f"{prefix}:*", count=1000):
         r.delete(key)
     r.close()
