@@ -3,7 +3,7 @@
 Telegram, Discord and `convo chat` all go through `BotCore`; it knows Redis and the wire format
 (inference/protocol.py), never a platform and never a model.
 
-    history   {prefix}:history:{platform}:{chat}   list of HistoryMessage JSON, last `context_messages`, TTL
+    history   {prefix}:history:{platform}:{chat}   list of HistoryMessage JSON: the context window, TTL
     ids       {prefix}:msgids:{platform}:{chat}    hash platform message id -> "speaker|ts" of its history entry
                                                    (so an edit or deletion on the platform finds it), TTL
               {prefix}:private:{platform}:{chat}   people who did not opt in: context only, each message with a TTL
@@ -13,7 +13,11 @@ Telegram, Discord and `convo chat` all go through `BotCore`; it knows Redis and 
                                                    MessageAmendment entries (a message edited or deleted)
 
 A request's context is what `convo dataset` would have used: the chat's last `context_messages` messages that
-sit in one session (no silence longer than `session_gap_min` between them, nor between the last one and now).
+sit in one session (no silence longer than `session_gap_min` between them, nor between the last one and now),
+except that the window's start moves in blocks of `context_cut_messages` (`window_start`): a chat longer than the
+window keeps its prompt's first messages for several turns, so the worker's prefix cache reuses their keys/values
+instead of reading them again. The stored history is trimmed the same way, in one WATCH/MULTI transaction per
+message, so it always holds exactly the window.
 Messages of people who did not opt in (Discord members other than the person simulated) are private context: sent
 to the worker, never kept in a draft or a feedback event, so never in training data. Speakers are prompt tags: a persona's tags come from its adapter's `convo_adapter.json`, so live names map to
 the tags the adapter learned.
@@ -86,6 +90,7 @@ class BotConfig:
     max_new_tokens: int
     typing_s_per_char: float
     max_typing_s: float
+    context_cut_messages: int
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> BotConfig:
@@ -97,6 +102,7 @@ class BotConfig:
             history_ttl_s=max(1, round(b.history_ttl_days * 86400)), draft_ttl_s=max(1, round(b.draft_ttl_hours * 3600)),
             reply_timeout_s=b.reply_timeout_s, drafts=b.drafts, temperature=g.temperature, top_p=g.top_p,
             max_new_tokens=g.max_new_tokens, typing_s_per_char=b.typing_s_per_char, max_typing_s=b.max_typing_s,
+            context_cut_messages=b.context_cut_messages,
         )
         fields.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**fields)
@@ -215,13 +221,24 @@ class DraftRecord(BaseModel):
         return "\n".join(text for _, text in self.reply) or None
 
 
-def session_context(messages: Sequence[HistoryMessage], now: datetime, session_gap_min: float, limit: int
-                    ) -> list[HistoryMessage]:
-    """The newest messages of the current session, oldest first, at most `limit` (as `convo dataset` cuts)."""
+def window_start(count: int, limit: int, cut: int) -> int:
+    """Index of the first of `count` messages (oldest first) in a context of at most `limit`, its start moving in
+    blocks of `cut` messages: the context holds `limit - cut + 1` to `limit` messages and keeps its start while
+    messages are added, until it would exceed `limit`. `cut` is clamped to 1..limit-1 (1 slides one at a time)."""
+    if count <= limit:
+        return 0
+    cut = max(1, min(cut, limit - 1))
+    return -(-(count - limit) // cut) * cut  # (count - limit) rounded up to a multiple of cut
+
+
+def session_context(messages: Sequence[HistoryMessage], now: datetime, session_gap_min: float, limit: int,
+                    cut: int = 1) -> list[HistoryMessage]:
+    """The newest messages of the current session, oldest first, at most `limit` (as `convo dataset` cuts), the
+    window's start moving in blocks of `cut` messages (`window_start`; 1: the last `limit`)."""
     gap_s = session_gap_min * 60
     out: list[HistoryMessage] = []
     later = now
-    for message in reversed(messages):
+    for message in reversed(messages[window_start(len(messages), limit, cut):]):
         if message.ts is not None:
             if (later - message.ts).total_seconds() > gap_s:
                 break
@@ -262,31 +279,47 @@ class BotCore:
 
     async def add_message(self, chat: str, speaker: str, text: str, ts: datetime | None = None,
                           private_ttl_s: float | None = None, message_id: str | None = None) -> HistoryMessage:
-        """Append one message to a chat's rolling history (trimmed to `context_messages`, TTL refreshed);
+        """Append one message to a chat's rolling history (trimmed in blocks to the context window, TTL refreshed);
         `message_id` (the platform's) lets a later edit or deletion find it.
 
         With `private_ttl_s` the speaker did not opt in: the message goes to the chat's private context, where it
         is deleted `private_ttl_s` after it was written (a sorted set scored by expiry time)."""
         message = HistoryMessage.build(speaker=speaker, text=clip_text(text), ts=ts or utcnow())
+        limit, cut = self.config.context_messages, self.config.context_cut_messages
         if private_ttl_s is not None:
             key = self.keys.private_history(self.platform, chat)
-            now = time.time()
-            async with self.redis.pipeline(transaction=True) as pipe:
+
+            async def on_private(pipe):
+                now = time.time()
+                alive = await pipe.zcount(key, f"({now}", "+inf")
+                pipe.multi()
                 pipe.zadd(key, {message.dumps(): now + private_ttl_s})
                 pipe.zremrangebyscore(key, "-inf", now)
-                pipe.zremrangebyrank(key, 0, -self.config.context_messages - 1)
+                start = window_start(alive + 1, limit, cut)
+                if start:  # in blocks, like the history: the merged context keeps its start
+                    pipe.zremrangebyrank(key, 0, start - 1)
                 pipe.expire(key, max(1, round(private_ttl_s)))
-                await pipe.execute()
+
+            await self._atomically(key, on_private)
             return message
         key = self.keys.history(self.platform, chat)
-        async with self.redis.pipeline(transaction=True) as pipe:
+
+        async def on_history(pipe):
+            # The list always holds the window (its start a multiple of `cut` messages into the chat), so after
+            # this message it starts `window_start` further on. Read and trim under WATCH: a writer that read the
+            # length before another one pushed would trim by the wrong amount (a message lost or one too many kept).
+            count = await pipe.llen(key) + 1
+            pipe.multi()
             pipe.rpush(key, message.dumps())
-            pipe.ltrim(key, -self.config.context_messages, -1)
+            start = window_start(count, limit, cut)
+            if start:
+                pipe.ltrim(key, start, -1)
             pipe.expire(key, self.config.history_ttl_s)
             if message_id is not None:
                 pipe.hset(self.keys.message_ids(self.platform, chat), message_id, message_fingerprint(message))
                 pipe.expire(self.keys.message_ids(self.platform, chat), self.config.history_ttl_s)
-            await pipe.execute()
+
+        await self._atomically(key, on_history)
         return message
 
     async def amend_message(self, chat: str, message_id: str, text: str | None, persona: str) -> int:
@@ -415,8 +448,8 @@ class BotCore:
         return [HistoryMessage.loads(raw) for raw in raws]
 
     async def context(self, chat: str, now: datetime | None = None) -> list[HistoryMessage]:
-        """The context a request for this chat carries now (current session, last `context_messages`), private
-        context included."""
+        """The context a request for this chat carries now (current session, the window of `context_messages` moving
+        in blocks of `context_cut_messages`), private context included."""
         return (await self._context(chat, now))[0]
 
     async def _context(self, chat: str, now: datetime | None = None) -> tuple[list[HistoryMessage], set]:
@@ -425,7 +458,8 @@ class BotCore:
         messages, private = await self.history(chat), await self.private_history(chat)
         if private:
             messages = sorted([*messages, *private], key=lambda m: m.ts or now)  # stable: history first on ties
-        context = session_context(messages, now, self.config.session_gap_min, self.config.context_messages)
+        context = session_context(messages, now, self.config.session_gap_min, self.config.context_messages,
+                                  self.config.context_cut_messages)
         return context, set(private) & set(context)
 
     # ------------------------------------------------------------ drafts

@@ -14,7 +14,9 @@ loop stay one. The mapping (done in bot/openai_wire.py; docs/api.md has the user
 * `role: user` is the owner, `role: assistant` the persona, `name` on either picks another speaker of a group chat
   (a known name maps to its adapter tag, any other gets a tag made from it). `system` and `developer` messages are
   ignored: the adapter learned from chats and has no channel for instructions. Each line of a message's content
-  is one chat message (a burst), and only the last `dataset.context_messages` messages are sent, as the bots do.
+  is one chat message (a burst), and at most `dataset.context_messages` messages are sent, the window's start
+  moving in blocks of `bot.context_cut_messages` as the bots' does (so a long chat's next turn reuses the worker's
+  prefix cache).
 * A reply is a burst: its messages are joined with "\\n" in `content` (and streamed that way) and listed in the
   choice's `convo.messages`. `stop` strings cut the text (the worker still generates to its own end).
 * Errors are OpenAI's error object: 400 naming the field, 401 bad key, 404 unknown model, 429 rate limit,
@@ -554,7 +556,8 @@ async def chat_route(request: Request) -> Response:
     model = await service.resolve_model(body.model)
     if body.max_tokens and body.max_completion_tokens and body.max_tokens != body.max_completion_tokens:
         raise bad_field("max_completion_tokens", "differs from max_tokens: send one of them")
-    history = chat_history(body.messages, model.persona, service.config.bot.context_messages)
+    history = chat_history(body.messages, model.persona, service.config.bot.context_messages,
+                           service.config.bot.context_cut_messages)
     return await complete(service, key, model, body, history, body.convo.mode, CHAT)
 
 
@@ -564,7 +567,8 @@ async def completions_route(request: Request) -> Response:
     key = service.authenticate(request)
     body = parse_body(CompletionBody, await request.body())
     model = await service.resolve_model(body.model)
-    history, mode = prompt_history(body.prompt, model.persona, service.config.bot.context_messages)
+    history, mode = prompt_history(body.prompt, model.persona, service.config.bot.context_messages,
+                                   service.config.bot.context_cut_messages)
     target = model.persona.target(mode)
     shape = Shape("text_completion", "text_completion", "cmpl", lambda messages: raw_completion(messages, target))
     return await complete(service, key, model, body, history, mode, shape)

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from bot.core import Persona, clip_text
+from bot.core import Persona, clip_text, window_start
 from convo.errors import ProtocolError
 from inference.prompt_format import END_TAG, PromptFormatError, line_speaker, parse, render_completion
 from inference.protocol import MAX_N, MAX_NEW_TOKENS, HistoryMessage, Mode
@@ -170,11 +170,13 @@ def content_text(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
-def chat_history(messages: Sequence[ChatMessage], persona: Persona, limit: int) -> list[HistoryMessage]:
+def chat_history(messages: Sequence[ChatMessage], persona: Persona, limit: int, cut: int = 1
+                 ) -> list[HistoryMessage]:
     """OpenAI messages -> speaker-tagged history: user = owner, assistant = persona, `name` = another speaker.
 
-    System and developer messages are skipped; each non-empty line of a content is one message (a burst); the last
-    `limit` messages are kept.
+    System and developer messages are skipped; each non-empty line of a content is one message (a burst); at most
+    `limit` messages are kept, the window's start moving in blocks of `cut` messages as the bots' does
+    (bot.core.window_start), so the next turn of a long chat starts its prompt the same way (a prefix cache hit).
     """
     history: list[HistoryMessage] = []
     for i, message in enumerate(messages):
@@ -189,7 +191,7 @@ def chat_history(messages: Sequence[ChatMessage], persona: Persona, limit: int) 
         for line in content_text(message, i).splitlines():
             if line.strip():
                 history.append(message_of(speaker, line.strip(), f"messages[{i}].name"))
-    return history[-limit:] if limit else []
+    return history[window_start(len(history), limit, cut):] if limit else []
 
 
 def message_of(speaker: str, text: str, param: str) -> HistoryMessage:
@@ -200,8 +202,10 @@ def message_of(speaker: str, text: str, param: str) -> HistoryMessage:
         raise bad_field(param, f"speaker {speaker[:20]!r}...: {e}") from e
 
 
-def prompt_history(prompt: str | list[str], persona: Persona, limit: int) -> tuple[list[HistoryMessage], Mode]:
-    """A raw prompt ("[RIYA] hi\\n[ALICE]") -> (history, mode): it must end with the persona's or the owner's tag."""
+def prompt_history(prompt: str | list[str], persona: Persona, limit: int, cut: int = 1
+                   ) -> tuple[list[HistoryMessage], Mode]:
+    """A raw prompt ("[RIYA] hi\\n[ALICE]") -> (history, mode): it must end with the persona's or the owner's tag;
+    its window of at most `limit` messages moves in blocks of `cut`, as `chat_history`'s."""
     if isinstance(prompt, list):
         if len(prompt) != 1:
             raise bad_field("prompt", "send one prompt per request (a list of one string at most)")
@@ -223,7 +227,7 @@ def prompt_history(prompt: str | list[str], persona: Persona, limit: int) -> tup
     except PromptFormatError as e:
         raise bad_field("prompt", str(e)) from e
     history = [message_of(t.speaker, t.text, "prompt") for t in turns if t.speaker != END_TAG]
-    return (history[-limit:] if limit else []), mode
+    return (history[window_start(len(history), limit, cut):] if limit else []), mode
 
 
 def raw_completion(messages: Sequence[str], target: str) -> str:

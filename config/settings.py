@@ -174,7 +174,8 @@ class BotSettings(BaseModel):
     """Bot core shared by Telegram, Discord and `convo chat` (issue: bots).
 
     How much context a request carries is `dataset.context_messages` and `dataset.session_gap_min`: the same
-    meaning as in `convo dataset`, so live prompts look like the training samples.
+    meaning as in `convo dataset`, so live prompts look like the training samples; `context_cut_messages` says how
+    the window moves once a chat is longer.
     """
 
     adapters_dir: str | None = None  # persona tags come from <dir>/<persona>/(current/)convo_adapter.json; unset: worker.adapters_dir
@@ -184,6 +185,12 @@ class BotSettings(BaseModel):
     drafts: int = Field(3, ge=1, le=8)  # drafts of the owner's next message per incoming message
     typing_s_per_char: float = Field(0.03, ge=0)  # pause before each message of a burst (0 in tests)
     max_typing_s: float = Field(4.0, ge=0)  # cap on one such pause
+    # The context window's start moves in blocks of this many messages, not one per message: consecutive turns then
+    # share their prompt's start, which the worker's prefix cache reuses instead of reading it again. A context then
+    # holds from context_messages - cut + 1 to context_messages messages (dataset.context_messages); 1 slides the
+    # window one message per turn, so every turn of a long chat misses the cache; values >= context_messages act as
+    # context_messages - 1.
+    context_cut_messages: int = Field(8, ge=1)
 
 
 class TelegramSettings(BaseModel):

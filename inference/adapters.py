@@ -221,11 +221,12 @@ class AdapterRegistry:
 
 
 def random_adapter(base: str | Path, out_dir: Path | str, persona: str, *, seed: int = 0, r: int = 4,
-                   me: str | None = "Me", base_model=None) -> Path:
+                   me: str | None = "Me", base_model=None, b_scale: float = 1.0) -> Path:
     """An untrained LoRA adapter with random A and B (so it changes outputs), saved with its convo_adapter.json.
 
     For benchmarks and tests: it lets a worker serve distinct personas with nothing but a base model dir.
     `base_model` is the BaseModelRef to record (computed from `base` when None; pass it to save re-hashing).
+    `b_scale` multiplies B: 0.1 changes a real base's outputs without turning its text to noise.
     """
     import torch
     from peft import LoraConfig, get_peft_model
@@ -240,6 +241,11 @@ def random_adapter(base: str | Path, out_dir: Path | str, persona: str, *, seed:
         AutoModelForCausalLM.from_pretrained(str(base)),
         LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False),
     )
+    if b_scale != 1.0:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.mul_(b_scale)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.save_pretrained(str(out_dir))

@@ -104,7 +104,7 @@ class ContinuousBackend(Backend, Protocol):
         ...
 
     def stats(self) -> dict:
-        """Rows running, row capacity, recent tokens/s (for the heartbeat)."""
+        """Rows running, row capacity, recent tokens/s, prompt tokens run and cached (for the heartbeat)."""
         ...
 
 

@@ -283,12 +283,14 @@ class DecodeBackend:
         self.generate([BatchItem(request, "[A] hi\n[B]", "B", BASE_ADAPTER, samples=2)])
 
     def stats(self) -> dict:
-        """Rows running, capacity, tokens/s over the last ~10 s: what the heartbeat shows."""
+        """Rows running, capacity, tokens/s over the last ~10 s, prompt tokens prefilled and taken from the prefix
+        cache since start: what the heartbeat shows."""
         now = time.monotonic()
         recent = [(t, n) for t, n in self._rate if now - t <= 10.0]
         span = now - recent[0][0] if recent else 0.0
         return {"rows_active": len(self._rows), "rows_capacity": self.max_rows,
-                "tokens_per_s": round(sum(n for _, n in recent) / span, 1) if span > 0.5 else 0.0}
+                "tokens_per_s": round(sum(n for _, n in recent) / span, 1) if span > 0.5 else 0.0,
+                "prompt_tokens_run": self.prefill_tokens, "prompt_tokens_cached": self.prefill_tokens_saved}
 
     def close(self) -> None:
         """Stop the decode thread once the rows in hand are done."""

@@ -307,8 +307,14 @@ class ReloadMessage(_Wire):
 
 
 class Heartbeat(_Wire):
-    """What a worker writes to its heartbeat key every few seconds."""
+    """What a worker writes to its heartbeat key every few seconds.
 
+    Read with unknown fields ignored (not refused, unlike every other wire model): during a rolling upgrade
+    `convo serve status` may read the heartbeat of a newer worker, which must not make that worker vanish from the
+    list. A field added here needs a default, for the heartbeats of older workers.
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, str_max_length=MAX_TEXT_CHARS)
     worker: str
     pid: int
     base: str
@@ -321,6 +327,8 @@ class Heartbeat(_Wire):
     rows_active: int = 0  # rows in the running decode batch (requests x samples)
     rows_capacity: int = 0  # rows the running batch holds at most
     tokens_per_s: float = 0.0  # tokens generated per second over the last ~10 s
+    prompt_tokens_run: int = 0  # prompt tokens prefilled since start (what the prefix cache did not cover)
+    prompt_tokens_cached: int = 0  # prompt tokens whose keys/values came from the prefix cache since start
 
 
 class Keys:

@@ -95,6 +95,122 @@ def test_history_survives_restart_and_respects_sessions_and_limits(redis_url, tm
     assert [m.text for m in cut] == ["new"]  # never crosses a session gap
 
 
+def test_window_start_moves_in_blocks_and_cut_1_slides():
+    from bot.core import window_start
+
+    # limit 16, cut 8: the start stays put for 8 messages, then jumps by 8; 9 to 16 messages are kept.
+    starts = [window_start(n, 16, 8) for n in range(1, 41)]
+    assert starts[:16] == [0] * 16
+    assert starts[16:24] == [8] * 8 and starts[24:32] == [16] * 8 and starts[32:] == [24] * 8
+    assert {n - window_start(n, 16, 8) for n in range(17, 200)} == set(range(9, 17))
+    for limit in (1, 2, 3, 16, 64):
+        for n in range(0, 150):
+            assert window_start(n, limit, 1) == max(0, n - limit)  # cut 1 is the sliding window of old
+            # cut >= limit acts as limit - 1: never an empty context, never more than `limit`
+            for cut in (limit - 1, limit, limit + 5):
+                start = window_start(n, limit, cut)
+                assert start == window_start(n, limit, max(1, limit - 1))
+                assert 0 <= n - start <= limit and (n == 0 or n - start >= 1)
+
+
+def test_session_context_with_cut_1_equals_the_last_messages():
+    from bot.core import session_context
+    from inference.protocol import HistoryMessage, utcnow
+
+    now = utcnow()
+    messages = [HistoryMessage(speaker="A", text=f"m{i}", ts=now - timedelta(seconds=100 - i)) for i in range(40)]
+    for n in range(41):
+        assert session_context(messages[:n], now, 60, 16, 1) == messages[max(0, n - 16):n]
+        assert session_context(messages[:n], now, 60, 16) == messages[max(0, n - 16):n]  # cut defaults to 1
+    # cut 8: consecutive turns share the context's first message until the block moves.
+    firsts = [session_context(messages[:n], now, 60, 16, 8)[0].text for n in range(17, 33)]
+    assert firsts == ["m8"] * 8 + ["m16"] * 8
+    # The session gap still cuts inside the window.
+    gap = [*messages[:20], *(m.model_copy(update={"ts": now}) for m in messages[20:22])]
+    assert [m.text for m in session_context(gap, now + timedelta(seconds=20), 0.5, 16, 8)] == ["m20", "m21"]
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("cut", [1, 8])
+def test_stored_history_is_the_window_trimmed_in_blocks(redis_url, tmp_path, cut):
+    from bot.core import window_start
+
+    async def scenario():
+        core = _core(redis_url, tmp_path, context_messages=16, context_cut_messages=cut)
+        stored, contexts = [], []
+        for i in range(40):
+            await core.add_message("c", "ALICE" if i % 2 else "ME", f"m{i}")
+            stored.append([m.text for m in await core.history("c")])
+            contexts.append([m.text for m in await core.context("c")])
+        await core.redis.aclose()
+        return stored, contexts
+
+    stored, contexts = run(scenario())
+    texts = [f"m{i}" for i in range(40)]
+    for n in range(1, 41):
+        assert stored[n - 1] == texts[window_start(n, 16, cut):n]  # exactly the window, no more
+        assert contexts[n - 1] == stored[n - 1]
+    if cut == 1:
+        assert all(len(s) == 16 for s in stored[15:])  # the old per-message trim
+    else:
+        assert [len(s) for s in stored[16:24]] == [9, 10, 11, 12, 13, 14, 15, 16]
+
+
+@pytest.mark.redis
+def test_concurrent_writers_lose_no_message_and_never_over_trim(redis_url, tmp_path):
+    """40 writers at once (4 chats' worth of racing clients on separate connections): every message is stored or
+    trimmed by the block rule, never lost to a stale length, and each writer's messages keep their order."""
+    import redis.asyncio as aioredis
+
+    from bot.core import BotCore, window_start
+
+    async def scenario(limit: int, cut: int):
+        config = bot_config(tmp_path, context_messages=limit, context_cut_messages=cut)
+        cores = [BotCore(aioredis.from_url(redis_url), config, "console") for _ in range(4)]
+        await cores[0].forget("race")
+
+        async def writer(w: int):
+            for i in range(10):  # 4 writers x 10 messages, interleaved at every await
+                await cores[w].add_message("race", f"W{w}", f"{w}-{i}")
+
+        await asyncio.gather(*(writer(w) for w in range(4)))
+        stored = [m.text for m in await cores[0].history("race")]
+        context = [m.text for m in await cores[0].context("race")]
+        for core in cores:
+            await core.redis.aclose()
+        return stored, context
+
+    # Nothing trimmed: every one of the 40 messages is there.
+    stored, context = run(scenario(64, 8))
+    assert sorted(stored) == sorted(f"{w}-{i}" for w in range(4) for i in range(10))
+    # Trimmed in blocks: exactly the window of 40 messages (16 of them), each writer's newest ones, in order.
+    stored, context = run(scenario(16, 8))
+    assert len(stored) == 40 - window_start(40, 16, 8) == 16 and len(set(stored)) == 16
+    for w in range(4):
+        mine = [int(t.split("-")[1]) for t in stored if t.startswith(f"{w}-")]
+        assert mine == list(range(10 - len(mine), 10))  # a suffix of what the writer wrote, in its order
+    assert context == stored
+    # Trimmed in blocks of 5 out of a limit of 12: 40 messages leave 40 - 30 = 10.
+    stored, _ = run(scenario(12, 5))
+    assert len(stored) == 40 - window_start(40, 12, 5) == 10
+
+
+@pytest.mark.redis
+def test_private_context_is_trimmed_in_blocks_too(redis_url, tmp_path):
+    async def scenario():
+        core = _core(redis_url, tmp_path, context_messages=4, context_cut_messages=2, platform="discord")
+        kept = []
+        for i in range(8):
+            await core.add_message("ch", "CAROL", f"p{i}", private_ttl_s=600)
+            kept.append([m.text for m in await core.private_history("ch")])
+        await core.redis.aclose()
+        return kept
+
+    kept = run(scenario())
+    assert kept == [["p0"], ["p0", "p1"], ["p0", "p1", "p2"], ["p0", "p1", "p2", "p3"], ["p2", "p3", "p4"],
+                    ["p2", "p3", "p4", "p5"], ["p4", "p5", "p6"], ["p4", "p5", "p6", "p7"]]
+
+
 @pytest.mark.redis
 def test_draft_feedback_events_are_self_contained(redis_url, tmp_path):
     from bot.core import Persona

@@ -493,6 +493,31 @@ def test_telegram_friend_burst_drafts_once_and_stale_send_is_refused(redis_url, 
     assert _to(request, FRIEND) == []
 
 
+@pytest.mark.parametrize("cut", [1, 8])
+def test_telegram_long_business_chat_keeps_the_context_start_for_a_block(redis_url, tmp_path, cut):
+    """A Business chat past the context window (16 messages): with bot.context_cut_messages = 8 consecutive drafts
+    start their context at the same message (the worker's prefix cache reuses that prompt); with 1 it slides."""
+    request = RecordingRequest()
+    u = Updates()
+
+    async def scenario():
+        async with FakeWorker(redis_url) as worker, \
+                telegram_app(redis_url, tmp_path, request, context_cut_messages=cut) as app:
+            for r in range(10):
+                await feed(app, u.business_message(f"friend {r}"))
+                await feed(app, u.business_message(f"me {r}", sender=OWNER, chat=FRIEND))
+            return worker.requests
+
+    requests = run(scenario())
+    assert len(requests) == 10 and [m.text for m in requests[9].history][-1] == "friend 9"
+    # Drafts 9 and 10 see 17 and 19 messages of chat.
+    firsts = [r.history[0].text for r in requests[8:]]
+    if cut == 8:
+        assert firsts == ["friend 4", "friend 4"] and [len(r.history) for r in requests[8:]] == [9, 11]
+    else:
+        assert firsts == ["me 0", "me 1"] and [len(r.history) for r in requests[8:]] == [16, 16]
+
+
 def test_telegram_forwards_into_draft_session_draft_once(redis_url, tmp_path):
     request = RecordingRequest()
     u = Updates()

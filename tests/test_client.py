@@ -138,3 +138,35 @@ def test_wait_outlasts_the_socket_timeout(redis_url):
             await r.aclose()
 
     assert asyncio.run(scenario()).candidates == [["hi"]]
+
+
+@pytest.mark.redis
+def test_serve_status_reads_heartbeats_of_older_and_newer_workers(redis_url, cli, capsys, monkeypatch):
+    """A rolling upgrade: one worker's heartbeat lacks the prompt token counts, another's carries a field this
+    version does not know. Both are listed; neither is dropped nor breaks the table."""
+    import json
+
+    import redis
+
+    from convo.commands.worker import prompt_tokens
+    from inference.protocol import Heartbeat, Keys, utcnow
+
+    keys = Keys("t")
+    r = redis.Redis.from_url(redis_url)
+    base = {"pid": 1, "base": "tiny", "started_at": utcnow().isoformat()}
+    r.set(keys.heartbeat("old"), json.dumps({"worker": "old", **base}), px=60_000)
+    r.set(keys.heartbeat("new"), json.dumps({"worker": "new", **base, "prompt_tokens_run": 300,
+                                             "prompt_tokens_cached": 900, "kv_pages_free": 7}), px=60_000)
+    r.close()
+    assert Heartbeat.loads(json.dumps({"worker": "x", **base, "kv_pages_free": 7})).worker == "x"
+    monkeypatch.setenv("CONVO_REDIS__URL", redis_url)
+    monkeypatch.setenv("CONVO_REDIS__PREFIX", "t")
+    assert cli(["serve", "status", "--json"]) == 0
+    workers = {w["worker"]: w for w in json.loads(capsys.readouterr().out)["workers"]}
+    assert set(workers) == {"old", "new"}
+    assert (workers["old"]["prompt_tokens_run"], workers["old"]["prompt_tokens_cached"]) == (0, 0)
+    assert (workers["new"]["prompt_tokens_run"], workers["new"]["prompt_tokens_cached"]) == (300, 900)
+    assert "kv_pages_free" not in workers["new"]
+    assert cli(["serve", "status"]) == 0
+    assert "workers (2 alive)" in capsys.readouterr().out
+    assert prompt_tokens(300, 900) == "300 / 900 (75% cached)" and prompt_tokens(0, 0) == "-"

@@ -76,13 +76,13 @@ def stack(tiny_base, tmp_path_factory):
     root = make_persona_adapters(tiny_base, tmp_path_factory.mktemp("api_adapters"))
     redis_url = REDIS_URL
     with torch_threads(1):
-        worker, _ = model_worker(redis_url, tiny_base, root, prefix=prefix, name="api-w", max_batch=8,
-                                max_wait_ms=0)
+        worker, backend = model_worker(redis_url, tiny_base, root, prefix=prefix, name="api-w", max_batch=8,
+                                      max_wait_ms=0)
         with running(worker):
             wait_until(lambda: client.exists(Keys(prefix).heartbeat("api-w")), 30, "worker heartbeat")
             with serving(api_settings(redis_url, prefix, root)) as (base, service):
                 yield {"base": base, "service": service, "redis_url": redis_url, "prefix": prefix, "root": root,
-                       "redis": client}
+                       "redis": client, "backend": backend}
     for key in client.scan_iter(match=f"{prefix}:*", count=1000):
         client.delete(key)
     client.close()
@@ -135,6 +135,56 @@ def test_chat_answers_what_the_worker_answers_a_direct_request(stack):
         model="alice", messages=MESSAGES, temperature=0, max_tokens=12, stop=[stop, "\u2603never"])
     assert cut.choices[0].message.content == content[: content.index(stop)]
     assert "\n".join(cut.choices[0].model_extra["convo"]["messages"]) == content[: content.index(stop)].rstrip("\n")
+
+
+WORDS = ["apple", "bridge", "candle", "dolphin", "engine", "falcon", "garden", "harbor", "island", "jungle",
+         "kettle", "lemon", "marble", "needle", "orbit", "pepper", "quartz", "river", "saddle", "tunnel", "velvet",
+         "walnut", "yogurt", "zebra", "anchor", "button", "cactus", "denim", "eagle", "feather", "glacier", "hammock"]
+
+
+def test_multi_turn_chat_past_the_window_hits_the_prefix_cache(stack):
+    """A chat longer than dataset.context_messages (16), one turn at a time as a frontend sends it: with the window
+    moving in blocks (bot.context_cut_messages = 8) the turns inside a block reuse the previous prompt's keys/values;
+    sliding one message at a time (cut 1) they do not. The heartbeat counts both."""
+    from dataclasses import replace
+
+    service, backend = stack["service"], stack["backend"]
+    client = openai_client(stack["base"])
+    bot = service.config.bot
+    assert (bot.context_messages, bot.context_cut_messages) == (16, 8)  # the defaults
+    shares = {}
+    try:
+        for cut in (8, 1):
+            service.config.bot = replace(bot, context_cut_messages=cut)
+            for loaded in backend.registry.current.values():  # each configuration starts from an empty cache
+                backend.prefix_cache.drop(loaded.name)
+            messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"{WORDS[i]} {i}"}
+                        for i in range(18)]
+            run = cached = 0
+            for turn in range(4):  # 18, 20, 22, 24 messages: one block when cut is 8
+                before = (backend.prefill_tokens, backend.prefill_tokens_saved)
+                reply = client.chat.completions.create(model="bob", messages=messages, temperature=0, max_tokens=4)
+                if turn:  # the first turn fills the cache
+                    run += backend.prefill_tokens - before[0]
+                    cached += backend.prefill_tokens_saved - before[1]
+                n = len(messages)
+                messages += [{"role": "user", "content": f"{WORDS[n]} {n}"},
+                             {"role": "assistant", "content": f"{WORDS[n + 1]} {n + 1}"}]
+                assert reply.choices
+            shares[cut] = cached / (run + cached)
+    finally:
+        service.config.bot = bot
+    assert shares[8] > 0.5, shares  # most of each prompt came from the cache
+    assert shares[1] < 0.2, shares  # sliding: the first message changes every turn
+
+    def counts():
+        beat = Heartbeat.loads(stack["redis"].get(Keys(stack["prefix"]).heartbeat("api-w")))
+        return beat.prompt_tokens_run, beat.prompt_tokens_cached
+
+    # The worker's heartbeat (every 0.2 s here) catches up with the backend's counters; cached > 0 came from above.
+    want = (backend.prefill_tokens, backend.prefill_tokens_saved)
+    assert wait_until(lambda: counts() == want, 10, "heartbeat with the backend's prompt token counts")
+    assert want[1] > 0
 
 
 def test_chat_stream_is_built_from_partials_and_ends_with_done(stack):
@@ -411,6 +461,24 @@ def test_messages_map_to_speakers_system_ignored_bursts_split():
     got = [(m.speaker, m.text) for m in chat_history(messages, alice, 16)]
     assert got == [("RIYA", "hey"), ("RIYA", "you up?"), ("ALICE", "yes"), ("SAM", "me too"), ("ALICE", "(as alice)")]
     assert len(chat_history(messages, alice, 2)) == 2
+
+
+def test_chat_and_prompt_history_window_moves_in_blocks():
+    from bot.core import Persona, window_start
+    from bot.openai_wire import ChatMessage, chat_history, prompt_history
+
+    alice = Persona(name="alice", tag="ALICE", me_tag="RIYA")
+    lines = [f"m{i}" for i in range(30)]
+    for n in range(1, 31):
+        messages = [ChatMessage(role="user" if i % 2 == 0 else "assistant", content=t) for i, t in enumerate(lines[:n])]
+        prompt = "".join(f"[{'RIYA' if i % 2 == 0 else 'ALICE'}] {t}\n" for i, t in enumerate(lines[:n])) + "[ALICE]"
+        assert [m.text for m in chat_history(messages, alice, 16, 1)] == lines[max(0, n - 16):n]  # as before
+        assert [m.text for m in chat_history(messages, alice, 16, 8)] == lines[window_start(n, 16, 8):n]
+        assert [m.text for m in prompt_history(prompt, alice, 16, 8)[0]] == lines[window_start(n, 16, 8):n]
+    # Turn after turn the context keeps its first message for a block of 8 messages.
+    firsts = [chat_history([ChatMessage(role="user", content=t) for t in lines[:n]], alice, 16, 8)[0].text
+              for n in range(17, 30)]
+    assert firsts == ["m8"] * 8 + ["m16"] * 5
 
 
 def test_stop_strings_cut_text_and_hold_back_a_possible_start():

@@ -93,15 +93,21 @@ def status_cmd(
         return
     table = Table(title=f"workers ({len(status['workers'])} alive)")
     for col in ("worker", "pid", "base", "adapters loaded", "requests", "in flight", "batch rows", "tokens/s",
-                "last seen"):
+                "prompt tokens run / cached", "last seen"):
         table.add_column(col)
     for w in status["workers"]:
         occupancy = f"{w['rows_active']}/{w['rows_capacity']}" if w["rows_capacity"] else "-"
         table.add_row(escape(w["worker"]), str(w["pid"]), escape(w["base"]), escape(", ".join(w["adapters_loaded"])),
                       str(w["requests"]), str(w["in_flight"]), occupancy, f"{w['tokens_per_s']:.0f}",
-                      f"{w['age_s']:.1f} s ago")
+                      prompt_tokens(w["prompt_tokens_run"], w["prompt_tokens_cached"]), f"{w['age_s']:.1f} s ago")
     console.print(table)
     console.print(f"queue depth {status['queue_depth']}  pending {status['pending']}  dead letters {status['dead']}")
+
+
+def prompt_tokens(run: int, cached: int) -> str:
+    """Prompt tokens prefilled / taken from the prefix cache, with the cached share: "1,200 / 3,600 (75 % cached)"."""
+    total = run + cached
+    return f"{run:,} / {cached:,} ({cached / total:.0%} cached)" if total else "-"
 
 
 def ask_cmd(
