@@ -175,7 +175,10 @@ def test_console_ctrl_c_at_the_prompt_exits_at_once(redis_url, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(root), PYTHONUNBUFFERED="1", CONVO_REDIS__URL=redis_url,
                CONVO_REDIS__PREFIX="bottest", CONVO_BOT__ADAPTERS_DIR=str(tmp_path / "adapters"))
     proc = subprocess.Popen([sys.executable, "-m", "convo", "chat", "--persona", "alice"], env=env, cwd=root,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # Ctrl-C's disposition as in a terminal: a shell's background job (`make test &`)
+                            # ignores SIGINT, and the child would inherit that
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         banner = proc.stdout.readline()  # printed just before the first prompt
         assert "chatting with alice" in banner, banner + proc.stderr.read()
