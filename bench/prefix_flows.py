@@ -30,7 +30,6 @@ import json
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -58,36 +57,17 @@ def make_adapter(base: Path, root: Path, seed: int = 0) -> Path:
 
 @contextlib.contextmanager
 def worker_thread(worker, redis_url: str, timeout_s: float = 300.0):
-    """Run the worker's loop on its own event loop in a thread; yields once its heartbeat exists (warmed up)."""
+    """The worker's loop in a thread for the block; yields once its heartbeat exists (warmed up)."""
     from inference.client import connect
+    from inference.worker import running_in_thread
 
-    box: dict = {}
-
-    def target():
-        async def main():
-            box["loop"] = asyncio.get_running_loop()
-            await worker.main()
-
-        try:
-            asyncio.run(main())
-        except BaseException as e:  # noqa: BLE001 - reported below
-            box["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
     r = connect(redis_url, sync=True)
-    end = time.monotonic() + timeout_s
-    while not r.exists(worker.keys.heartbeat(worker.name)):  # bounded wait for start-up and warm-up
-        if "error" in box or time.monotonic() > end:
-            raise RuntimeError(f"worker did not start: {box.get('error', 'timeout')}")
-        time.sleep(0.05)
-    r.close()
     try:
-        yield worker
+        with running_in_thread(worker, ready=lambda: bool(r.exists(worker.keys.heartbeat(worker.name))),
+                               ready_timeout_s=timeout_s):
+            yield worker
     finally:
-        if "loop" in box:
-            box["loop"].call_soon_threadsafe(worker.stopping.set)
-        thread.join(60)
+        r.close()
 
 
 async def chat_flow(core, persona, lines: list[str], decoder) -> list[dict]:

@@ -261,28 +261,11 @@ def prefix_cache_chat(backend, registry, persona: str, turns: int = 6, max_new_t
 # ---------------------------------------------------------------- 2./3. through Redis
 
 
-@contextlib.contextmanager
 def worker_thread(worker):
     """Run the worker's loop on its own event loop in a thread until the block ends."""
-    box: dict = {}
-    ready = threading.Event()
+    from inference.worker import running_in_thread
 
-    def target():
-        async def main():
-            box["loop"] = asyncio.get_running_loop()
-            ready.set()
-            await worker.main()
-
-        asyncio.run(main())
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    ready.wait(30)
-    try:
-        yield worker
-    finally:
-        box["loop"].call_soon_threadsafe(worker.stopping.set)
-        thread.join(60)
+    return running_in_thread(worker)
 
 
 def latencies(redis_url: str, keys: Keys, make, total: int, concurrency: int) -> list[float]:

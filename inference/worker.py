@@ -22,13 +22,15 @@ them over after `visibility_timeout_s` and answers whatever was not answered yet
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -623,6 +625,54 @@ class Worker:
                 logger.info("persona=%s now serves %s", p,
                             self.registry.current[p].info.version if p in self.registry.current else "(nothing)")
         self.metrics.adapters_loaded.set(len(self.registry.loaded_names))
+
+
+@contextlib.contextmanager
+def running_in_thread(worker: Worker, *, ready: Callable[[], bool] | None = None, ready_timeout_s: float = 30.0,
+                      stop_timeout_s: float = 60.0) -> Iterator[Worker]:
+    """Run `worker.main()` on its own event loop in a daemon thread for the block (tests and benchmarks).
+
+    Yields once the loop runs and, if given, `ready()` is true (e.g. the heartbeat exists: warmed up). On exit it
+    stops the worker as SIGTERM would (the batch in hand finishes), and raises what killed the loop, or
+    RuntimeError when it did not stop within `stop_timeout_s`.
+    """
+    box: dict = {}
+    started = threading.Event()
+
+    def target() -> None:
+        async def main() -> None:
+            box["loop"] = asyncio.get_running_loop()
+            started.set()
+            await worker.main()
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            box["error"] = e
+        finally:
+            started.set()
+
+    thread = threading.Thread(target=target, daemon=True, name=f"worker-{worker.name}")
+    thread.start()
+    end = time.monotonic() + ready_timeout_s
+    if not started.wait(ready_timeout_s):
+        raise RuntimeError(f"the worker's loop did not start within {ready_timeout_s:g} s")
+    while ready is not None and "error" not in box and not ready():  # bounded wait for start-up and warm-up
+        if time.monotonic() > end:
+            raise RuntimeError(f"the worker was not ready within {ready_timeout_s:g} s")
+        time.sleep(0.05)  # polling interval of a bounded wait on a condition
+    try:
+        yield worker
+    finally:
+        loop = box.get("loop")
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                loop.call_soon_threadsafe(worker.stopping.set)
+        thread.join(stop_timeout_s)
+        if thread.is_alive():
+            raise RuntimeError(f"the worker did not stop within {stop_timeout_s:g} s")
+        if "error" in box:
+            raise box["error"]
 
 
 async def queue_state(redis, keys: Keys) -> tuple[int, int]:

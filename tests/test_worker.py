@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import threading
@@ -38,33 +37,12 @@ def wait_until(predicate, timeout_s: float = 20.0, what: str = "condition"):
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
-@contextlib.contextmanager
 def running(worker):
-    """Run `worker.main()` on its own event loop in a thread; stop it (as SIGTERM would) on exit."""
-    box: dict = {}
+    """Run `worker.main()` in a thread for the block; stop it (as SIGTERM would) on exit and re-raise what the loop
+    raised, failing when it did not stop."""
+    from inference.worker import running_in_thread
 
-    def target():
-        async def main():
-            box["loop"] = asyncio.get_running_loop()
-            await worker.main()
-
-        try:
-            asyncio.run(main())
-        except BaseException as e:  # noqa: BLE001 - surfaced to the test below
-            box["error"] = e
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    wait_until(lambda: "loop" in box or "error" in box, 10, "worker loop")
-    try:
-        yield worker
-    finally:
-        if "loop" in box:
-            box["loop"].call_soon_threadsafe(worker.stopping.set)
-        thread.join(30)
-        assert not thread.is_alive(), "worker did not stop"
-        if "error" in box:
-            raise box["error"]
+    return running_in_thread(worker, ready_timeout_s=10, stop_timeout_s=30)
 
 
 def make_worker(redis_url, backend, *, registry=None, prefix="t", **settings):
