@@ -112,6 +112,11 @@ class HistoryMessage(_Wire):
     text: str = Field(max_length=MAX_TEXT_CHARS)
     ts: datetime | None = None
 
+    @field_validator("ts")
+    @classmethod
+    def _ts_in_utc_range(cls, value: datetime | None) -> datetime | None:
+        return value if value is None or value.tzinfo is None else _utc_in_range(value)
+
 
 class GenerateRequest(_Wire):
     """Ask a worker for `n` continuations of `history` as `persona` (friend) or as the owner to them (self)."""

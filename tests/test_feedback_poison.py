@@ -47,6 +47,7 @@ def pending(client, keys) -> int:
     ({"ts": "0001-01-01T00:00:00+01:00"}, "ts"),
     ({"ts": "9999-12-31T23:59:59-01:00"}, "ts"),
     ({"ts": "2026-01-01T10:00:00"}, "ts"),  # no offset: which instant is that?
+    ({"context": [{"speaker": "RIYA", "text": "", "ts": "0001-01-01T00:00:00+01:00"}]}, "context.0.ts"),  # found by the fuzz test
     ({"v": 2}, "v"),
     ({"adapter_version": "v" * 65}, "adapter_version"),
     ({"draft_id": "d\x001"}, "draft_id"),
