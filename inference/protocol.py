@@ -319,7 +319,8 @@ class Heartbeat(_Wire):
     list. A field added here needs a default, for the heartbeats of older workers.
     """
 
-    model_config = ConfigDict(extra="ignore", frozen=True, str_max_length=MAX_TEXT_CHARS)
+    model_config = ConfigDict(**{**_Wire.model_config, "extra": "ignore"})
+
     worker: str
     pid: int
     base: str
