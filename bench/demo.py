@@ -402,7 +402,7 @@ def run_demo(args) -> int:
         wait_until,
     )
     from config.settings import load_settings
-    from convo.errors import ConvoError
+    from errors import ConvoError
 
     out: Path = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from convo.errors import ConfigError
+from errors import ConfigError
 
 logger = logging.getLogger("convo.demo")
 

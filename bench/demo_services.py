@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from convo.errors import ConvoError
+from errors import ConvoError
 
 logger = logging.getLogger("convo.demo")
 

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from bot.core import BotCore, DraftExpired, DraftRecord, Persona
-from convo.errors import ConvoError
+from errors import ConvoError
 from inference.client import WorkerError, WorkerTimeout
 
 PLATFORM = "console"

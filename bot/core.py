@@ -39,7 +39,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import WatchError
 
-from convo.errors import ConfigError, ConvoError
+from errors import ConfigError, ConvoError
 from inference.client import WorkerClient, WorkerError, connect
 from inference.prompt_format import ROLE_ME, make_tag
 from inference.protocol import (

@@ -37,7 +37,7 @@ from bot.core import (
     connect_redis,
     ping_redis,
 )
-from convo.errors import ConfigError, ConvoError
+from errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
 from inference.prompt_format import make_tag
 

@@ -64,7 +64,7 @@ from bot.openai_wire import (
     raw_completion,
     stop_strings,
 )
-from convo.errors import ConfigError, ConvoError, ProtocolError
+from errors import ConfigError, ConvoError, ProtocolError
 from inference.client import WorkerClient, WorkerTimeout, connect
 from inference.protocol import (
     MAX_NEW_TOKENS,

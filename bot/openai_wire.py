@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bot.core import Persona, clip_text, window_start
-from convo.errors import ProtocolError
+from errors import ProtocolError
 from inference.prompt_format import END_TAG, PromptFormatError, line_speaker, parse, render_completion
 from inference.protocol import MAX_N, MAX_NEW_TOKENS, HistoryMessage, Mode
 

@@ -74,7 +74,7 @@ from bot.core import (
     message_fingerprint,
     ping_redis,
 )
-from convo.errors import ConfigError, ConvoError
+from errors import ConfigError, ConvoError
 from inference.client import WorkerError, WorkerTimeout
 from inference.protocol import utcnow
 

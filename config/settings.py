@@ -20,7 +20,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from convo.errors import ConfigError
+from errors import ConfigError
 
 
 class IngestSettings(BaseModel):

@@ -17,7 +17,7 @@ from rich.console import Console
 from typer._click.exceptions import ClickException  # typer >= 0.20 vendors click
 
 from config.settings import Settings, load_settings
-from convo.errors import ConvoError
+from errors import ConvoError
 
 err_console = Console(stderr=True, highlight=False)
 

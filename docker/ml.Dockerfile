@@ -15,6 +15,7 @@ RUN python -m venv --system-site-packages /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY errors.py errors.py
 COPY convo convo
 COPY config config
 COPY bot bot

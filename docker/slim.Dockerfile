@@ -11,6 +11,7 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY errors.py errors.py
 COPY convo convo
 COPY config config
 COPY bot bot

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from convo.errors import AdapterMismatch
+from errors import AdapterMismatch
 from inference.prompt_format import FORMAT_VERSION
 
 ADAPTER_META_FILE = "convo_adapter.json"

@@ -22,7 +22,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
-from convo.errors import AdapterMismatch, ConvoError
+from errors import AdapterMismatch, ConvoError
 from inference.adapter_meta import AdapterMeta, check_compatible, local_model_sha256, read_adapter_meta
 from inference.batching import BASE_ADAPTER  # noqa: F401 - re-exported: the registry names rows with it
 from inference.versions import discover, resolve

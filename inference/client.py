@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 
-from convo.errors import ConvoError
+from errors import ConvoError
 from inference.protocol import (
     GenerateRequest,
     GenerateResponse,

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from convo.errors import ConfigError, ConvoError, TrainError
+from errors import ConfigError, ConvoError, TrainError
 from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
 from inference.candidates import Outcome
 from inference.completion import cut_completion

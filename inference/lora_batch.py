@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from convo.errors import ConvoError
+from errors import ConvoError
 
 BASE_SLOT = 0
 

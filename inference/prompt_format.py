@@ -28,7 +28,7 @@ import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from convo.errors import ConvoError
+from errors import ConvoError
 
 FORMAT_VERSION = 1
 END_TAG = "END"  # pseudo-speaker closing a session; never a person's tag

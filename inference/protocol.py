@@ -37,7 +37,7 @@ from pydantic import (
     model_validator,
 )
 
-from convo.errors import ProtocolError
+from errors import ProtocolError
 
 PROTOCOL_VERSION = 1
 DEFAULT_PREFIX = "convo"

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from convo.errors import ConfigError
+from errors import ConfigError
 from inference.adapter_meta import ADAPTER_META_FILE
 
 CURRENT = "current"

@@ -38,7 +38,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from config.settings import WorkerSettings
-from convo.errors import ConfigError, ProtocolError
+from errors import ConfigError, ProtocolError
 from inference.protocol import (
     MAX_ID_CHARS,
     WORKERS_GROUP,

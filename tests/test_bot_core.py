@@ -55,7 +55,7 @@ def test_persona_tags_come_from_adapter_metadata(tmp_path):
     assert alice.tag_for("Zoë Li") == "ZOE_LI"
     assert book.names() == ["alice"]
     assert book.get("ghost").tag == "GHOST"  # no adapter here: tags made from the name
-    from convo.errors import ConfigError
+    from errors import ConfigError
 
     with pytest.raises(ConfigError, match="persona"):
         book.get("../etc")

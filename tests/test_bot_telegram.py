@@ -429,7 +429,7 @@ def test_unmapped_chats_store_nothing_and_failures_keep_the_bot_running(redis_ur
 
 def test_a_bad_persona_name_in_the_config_is_refused_at_start(redis_url, tmp_path):
     from bot.telegram_bot import build_app
-    from convo.errors import ConfigError
+    from errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"telegram.chats\[4004\] 'not/a/persona'"):
         build_app(_settings(redis_url, tmp_path, chats={"4004": "not/a/persona"}), request=RecordingRequest())

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from convo.errors import ProtocolError
+from errors import ProtocolError
 from inference.protocol import GenerateRequest, GenerateResponse, Keys, Partial
 from tests.test_worker import CountingEcho, make_worker, running
 

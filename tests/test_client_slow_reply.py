@@ -8,7 +8,7 @@ import time
 import pytest
 
 from config.settings import RedisSettings, Settings
-from convo.errors import ConvoError
+from errors import ConvoError
 from inference.client import WorkerClient, WorkerTimeout, connect
 from inference.protocol import GenerateRequest, GenerateResponse, Keys
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from convo.cli import run
-from convo.errors import DatasetError
+from errors import DatasetError
 from inference.prompt_format import FORMAT_VERSION, Turn, line_speaker, parse, split_completion
 from tests.conftest import FIXTURES
 from training.dataset import (

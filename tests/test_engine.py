@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from convo.errors import AdapterMismatch, ConfigError, ConvoError
+from errors import AdapterMismatch, ConfigError, ConvoError
 from inference.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
 from inference.engine import (
     Engine,

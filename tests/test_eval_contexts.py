@@ -2,7 +2,7 @@
 
 import pytest
 
-from convo.errors import ConvoError
+from errors import ConvoError
 from inference.prompt_format import Turn
 from tests.conftest import FIXTURES
 from training.evaluate.contexts import (

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from convo.cli import run
-from convo.errors import EvalError
+from errors import EvalError
 from tests.conftest import FIXTURES
 from training.evaluate import api
 

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convo.errors import ProtocolError
+from errors import ProtocolError
 from inference.protocol import FEEDBACK_GROUP, MAX_HISTORY, MAX_TEXT_CHARS, FeedbackEvent, Keys, entry_payload
 from tests.test_feedback_store import client, consumer, event, keys, store  # noqa: F401
 from training.feedback.consumer import FeedbackConsumer, entry_fault

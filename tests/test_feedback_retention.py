@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from config.settings import FeedbackSettings, RedisSettings, Settings
-from convo.errors import ConfigError
+from errors import ConfigError
 from inference.adapter_meta import read_adapter_meta, write_adapter_meta
 from inference.protocol import FeedbackEvent, Keys
 from inference.versions import next_version, set_current

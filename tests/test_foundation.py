@@ -7,7 +7,7 @@ import pytest
 
 from config.settings import load_settings
 from convo.cli import run
-from convo.errors import ConfigError
+from errors import ConfigError
 
 
 def test_env_overrides_toml_and_defaults(tmp_path, monkeypatch):
@@ -66,3 +66,32 @@ def test_out_of_range_numbers_are_one_line_errors(tmp_path, capsys, monkeypatch)
     monkeypatch.setenv("CONVO_GENERATE__TOP_P", "1.5")
     with pytest.raises(ConfigError, match="generate.top_p"):
         load_settings()
+
+
+def _project_imports(path):
+    """The top-level project packages a source file imports (ast, so strings and comments do not count)."""
+    import ast
+
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names & {"bot", "inference", "training", "config", "convo", "errors"}
+
+
+def test_error_family_is_the_ground_floor():
+    """errors.py imports nothing of the project, and no layer below the CLI imports the CLI package."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert _project_imports(root / "errors.py") == set()
+    upward = [
+        str(p.relative_to(root))
+        for layer in ("bot", "inference", "training", "config")
+        for p in (root / layer).rglob("*.py")
+        if "convo" in _project_imports(p)
+    ]
+    assert upward == [], f"these modules import the CLI package: {upward}"

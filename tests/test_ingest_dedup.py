@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from convo.errors import ConfigError, IngestError
+from errors import ConfigError, IngestError
 from training.ingest import pipeline
 from training.ingest.dedup import ChatTitles, GroupDedup
 from training.ingest.pipeline import ingest

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from convo.errors import IngestError
+from errors import IngestError
 from tests.conftest import FIXTURES
 from training.ingest.base import HEAD_BYTES, ParseContext
 from training.ingest.discord_export import PARSER

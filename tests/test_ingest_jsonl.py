@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convo.errors import IngestError
+from errors import IngestError
 from tests.conftest import FIXTURES
 from training.ingest.base import HEAD_BYTES, ParseContext
 from training.ingest.jsonl import PARSER, read_messages

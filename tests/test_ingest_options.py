@@ -7,7 +7,7 @@ import json
 import pytest
 
 from convo.cli import run
-from convo.errors import ConfigError
+from errors import ConfigError
 from training.ingest.pipeline import ingest
 
 TEXT = "ruf an: 030 12345678 oder (212) 555-0123"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from convo.cli import run
-from convo.errors import ConfigError, IngestError
+from errors import ConfigError, IngestError
 from tests.conftest import FIXTURES
 from training.ingest import pipeline
 from training.ingest.pipeline import ingest, load_parsers, meta_path_for

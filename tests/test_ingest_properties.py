@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from convo.errors import ConvoError, IngestError
+from errors import ConvoError, IngestError
 from tests.conftest import FIXTURES
 from training.ingest.base import HEAD_BYTES, ParseContext
 from training.ingest.pipeline import ingest, load_parsers

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from convo.cli import run
-from convo.errors import DatasetError
+from errors import DatasetError
 from inference.adapter_meta import AdapterMeta, BaseModelRef, Speaker, read_adapter_meta, write_adapter_meta
 from inference.prompt_format import FORMAT_VERSION
 from tests.conftest import torch_threads

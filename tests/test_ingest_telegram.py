@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from convo.errors import IngestError
+from errors import IngestError
 from tests.conftest import FIXTURES
 from training.ingest.base import HEAD_BYTES, ParseContext
 from training.ingest.pipeline import ingest

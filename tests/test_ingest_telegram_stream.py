@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from convo.errors import IngestError
+from errors import IngestError
 from training.ingest import json_stream, telegram
 from training.ingest.base import ParseContext
 from training.ingest.json_stream import StructureScanner, read_whole_escapes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convo.errors import ProtocolError
+from errors import ProtocolError
 from inference.protocol import (
     MAX_N,
     FeedbackEvent,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convo.errors import EvalError
+from errors import EvalError
 from inference.prompt_format import Turn
 from tests.conftest import torch_threads
 from training.evaluate import metrics as M

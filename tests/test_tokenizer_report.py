@@ -8,7 +8,7 @@ import json
 import pytest
 
 from convo.cli import run
-from convo.errors import DatasetError
+from errors import DatasetError
 from inference.completion import cut_completion
 from inference.prompt_format import Turn, render_completion, render_prompt, split_completion
 from tests.test_dataset import DUO, word_tokenizer

@@ -12,7 +12,7 @@ import pytest
 
 from config.settings import TrainSettings
 from convo.cli import run
-from convo.errors import AdapterMismatch, ConfigError, TrainError
+from errors import AdapterMismatch, ConfigError, TrainError
 from inference.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
 from tests.conftest import torch_threads
 from tests.fixtures.train.make_dataset import write_dataset

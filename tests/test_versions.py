@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convo.errors import ConfigError
+from errors import ConfigError
 from inference import versions
 from inference.adapter_meta import ADAPTER_META_FILE
 

@@ -402,7 +402,7 @@ def test_hot_reload_under_load(redis_url, tiny_base, adapters_root, tmp_path, sy
 def test_metrics_port_in_use_is_one_clear_error(redis_url):
     import socket
 
-    from convo.errors import ConfigError
+    from errors import ConfigError
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from convo.errors import ConvoError, DatasetError
+from errors import ConvoError, DatasetError
 from inference.prompt_format import (
     FORMAT_VERSION,
     ROLE_FRIEND,

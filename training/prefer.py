@@ -25,7 +25,7 @@ from typing import Any
 
 from rich.console import Console
 
-from convo.errors import TrainError
+from errors import TrainError
 from inference.prompt_format import END_TAG, render_completion, split_completion
 
 PAIRS_FILE = "pairs.jsonl"

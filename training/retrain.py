@@ -28,7 +28,7 @@ from typing import Any
 
 from rich.console import Console
 
-from convo.errors import ConfigError, ConvoError, TrainError
+from errors import ConfigError, ConvoError, TrainError
 from inference.adapter_meta import read_adapter_meta, write_adapter_meta
 from inference.versions import current_version, next_version
 from training.feedback.export import Exported, SpeakerMap, build_rows, rows_sha256, split_heldout

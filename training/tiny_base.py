@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from convo.errors import ConvoError
+from errors import ConvoError
 from inference.prompt_format import END_TAG, ROLE_FRIEND, ROLE_ME, Turn, make_tag, render
 
 EOS_TOKEN = "<|endoftext|>"

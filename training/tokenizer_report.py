@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from convo.errors import DatasetError
+from errors import DatasetError
 from inference.prompt_format import END_TAG, escape_text, parse
 from training.dataset import META_FILE, TRAIN_FILE, VAL_FILE, load_dataset_meta, read_samples
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from convo.errors import ConfigError, DatasetError, TrainError
+from errors import ConfigError, DatasetError, TrainError
 from inference.prompt_format import FORMAT_VERSION
 
 MAX_EFFECTIVE_BATCH = 32

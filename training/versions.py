@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from convo.errors import ConfigError
+from errors import ConfigError
 from inference.adapter_meta import ADAPTER_META_FILE, read_adapter_meta
 from inference.protocol import Keys, ReloadMessage
 from inference.versions import current_version, list_versions, set_current, version_number

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from convo.commands.serve import serve_app
-from convo.errors import ConfigError
+from errors import ConfigError
 
 
 def serve_api_cmd(

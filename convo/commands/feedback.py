@@ -18,7 +18,7 @@ from rich.panel import Panel
 from rich.table import Table
 
 from convo.commands.serve import serve_app
-from convo.errors import ConfigError
+from errors import ConfigError
 
 console = Console(highlight=False)
 feedback_app = typer.Typer(help="The feedback store: what the owner sent, edited, liked or disliked.",

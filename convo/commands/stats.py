@@ -26,7 +26,7 @@ def stats(
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from convo.errors import IngestError
+    from errors import IngestError
     from training.stats import compute_stats
 
     if not messages.is_file():

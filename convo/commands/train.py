@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from convo.errors import ConfigError
+from errors import ConfigError
 
 console = Console(highlight=False)
 

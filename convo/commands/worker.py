@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from convo.commands.serve import serve_app
-from convo.errors import ConfigError
+from errors import ConfigError
 
 console = Console(highlight=False)
 

@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-from convo.errors import EvalError
+from errors import EvalError
 from inference.prompt_format import PromptFormatError, line_speaker, parse_line
 
 SYSTEM = (

@@ -6,7 +6,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from convo.errors import EvalError
+from errors import EvalError
 from inference.prompt_format import PromptFormatError, Turn
 from training.dataset import Sample
 

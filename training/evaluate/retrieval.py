@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from convo.errors import EvalError
+from errors import EvalError
 from inference.prompt_format import Turn
 from training.evaluate.data import Exchange
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from config.settings import EvalSettings, GenerateSettings
-from convo.errors import EvalError
+from errors import EvalError
 from training.evaluate import metrics as M
 from training.evaluate.contexts import (
     EMPTY,

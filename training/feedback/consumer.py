@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 import redis
 from sqlalchemy import exc as sa_exc
 
-from convo.errors import ProtocolError
+from errors import ProtocolError
 from inference.protocol import (
     FEEDBACK_GROUP,
     FeedbackEvent,

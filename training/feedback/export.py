@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convo.errors import ConvoError
+from errors import ConvoError
 from inference.prompt_format import PromptFormatError, Turn, make_tag, render_completion, render_prompt
 from inference.protocol import FeedbackEvent
 

@@ -24,7 +24,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from convo.errors import ConfigError
+from errors import ConfigError
 from inference.protocol import (
     MAX_ID_CHARS,
     MAX_NAME_CHARS,

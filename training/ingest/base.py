@@ -19,7 +19,7 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import Protocol
 
-from convo.errors import IngestError
+from errors import IngestError
 from training.ingest.records import Message
 
 HEAD_BYTES = 64 * 1024

@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from convo.errors import IngestError
+from errors import IngestError
 from training.ingest.base import ParseContext
 from training.ingest.json_stream import read_header, stream_items, unchecked_message
 from training.ingest.records import Message

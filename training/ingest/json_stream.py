@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import ijson
 
-from convo.errors import IngestError
+from errors import IngestError
 from training.ingest.records import Message
 
 # ijson picks the fastest installed backend (yajl2_c); the exceptions are shared by all backends.

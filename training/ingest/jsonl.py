@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from convo.errors import IngestError
+from errors import IngestError
 from training.ingest.base import ParseContext, utf8_lines
 from training.ingest.records import Message
 

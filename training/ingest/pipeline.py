@@ -46,7 +46,7 @@ from json.decoder import scanstring as _scanstring
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from convo.errors import ConfigError, IngestError
+from errors import ConfigError, IngestError
 from training.ingest.base import HEAD_BYTES, ParseContext, Parser
 from training.ingest.dedup import ChatTitles, GroupDedup
 from training.ingest.records import Message

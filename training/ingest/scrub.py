@@ -72,7 +72,7 @@ def check_regions(regions: Sequence[str]) -> tuple[str, ...]:
     """The region codes, upper-cased; ConfigError naming any that `phonenumbers` does not know."""
     import phonenumbers
 
-    from convo.errors import ConfigError
+    from errors import ConfigError
 
     codes = tuple(str(r).strip().upper() for r in regions)
     bad = [c for c in codes if c not in phonenumbers.SUPPORTED_REGIONS]

@@ -30,7 +30,7 @@ from typing import Any
 
 import ijson
 
-from convo.errors import IngestError
+from errors import IngestError
 from training.ingest.base import ParseContext
 from training.ingest.json_stream import (
     CountingReader,

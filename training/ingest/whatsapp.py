@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from convo.errors import IngestError
+from errors import IngestError
 from training.ingest.base import ParseContext, utf8_lines
 from training.ingest.records import Message
 

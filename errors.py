@@ -1,5 +1,8 @@
 """One error family for everything a user can get wrong; messages say what and where, and how to fix it.
 
+This module is the ground floor: bot/, inference/, training/, config/ and the CLI all raise these, so it imports
+nothing of the project (a test checks), and no layer has to import the CLI package to raise an error.
+
 The CLI prints `str(error)` on one line and exits 2. Anything that is not a ConvoError is a bug and keeps
 its traceback. Foreign errors are wrapped where they enter:
 `raise IngestError(f"{path}:{line}: expected a WhatsApp timestamp") from e`.
