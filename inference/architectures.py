@@ -190,20 +190,45 @@ def install_per_row_rope(model) -> int:
 # ---------------------------------------------------------------- KV caches with sliding-window layers
 
 
-def new_cache(model, kv=None, length: int = 0, capped: bool = True):
+PREFIX_MARGIN = 64  # keys a prefix-cache entry keeps beyond a sliding window, so a prompt may diverge in its last few
+
+
+def new_cache(model, kv=None, length: int = 0, capped: bool = True, keep_all: bool = False):
     """A DynamicCache for `model`'s layers (sliding-window layers capped at window - 1 keys, as in `generate`;
     `capped` False: every layer keeps every key, as before the cap), holding `kv` (per layer (keys, values),
-    (rows, heads, cols, dim); a sliding layer's cols may be fewer) for rows `length` columns wide."""
+    (rows, heads, cols, dim); a sliding layer's cols may be fewer) for rows `length` columns wide. `keep_all`:
+    sliding layers keep every key until `trim_windows` (a prefill whose entry keeps a margin)."""
     from transformers import DynamicCache
 
     if not capped:
         return DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
     cache = DynamicCache(config=model.config)
+    if keep_all:
+        for layer in cache.layers:
+            if getattr(layer, "is_sliding", False):
+                layer.activate_past_recording()  # transformers' own mode: attend to the window, keep the past
     if kv is not None:
         for layer, (k, v) in zip(cache.layers, kv, strict=True):
             layer.update(k, v)
         set_width(cache, length)
     return cache
+
+
+def trim_windows(cache, length: int, margin: int) -> tuple[list, int]:
+    """Cut each sliding layer of a one-row cache to its last window - 1 + `margin` keys (in place when `margin`
+    is 0); (per layer (keys, values), the shortest prefix those keys can serve: length - margin, or 0 when no
+    layer lost a key)."""
+    kv, cut = [], False
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        if getattr(layer, "is_sliding", False):
+            keep = layer.sliding_window - 1 + margin
+            if k.shape[2] > keep:
+                k, v, cut = k[:, :, -keep:], v[:, :, -keep:], True
+            if margin == 0:
+                layer.keys, layer.values, layer.record_past = k, v, False
+        kv.append((k, v))
+    return kv, (max(0, length - margin) if cut else 0)
 
 
 def set_width(cache, length: int) -> None:

@@ -409,7 +409,7 @@ class DecodeBackend:
         regime = arch.regime(self.model.config, len(ids))  # keys computed under other rope factors never mix
         cached, kv = (self.prefix_cache.lookup(item.adapter, ids, regime) if self.prefix_cache is not None
                       else (0, None))
-        cache = arch.new_cache(self.model, kv, cached, self.cap_windows)
+        cache = arch.new_cache(self.model, kv, cached, self.cap_windows, keep_all=self.prefix_cache is not None)
         device = self.device
         with self.bank.rows([job.slot]):
             out = self.model(input_ids=torch.tensor([ids[cached:]], device=device),
@@ -418,9 +418,11 @@ class DecodeBackend:
                              use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         self.prefill_tokens += len(ids) - cached
         self.prefill_tokens_saved += cached
+        if self.prefix_cache is not None:  # sliding layers: a margin more than the window, then the window
+            entry, min_reuse = arch.trim_windows(cache, len(ids), arch.PREFIX_MARGIN)
+            self.prefix_cache.put(item.adapter, ids, entry, regime, min_reuse)
+            arch.trim_windows(cache, len(ids), 0)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        if self.prefix_cache is not None:
-            self.prefix_cache.put(item.adapter, ids, layers, regime)
         n = item.samples
         self._join(layers, len(ids), n)
         for i in range(n):

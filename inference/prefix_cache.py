@@ -9,7 +9,8 @@ token prefix it shares and prefills only the rest. Bounded in bytes, least recen
 Two kinds of model need more than a shared prefix. With a length-dependent rope (longrope, dynamic NTK) a
 prompt's keys depend on its length's rope regime (inference.architectures.regime), so entries are reused only
 within their regime. Sliding-window layers keep only their last window - 1 keys/values (as the decode loop's cache
-does), so an entry longer than its window is reused whole (the next turn of the same chat) or not at all.
+does) plus a margin (inference.architectures.PREFIX_MARGIN, 64), so an entry longer than its window serves a
+prompt sharing all but at most its last 64 tokens (the next turn of the same chat), not a shorter prefix.
 
 Limits: the prefix must be shared token for token from the first token, so once a bot's history window starts to
 slide (the oldest message dropped) the saving drops to the tokens before the first changed message.
@@ -34,7 +35,7 @@ class _Entry:
     kv: KV
     nbytes: int
     regime: str = ""  # rope regime the keys were computed in
-    whole_only: bool = False  # a sliding-window layer dropped its oldest keys: reusable only in full
+    min_reuse: int = 0  # sliding-window layers dropped their oldest keys: no shorter prefix can be served
 
 
 class PrefixCache:
@@ -65,7 +66,7 @@ class PrefixCache:
             for key, entry in self._entries.items():
                 if entry.adapter == adapter and entry.regime == regime:
                     n = min(common_prefix_length(entry.ids, ids), len(ids) - 1)
-                    if entry.whole_only and n < len(entry.ids):
+                    if n < entry.min_reuse:
                         continue
                     if n > best:
                         best, best_key = n, key
@@ -76,10 +77,11 @@ class PrefixCache:
             self.hits += 1
             self.tokens_saved += best
             entry = self._entries[best_key]
-            kv = entry.kv if best == len(entry.ids) else [(k[:, :, :best], v[:, :, :best]) for k, v in entry.kv]
+            drop = len(entry.ids) - best  # the newest tokens not shared; a sliding layer holds the newest only
+            kv = [(k[:, :, : k.shape[2] - drop], v[:, :, : v.shape[2] - drop]) for k, v in entry.kv]
             return best, kv
 
-    def put(self, adapter: str, ids: list[int], kv: KV, regime: str = "") -> None:
+    def put(self, adapter: str, ids: list[int], kv: KV, regime: str = "", min_reuse: int = 0) -> None:
         """Store the keys/values of prompt `ids` (replacing an entry that is a prefix of it); evict to the bound."""
         nbytes = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
         if nbytes > self.max_bytes or len(ids) < self.min_tokens:
@@ -90,8 +92,7 @@ class PrefixCache:
                 if entry.adapter == adapter and entry.regime == regime and key_ids[: len(entry.ids)] == entry.ids:
                     self._remove(key)
             self._next += 1
-            whole_only = any(k.shape[2] < len(ids) for k, _ in kv)
-            self._entries[self._next] = _Entry(adapter, key_ids, kv, nbytes, regime, whole_only)
+            self._entries[self._next] = _Entry(adapter, key_ids, kv, nbytes, regime, min_reuse)
             self.nbytes += nbytes
             while self.nbytes > self.max_bytes:
                 self._remove(next(iter(self._entries)))

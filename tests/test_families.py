@@ -3,8 +3,8 @@
 Per family (tests/tiny_families.py: Llama, Llama-3 rope, Qwen2, Qwen3 + YaRN, Mistral and Gemma 3 with windows
 shorter than the prompts, multimodal Gemma 3, Phi-3 fused, Phi-3 LongRoPE switching at 40 positions, Llama with
 dynamic NTK, GPT-2): greedy token ids, stops off, alone, in a mixed batch of adapters and lengths, joining mid-way,
-through the prefix cache and with a repetition penalty, each against `generate` through PEFT and (where the two
-agree by design: every rope type but dynamic NTK) a full recompute without a KV cache.
+through the prefix cache and with a repetition penalty, each against `generate` through PEFT; for the windowed,
+multimodal and LongRoPE families `generate` is also checked against a full recompute without a KV cache.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ from tests.conftest import torch_threads
 from tests.test_worker_batching import make_backend
 from tests.tiny_families import FAMILIES, build
 
+# Also checked against a full recompute (where the cache itself is what differs; dynamic NTK is left out: its keys
+# keep the frequencies of the length they were computed at, in `generate` too).
+RECOMPUTED = ("mistral_window", "gemma3_window", "gemma3_multimodal", "phi3_longrope")
 NEW = 40  # new tokens per row: short prompts cross the LongRoPE switch and the dynamic NTK limit
 SHORT = [{"speaker": "Riya", "text": "omw"}]
 LONG = [{"speaker": "RIYA", "text": "hey are we still going tonight?"},
@@ -106,7 +109,7 @@ class Family:
                                      min_new_tokens=0, eos_token_id=None, logits_processor=processors,
                                      pad_token_id=self.backend.tokenizer.pad_token_id)
             got = out[0, ids.shape[1]:].tolist()
-            if penalty == 1.0 and self.name != "llama_dynamic":  # dynamic NTK: generate's own cache differs
+            if penalty == 1.0 and self.name in RECOMPUTED:
                 assert got == recompute(model, ids[0].tolist(), NEW), f"{self.name}: generate != recompute"
             self._refs[key] = got
         return self._refs[key]
@@ -166,8 +169,8 @@ def test_joining_mid_generation(fam):
 def test_prefix_cache(fam):
     backend = fam.backend
     more = [{"speaker": "Alice", "text": "haha same"}, {"speaker": "riya", "text": "coffee?"}]
-    reply = [{"speaker": "Alice", "text": "ok see you there"}, {"speaker": "riya", "text": "did you see the game?"}]
-    turns = [LONG, LONG + more, LONG + more + reply]  # 35, ~50, ~70 tokens: LongRoPE short, long, long
+    # Turn 2 starts with turn 1's whole prompt; turn 3 diverges in turn 2's last tokens (Riya writes, not Alice).
+    turns = [LONG, LONG + more, LONG + more + [{"speaker": "riya", "text": "did you see the game?"}]]
     backend.prefix_cache._entries.clear()
     saved = []
     for history in turns:
@@ -180,7 +183,7 @@ def test_prefix_cache(fam):
     elif fam.name == "llama_dynamic":
         assert saved[1] == saved[2] == 0  # every length past the limit has its own frequencies
     else:
-        assert saved[1] > 20 and saved[2] > 40  # the previous turn reused whole (sliding windows capped)
+        assert saved[1] > 20 and saved[2] > 40  # sliding windows: entries keep a margin past the window
 
 
 def test_repetition_penalty(fam):
