@@ -235,3 +235,32 @@ def test_unsupported_rope_type_refused_at_load_and_before_training(tiny_base, tm
         check_servable_base(str(odd))
     check_servable_base(str(base))  # a served architecture passes
     assert servable_reason(model.config.__class__(layer_types=["sliding_attention"] * 2, num_hidden_layers=2)) is None
+
+
+def test_training_samples_cut_to_max_length(tiny_base):
+    from transformers import AutoTokenizer
+
+    from inference.engine import encode
+    from training.train import cut_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_base))
+    prompt = "\n".join(f"[RIYA] message number {i} is here" for i in range(40)) + "\n[ALICE]"
+    cut = cut_prompt(tok, prompt, 50)
+    assert len(encode(tok, cut)) <= 50 < len(encode(tok, prompt))
+    assert prompt.endswith(cut) and cut.endswith("\n[ALICE]")  # the oldest lines go, the turn to write stays
+
+
+def test_prefix_entry_of_a_sliding_layer_serves_only_prefixes_within_its_margin():
+    import torch
+
+    from inference.prefix_cache import PrefixCache
+
+    cache = PrefixCache(max_bytes=2**20, min_tokens=2)
+    # Layer 0 full (20 tokens), layer 1 sliding: the last 10 kept (tokens 10..19), min_reuse 16.
+    kv = [(torch.arange(20.0).view(1, 1, 20, 1),) * 2, (torch.arange(10.0, 20.0).view(1, 1, 10, 1),) * 2]
+    cache.put("a", list(range(20)), kv, min_reuse=16)
+    assert cache.lookup("a", list(range(15)) + [99])[0] == 0  # shares 15 < 16: the window's keys are gone
+    n, got = cache.lookup("a", list(range(17)) + [99])
+    assert n == 17 and got[0][0].shape[2] == 17
+    assert got[1][0].flatten().tolist() == [10.0 + i for i in range(7)]  # tokens 10..16: the newest dropped
+    assert cache.lookup("a", list(range(30)), regime="long")[0] == 0  # another rope regime never matches
