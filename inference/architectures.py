@@ -223,8 +223,8 @@ def trim_windows(cache, length: int, margin: int) -> tuple[list, int]:
         k, v = layer.keys, layer.values
         if getattr(layer, "is_sliding", False):
             keep = layer.sliding_window - 1 + margin
-            if k.shape[2] > keep:
-                k, v, cut = k[:, :, -keep:], v[:, :, -keep:], True
+            if k.shape[2] > keep:  # copies: a view would keep the whole prompt's storage alive
+                k, v, cut = k[:, :, -keep:].clone(), v[:, :, -keep:].clone(), True
             if margin == 0:
                 layer.keys, layer.values, layer.record_past = k, v, False
         kv.append((k, v))
