@@ -20,7 +20,8 @@ from tests.tiny_families import FAMILIES, build
 # Also checked against a full recompute (where the cache itself is what differs; dynamic NTK is left out: its keys
 # keep the frequencies of the length they were computed at, in `generate` too).
 RECOMPUTED = ("mistral_window", "gemma3_window", "gemma3_multimodal", "phi3_longrope")
-NEW = 40  # new tokens per row: short prompts cross the LongRoPE switch and the dynamic NTK limit
+NEW = 16  # new tokens per row
+NEW_LONG = 40  # for LongRoPE and dynamic NTK: short prompts cross the switch / the limit while generating
 SHORT = [{"speaker": "Riya", "text": "omw"}]
 LONG = [{"speaker": "RIYA", "text": "hey are we still going tonight?"},
         {"speaker": "Alice", "text": "yeah! want to meet at 7?"},
@@ -42,6 +43,7 @@ class Family:
         from inference.versions import set_current
 
         self.name = name
+        self.new = NEW_LONG if name in ("phi3_longrope", "llama_dynamic") else NEW
         self.dir = build(name, tokenizer_dir, root / "model")
         ref = base_model_ref(self.dir)
         random_adapter(self.dir, root / "adapters" / "alice" / "v1", "Alice", seed=1, me="Riya", base_model=ref,
@@ -55,7 +57,7 @@ class Family:
 
     def new_backend(self, **options):
         backend = make_backend(self.dir, self.adapters, **options)
-        backend.newline_ids, backend.eos_ids = frozenset(), frozenset()  # stops off: every row runs NEW tokens
+        backend.newline_ids, backend.eos_ids = frozenset(), frozenset()  # stops off: every row runs self.new tokens
         backend.ids = {}  # request id -> generated token ids of its first row
         finish = backend._finish
 
@@ -66,10 +68,11 @@ class Family:
         backend._finish = record
         return backend
 
-    def item(self, persona: str, history, backend=None, **fields):
+    def item(self, persona: str, history, backend=None, new: int | None = None, **fields):
         from tests.test_worker_batching import make_item
 
-        return make_item(backend or self.backend, persona, history, temperature=0, max_new_tokens=NEW, **fields)
+        return make_item(backend or self.backend, persona, history, temperature=0,
+                         max_new_tokens=new or self.new, **fields)
 
     def run(self, items, backend=None):
         backend = backend or self.backend
@@ -97,7 +100,8 @@ class Family:
         from inference.engine import encode
         from inference.repetition import BurstRepetition
 
-        key = (persona, item.prompt, penalty)
+        new = item.request.max_new_tokens
+        key = (persona, item.prompt, penalty, new)
         if key not in self._refs:
             model = self.model(persona)
             ids = torch.tensor([encode(self.backend.tokenizer, item.prompt)])
@@ -105,12 +109,13 @@ class Family:
             processors = LogitsProcessorList(
                 [BurstRepetition(self.backend.tokenizer, ids.shape[1], penalty=penalty)] if penalty != 1.0 else [])
             with torch.no_grad():
-                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=NEW,
+                out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                     max_new_tokens=new,
                                      min_new_tokens=0, eos_token_id=None, logits_processor=processors,
                                      pad_token_id=self.backend.tokenizer.pad_token_id)
             got = out[0, ids.shape[1]:].tolist()
             if penalty == 1.0 and self.name in RECOMPUTED:
-                assert got == recompute(model, ids[0].tolist(), NEW), f"{self.name}: generate != recompute"
+                assert got == recompute(model, ids[0].tolist(), new), f"{self.name}: generate != recompute"
             self._refs[key] = got
         return self._refs[key]
 
@@ -156,7 +161,7 @@ def test_alone_and_in_a_mixed_batch(fam):
 def test_joining_mid_generation(fam):
     backend = fam.backend
     started = threading.Event()
-    long_item = fam.item("bob", LONG * 2, stream=True)
+    long_item = fam.item("bob", LONG * 2, new=NEW_LONG, stream=True)  # still generating when the other joins
     future = backend.submit(long_item, on_partial=lambda rid, text: started.set())
     assert started.wait(60)
     short_item = fam.item("alice", SHORT)
