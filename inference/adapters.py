@@ -233,14 +233,14 @@ def random_adapter(base: str | Path, out_dir: Path | str, persona: str, *, seed:
     from transformers import AutoModelForCausalLM
 
     from inference.adapter_meta import Speaker, base_model_ref, write_adapter_meta
+    from inference.architectures import language_model_targets
     from inference.prompt_format import FORMAT_VERSION, make_tag
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(str(base)),
-        LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", init_lora_weights=False),
-    )
+    plain = AutoModelForCausalLM.from_pretrained(str(base))
+    targets = language_model_targets(plain) or "all-linear"  # a multimodal base: its language model only
+    model = get_peft_model(plain, LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False))
     if b_scale != 1.0:
         with torch.no_grad():
             for name, param in model.named_parameters():

@@ -14,6 +14,10 @@ long ones generate is answered without waiting for them. The cache is a transfor
 tensors (rows, kv_heads, width, head_dim) are cut (leave) and left-padded then concatenated (join) here; a 2-D
 attention mask marks each row's padding and `position_ids` carry each row's own positions, so a row computes what
 it would alone. Every row runs through its own LoRA adapter in the same forward (inference.lora_batch).
+What a model's config adds to that (inference.architectures): sliding-window layers keep only the last window - 1
+keys/values; longrope and dynamic NTK rope choose each row's frequencies from its own positions, and a longrope
+row that crosses the short/long switch gets its keys/values recomputed once, as transformers' `generate` does;
+rope types and layer kinds it cannot serve are refused at construction.
 
 Stops (prompt_format.completion_finished: a new line that starts with anyone's tag but the target's) are found
 on token ids: only a token holding a newline, or the few tokens of a line not yet known to be the target's, are
@@ -32,6 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from inference import architectures as arch
 from inference.batching import BatchItem, BatchResult, PartialSink, partial_text
 from inference.engine import encode, tokenize_pair
 from inference.lora_batch import LoraBank
@@ -186,6 +191,10 @@ class DecodeBackend:
         self.prefix_cache = prefix_cache
         self.repetition_penalty = repetition_penalty
         self.no_repeat_ngram_size = no_repeat_ngram_size
+        arch.check_servable(model)  # one line naming the rope type or layer kind it cannot serve
+        arch.install_per_row_rope(model)
+        self._switch = arch.longrope_switch(model.config)  # a row fed this position recomputes its keys/values
+        self.cap_windows = True  # sliding-window layers keep window - 1 keys (False: all; bench/sliding_window.py)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -265,7 +274,10 @@ class DecodeBackend:
                     keep[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
             slots = [s for item, _ in chunk for s in (self.bank.slot(item.adapter), BASE_SLOT)]
             with torch.no_grad(), self.bank.rows(slots):
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+                # Each row's own positions (right padding repeats its last): per-row rope sees its own length.
+                pos = (attn.cumsum(dim=1) - 1).clamp(min=0).to(self.device)
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                                    position_ids=pos).logits
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # token t predicted at t-1
             got = logp.gather(-1, ids[:, 1:].to(logp.device).unsqueeze(-1)).squeeze(-1)
             m = keep[:, 1:].to(got.device)
@@ -358,22 +370,46 @@ class DecodeBackend:
     def _step(self) -> torch.Tensor:
         """Feed each running row its last token; (rows, vocab) logits."""
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
+        crossing = [] if self._switch is None else (self._pos == self._switch).nonzero().squeeze(1).tolist()
         with self.bank.rows(self._slots):
             out = self.model(input_ids=self._last.unsqueeze(1), attention_mask=self._mask,
                              position_ids=self._pos.unsqueeze(1), use_cache=True, logits_to_keep=1,
                              **{self._cache_arg: self._cache})
         self._pos = self._pos + 1
-        return out.logits[:, -1]
+        logits = out.logits[:, -1]
+        if crossing:
+            logits = self._recompute(crossing, logits)
+        return logits
+
+    def _recompute(self, rows: list[int], logits: torch.Tensor) -> torch.Tensor:
+        """Rows that just reached a longrope model's switch: their whole sequence again, under long factors.
+
+        transformers' Phi-3 `generate` drops the cache once when a sequence first passes
+        original_max_position_embeddings, so every key is recomputed with the long factors; the same here for these
+        rows only (all the same length, one forward), their keys/values and logits replacing the step's."""
+        ids = torch.tensor([self._rows[r].job.ids + self._rows[r].ids for r in rows], device=self._pos.device)
+        cache = arch.new_cache(self.model, capped=self.cap_windows)
+        with self.bank.rows([self._slots[r] for r in rows]):
+            out = self.model(input_ids=ids, attention_mask=torch.ones_like(ids),
+                             position_ids=torch.arange(ids.shape[1], device=ids.device).expand(len(rows), -1),
+                             use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
+        index = torch.tensor(rows, device=self._pos.device)
+        for layer, fresh in zip(self._cache.layers, cache.layers, strict=True):
+            layer.keys[index] = _pad_left(fresh.keys, layer.keys.shape[2])  # rows are right-aligned
+            layer.values[index] = _pad_left(fresh.values, layer.values.shape[2])
+        logits = logits.clone()
+        logits[index] = out.logits[:, -1].to(logits.dtype)
+        return logits
 
     def _prefill(self, job: _Job) -> torch.Tensor:
         """Run a job's prompt (after any cached prefix) and merge its `samples` rows into the batch; their logits."""
-        from transformers import DynamicCache
-
         item = job.item
         ids = encode(self.tokenizer, item.prompt)
         job.ids, job.rows_left = ids, item.samples
-        cached, kv = (self.prefix_cache.lookup(item.adapter, ids) if self.prefix_cache is not None else (0, None))
-        cache = DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
+        regime = arch.regime(self.model.config, len(ids))  # keys computed under other rope factors never mix
+        cached, kv = (self.prefix_cache.lookup(item.adapter, ids, regime) if self.prefix_cache is not None
+                      else (0, None))
+        cache = arch.new_cache(self.model, kv, cached, self.cap_windows, keep_all=self.prefix_cache is not None)
         device = self.device
         with self.bank.rows([job.slot]):
             out = self.model(input_ids=torch.tensor([ids[cached:]], device=device),
@@ -382,9 +418,11 @@ class DecodeBackend:
                              use_cache=True, logits_to_keep=1, **{self._cache_arg: cache})
         self.prefill_tokens += len(ids) - cached
         self.prefill_tokens_saved += cached
+        if self.prefix_cache is not None:  # sliding layers: a margin more than the window, then the window
+            entry, min_reuse = arch.trim_windows(cache, len(ids), arch.PREFIX_MARGIN)
+            self.prefix_cache.put(item.adapter, ids, entry, regime, min_reuse)
+            arch.trim_windows(cache, len(ids), 0)
         layers = [(layer.keys, layer.values) for layer in cache.layers]
-        if self.prefix_cache is not None:
-            self.prefix_cache.put(item.adapter, ids, layers)
         n = item.samples
         self._join(layers, len(ids), n)
         for i in range(n):
@@ -396,27 +434,29 @@ class DecodeBackend:
             self._rows.append(row)
             self._slots.append(job.slot)
         if self.repetition_penalty != 1.0:  # nothing seen yet: the prompt does not count
-            seen = torch.zeros(n, self.model.config.vocab_size, dtype=torch.bool, device=device)
+            seen = torch.zeros(n, out.logits.shape[-1], dtype=torch.bool, device=device)  # the head's width
             self._seen = seen if self._seen is None else torch.cat([self._seen, seen])
         return out.logits[:, -1].expand(n, -1)
 
     def _join(self, layers, length: int, n: int) -> None:
-        """Add `n` rows sharing one prompt's KV (each layer (1, heads, length, dim)) to the batch, left-padded."""
+        """Add `n` rows sharing one prompt's KV (each layer (1, heads, length, dim); a sliding-window layer's
+        last window - 1 only) to the batch, left-padded."""
         device = layers[0][0].device
         mask = torch.ones(n, length, dtype=torch.long, device=device)
         pos = torch.full((n,), length, dtype=torch.long, device=device)
         if self._cache is None or not self._rows:
-            from transformers import DynamicCache
-
-            self._cache = DynamicCache(ddp_cache_data=[(k.expand(n, -1, -1, -1).contiguous(),
-                                                        v.expand(n, -1, -1, -1).contiguous()) for k, v in layers])
+            self._cache = arch.new_cache(self.model, [(k.expand(n, -1, -1, -1).contiguous(),
+                                                       v.expand(n, -1, -1, -1).contiguous()) for k, v in layers],
+                                         length, self.cap_windows)
             self._mask, self._pos = mask, pos
             self._last = torch.zeros(0, dtype=torch.long, device=device)
             return
         width = max(self._mask.shape[1], length)
         for layer, (k, v) in zip(self._cache.layers, layers, strict=True):
-            layer.keys = torch.cat([_pad_left(layer.keys, width), _pad_left(k.expand(n, -1, -1, -1), width)])
-            layer.values = torch.cat([_pad_left(layer.values, width), _pad_left(v.expand(n, -1, -1, -1), width)])
+            cols = max(layer.keys.shape[2], k.shape[2])  # width, or a sliding layer's min(width, window - 1)
+            layer.keys = torch.cat([_pad_left(layer.keys, cols), _pad_left(k.expand(n, -1, -1, -1), cols)])
+            layer.values = torch.cat([_pad_left(layer.values, cols), _pad_left(v.expand(n, -1, -1, -1), cols)])
+        arch.set_width(self._cache, width)
         self._mask = torch.cat([_pad_left(self._mask, width), _pad_left(mask, width)])
         self._pos = torch.cat([self._pos, pos])
 
@@ -428,9 +468,12 @@ class DecodeBackend:
         index = torch.tensor(keep, device=self._mask.device)
         mask = self._mask[index]
         first = int((mask.sum(dim=0) > 0).nonzero()[0])  # first column any remaining row attends to
-        for layer in self._cache.layers:
-            layer.keys = layer.keys[index, :, first:]
-            layer.values = layer.values[index, :, first:]
+        width = mask.shape[1] - first
+        for layer in self._cache.layers:  # a sliding layer holds the last columns only: cut what lies before
+            cut = max(0, layer.keys.shape[2] - width)
+            layer.keys = layer.keys[index, :, cut:]
+            layer.values = layer.values[index, :, cut:]
+        arch.set_width(self._cache, width)
         self._mask, self._pos, self._last = mask[:, first:], self._pos[index], self._last[index]
         self._rows = [self._rows[r] for r in keep]
         self._slots = [self._slots[r] for r in keep]

@@ -383,6 +383,7 @@ def check_qlora_shapes(config, device: str) -> None:
     """TrainError when a 4-bit model cannot run on the CPU: bitsandbytes needs layer widths divisible by 64 there."""
     if device.startswith("cuda"):
         return
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config  # multimodal
     widths = {k: getattr(config, k, None) for k in ("hidden_size", "intermediate_size")}
     bad = {k: v for k, v in widths.items() if isinstance(v, int) and v % QLORA_CPU_BLOCK}
     if bad:

@@ -19,8 +19,10 @@ every row uses it); all rows on one slot is a plain matmul.
 Adapters of different ranks are zero-padded to the largest rank (the padding adds exact zeros). Slots are never
 moved while rows use them: loading a new version takes a free slot, and removing an adapter frees its slot only
 once no running row uses it (`release`), so a hot reload never changes what a generating row computes.
-Supported: PEFT LoRA on linear layers (any rank, alpha, rsLoRA); DoRA, biases, `modules_to_save` and embedding
-LoRA are refused with the reason (AdapterLoadError). Heavy module (torch, safetensors).
+Supported: PEFT LoRA on linear layers (any rank, alpha, rsLoRA), and on GPT-2's Conv1D layers (`fan_in_fan_out`:
+PEFT computes x @ A @ B there too; the flag only transposes the weight for merging); DoRA, biases,
+`modules_to_save` and embedding LoRA are refused with the reason (AdapterLoadError). Heavy module (torch,
+safetensors).
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ def read_lora(path: Path | str) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
     unsupported = {
         "use_dora": config.get("use_dora"), "bias": config.get("bias") not in (None, "none"),
         "modules_to_save": bool(config.get("modules_to_save")), "alpha_pattern": bool(config.get("alpha_pattern")),
-        "fan_in_fan_out": config.get("fan_in_fan_out"),
     }
     bad = [k for k, v in unsupported.items() if v]
     if config.get("peft_type", "LORA") != "LORA" or bad:
@@ -78,6 +79,16 @@ def read_lora(path: Path | str) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
         raise AdapterLoadError(f"{path}: LoRA tensors missing or unpaired")
     return ({m: (p["lora_A"], p["lora_B"]) for m, p in pairs.items()}, float(config.get("lora_alpha", 8)),
             bool(config.get("use_rslora")))
+
+
+def layer_features(layer) -> tuple[int, int] | None:
+    """(in, out) features of a layer LoRA can target: nn.Linear (and 4-bit linear), or a Conv1D (GPT-2: weight
+    (in, out)); None for anything else."""
+    if hasattr(layer, "in_features") and hasattr(layer, "out_features"):
+        return layer.in_features, layer.out_features
+    if type(layer).__name__ == "Conv1D" and getattr(layer, "weight", None) is not None:
+        return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    return None
 
 
 class _Stack:
@@ -137,7 +148,7 @@ class LoraBank:
             rslora: bool = False, where: str = "adapter") -> int:
         """Add an adapter given as {module name: (A (r, in), B (out, r))} under `name`; its slot."""
         for module in weights:
-            if module not in self._modules or not hasattr(self._modules[module], "in_features"):
+            if module not in self._modules or layer_features(self._modules[module]) is None:
                 raise AdapterLoadError(f"{where}: layer {module} is not a linear layer of this base")
         with self._book:
             slot = self._free.pop() if self._free else self._capacity
@@ -205,8 +216,7 @@ class LoraBank:
             weight = getattr(layer, "weight", None)
             device = weight.device if weight is not None else "cpu"
             dtype = self.dtype or (weight.dtype if weight is not None and weight.is_floating_point() else torch.float32)
-            stack = self._stacks[module] = _Stack(layer.in_features, layer.out_features, self._capacity, rank,
-                                                  device, dtype)
+            stack = self._stacks[module] = _Stack(*layer_features(layer), self._capacity, rank, device, dtype)
             self._hooks.append(layer.register_forward_hook(self._hook(stack)))
         stack.grow(self._capacity, rank)
         return stack

@@ -175,12 +175,45 @@ def auto_eval_steps(total_steps: int, evaluations: int = 8) -> int:
     return max(1, math.ceil(total_steps / evaluations))
 
 
-def lora_targets(value: str) -> str | list[str]:
-    """PEFT's target_modules from the setting: "all-linear" as is, else the comma-separated module names."""
+def lora_targets(value: str, model=None) -> str | list[str]:
+    """PEFT's target_modules from the setting: "all-linear" as is, else the comma-separated module names; on a
+    multimodal `model` (Gemma 3 4B+) either one kept to its language model (no vision tower)."""
     names = [n.strip() for n in value.split(",") if n.strip()]
     if not names:
         raise ConfigError("train.lora_target_modules is empty: use all-linear or names such as q_proj,v_proj")
+    if model is not None:
+        from inference.architectures import language_model_targets
+
+        limited = language_model_targets(model, None if names == ["all-linear"] else names)
+        if limited is not None:
+            return limited
     return "all-linear" if names == ["all-linear"] else names
+
+
+def check_servable_base(base: str) -> None:
+    """TrainError before any training when the worker could not serve an adapter of this base (its decode loop
+    refuses the rope type or layer kind): refused now rather than when the worker loads the adapter."""
+    from transformers import AutoConfig
+
+    from inference.architectures import servable_reason
+
+    try:
+        config = AutoConfig.from_pretrained(str(base))
+    except (OSError, ValueError):  # not loadable: the model load below says why
+        return
+    reason = servable_reason(config)
+    if reason is not None:
+        raise TrainError(f"{base}: the worker cannot serve adapters of this base: {reason}")
+
+
+def cut_prompt(tokenizer, prompt: str, max_tokens: int) -> str:
+    """`prompt` without its oldest lines until it is at most `max_tokens` tokens (its last line is kept)."""
+    from inference.engine import encode
+
+    lines = prompt.split("\n")
+    while len(lines) > 1 and len(encode(tokenizer, "\n".join(lines))) > max_tokens:
+        lines = lines[1:]
+    return "\n".join(lines)
 
 
 def stopped_by(global_step: int, total_steps: int, max_steps: int) -> str:
@@ -340,9 +373,11 @@ def _callbacks():
     class Samples(TrainerCallback):
         """At each evaluation, generate replies for fixed validation prompts; log them beside the real reply."""
 
-        def __init__(self, rows: list[dict], tokenizer, path: Path, console: Console, seed: int, max_new_tokens: int):
+        def __init__(self, rows: list[dict], tokenizer, path: Path, console: Console, seed: int, max_new_tokens: int,
+                     max_length: int | None = None):
             self.rows, self.tokenizer, self.path, self.console = rows, tokenizer, path, console
             self.seed, self.max_new_tokens = seed, max_new_tokens
+            self.max_prompt_tokens = max_length - max_new_tokens if max_length else None
             self.done_steps: set[int] = set()
 
         def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
@@ -359,8 +394,12 @@ def _callbacks():
             with self.path.open("a", encoding="utf-8") as f:
                 for i, row in enumerate(self.rows):
                     target = target_of(row["prompt"])
+                    # Cut like the training rows (oldest context first): a prompt past the model's positions
+                    # (GPT-2: 1,024) would fail in its position embedding.
+                    prompt = (cut_prompt(self.tokenizer, row["prompt"], self.max_prompt_tokens)
+                              if self.max_prompt_tokens and self.max_prompt_tokens > 0 else row["prompt"])
                     generated = engine.generate(
-                        row["prompt"], target, n=1, max_new_tokens=self.max_new_tokens, seed=self.seed + i
+                        prompt, target, n=1, max_new_tokens=self.max_new_tokens, seed=self.seed + i
                     )[0]
                     real = split_completion(row["completion"], target)
                     rec = {
@@ -394,6 +433,7 @@ def _callbacks():
 def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: Sequence = ()) -> TrainResult:
     """Train one LoRA adapter on a dataset dir and save it (with convo_adapter.json, logs and a loss curve)."""
     console = console or Console()
+    check_servable_base(opts.base)
     if opts.batch_size * opts.grad_accum > MAX_EFFECTIVE_BATCH:
         raise ConfigError(
             f"effective batch {opts.batch_size * opts.grad_accum} (batch_size {opts.batch_size} x grad_accum "
@@ -472,7 +512,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         r=opts.lora_r,
         lora_alpha=opts.lora_alpha,
         lora_dropout=opts.lora_dropout,
-        target_modules=lora_targets(opts.lora_target_modules),
+        target_modules=lora_targets(opts.lora_target_modules, model),
         task_type="CAUSAL_LM",
         init_lora_weights=True,  # B = 0: no PiSSA/OLoRA, which would rewrite the shared base weights
     )
@@ -539,7 +579,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     callbacks = [
         log_cb,
         Progress(console),
-        Samples(sample_rows, tokenizer, out / SAMPLES, console, opts.sample_seed, opts.sample_max_new_tokens),
+        Samples(sample_rows, tokenizer, out / SAMPLES, console, opts.sample_seed, opts.sample_max_new_tokens,
+                opts.max_length),
         stop_cb,
         *([TensorBoardCallback(tb_writer=tb_writer)] if main else []),
         EarlyStoppingCallback(early_stopping_patience=opts.early_stopping_patience,
