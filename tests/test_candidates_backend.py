@@ -177,3 +177,26 @@ def test_simulate_serves_clean_distinct_reranked_candidates(tiny_base, adapters_
     raw = engine.generate_raw("[RIYA] hey are we still going tonight?\n[ALICE]", "ALICE", n=1, temperature=0,
                               max_new_tokens=12)[0]
     assert len(greedy) == 2 and (greedy[0] == clean(raw, "ALICE") or not clean(raw, "ALICE"))
+
+
+def test_each_redraw_round_of_a_seeded_item_draws_from_a_new_stream():
+    """A seeded item (simulate, eval) re-drawn with its first seed would repeat the same duplicates every round."""
+    seen = []
+
+    class SameReply:  # the inner backend answers every row alike, so every round is short of distinct candidates
+        blocking = False
+
+        def generate(self, items, on_partial=None):
+            seen.append([item.seed for item in items])
+            return [BatchResult([["same"]] * i.samples, i.samples, 1, [" same"] * i.samples) for i in items]
+
+        def score(self, pairs):
+            return [(0.0, 0.0, 1) for _ in pairs]
+
+    request = GenerateRequest.build(persona="a", history=[{"speaker": "B", "text": "hi"}], n=3, temperature=1.0)
+    step = CandidateBackend(SameReply(), max_resample_rounds=2)
+    [result] = step.generate([BatchItem(request, "[B] hi\n[A]", "A", "__base__", seed=5)])
+    assert seen == [[5], [5 + 7919], [5 + 2 * 7919]] and result.candidates == [["same"]]
+    seen.clear()
+    step.generate([BatchItem(request, "[B] hi\n[A]", "A", "__base__")])
+    assert seen == [[None]] * 3  # queue requests carry no seed: the global stream, as before
