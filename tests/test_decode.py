@@ -61,7 +61,7 @@ def tokens_of(tokenizer, rng) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+@pytest.mark.parametrize("which", ["tiny", "smollm2-135m", "gemma3-270m"])
 def test_stop_on_token_ids_equals_the_text_rule(tiny_base, which):
     from pathlib import Path
 
@@ -70,9 +70,10 @@ def test_stop_on_token_ids_equals_the_text_rule(tiny_base, which):
     from inference.decode import StopScanner, newline_token_ids
     from inference.prompt_format import completion_finished
 
-    path = tiny_base if which == "tiny" else Path(__file__).parents[1] / "models" / "smollm2-135m"
-    if not path.is_dir():
-        path = Path("/work/main/models/smollm2-135m")
+    path = tiny_base if which == "tiny" else Path(__file__).parents[1] / "models" / which
+    for elsewhere in (Path("/work/main/models") / which, Path("/work/models") / which):
+        if not path.is_dir():
+            path = elsewhere
     if not path.is_dir():
         pytest.skip(f"no {which} tokenizer here")
     tok = AutoTokenizer.from_pretrained(str(path))

