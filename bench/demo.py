@@ -189,6 +189,16 @@ def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metric
     grid.add_row("NLL/token", f"base {nll('base')} -> adapter v1 {nll('adapter')}  "
                               f"(in-context {nll('incontext')}, retrieval {nll('retrieval')}; "
                               f"{metrics['prompts']} validation prompts, real replies)")
+    from bench.demo_style import marker_table, style_figures, verdict
+
+    try:
+        style = style_figures(out / "eval")
+    except (OSError, KeyError, ValueError) as e:  # an eval dir of an older run: say so, keep the rest of the panel
+        grid.add_row("markers", f"[yellow]not available: {escape(str(e))}[/]")
+    else:
+        grid.add_row("markers", marker_table(style, PERSONA_NAME))
+        beats, sentence = verdict(style, PERSONA_NAME)
+        grid.add_row("style verdict", f"[{'green' if beats else 'yellow'}]{escape(sentence)}[/]")
     rows = []
     for name, r in methods.items():
         auc = r.get("auc")

@@ -266,3 +266,43 @@ def test_candidates_stage_shows_clean_distinct_candidates_with_and_without_reran
     assert summary[f"rerank K={demo.RERANK_K}"]["scored"] > 0
     printed = demo.console.file.getvalue()
     assert "ALICE really wrote" in printed and "unusable" in printed
+
+
+# ---------------------------------------------------------------- the panel's marker table and verdict
+
+
+def _eval_dir(tmp_path, methods: dict, rows: list[dict]):
+    import json
+
+    d = tmp_path / "eval"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"prompts": len(rows), "methods": methods, "real": {}}))
+    (d / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_marker_table_is_computed_from_the_generations_when_eval_has_no_column(tmp_path):
+    from bench.demo_style import marker_table, style_figures, verdict
+    from training.evaluate.markers import marker_error, marker_rates
+    from training.evaluate.planted import get_style
+
+    lowkey = get_style("lowkey")
+    natural = [["Hello, how are you doing today?"], ["I don't know. Maybe later!"], ["You're right, it was fun."]]
+    rows = [{"real": lowkey.rewrite(n), "replies": {"incontext": [n, n], "adapter": [lowkey.rewrite(n, seed=1)]}}
+            for n in natural]
+    d = _eval_dir(tmp_path, {"incontext": {"nll_per_token": 2.8}, "adapter": {"nll_per_token": 2.7}}, rows)
+    fig = style_figures(d)
+    assert fig.source == "computed from generations.jsonl" and fig.attribution is None
+    assert fig.methods == ["incontext", "adapter"]
+    real = marker_rates(r["real"] for r in rows)
+    assert fig.real == real and real["lowercase"] == 1.0 and real["final_punct"] == 0.0
+    assert fig.error["incontext"] == pytest.approx(marker_error(real, marker_rates(n for n in natural)))
+    assert fig.error["adapter"] < 0.2 < fig.error["incontext"]
+    beats, sentence = verdict(fig)
+    # Lower marker error, but no attribution measured: not claimed as a win, and said so with the figures.
+    assert not beats and "does NOT beat" in sentence and "attribution missing" in sentence
+    assert f"{fig.error['adapter']:.3f} vs in-context {fig.error['incontext']:.3f}" in sentence
+    out = io.StringIO()
+    Console(file=out, width=160).print(marker_table(fig))
+    text = out.getvalue()
+    assert "lowercase" in text and "marker error" in text and "Jordan (real)" in text and "attribution" not in text
