@@ -36,7 +36,12 @@ class StyleFigures:
     attribution: dict[str, float | None] | None = None  # method -> top-1 accuracy (None: not measured)
     attribution_ci: dict[str, list[float] | None] = field(default_factory=dict)
     attribution_real: float | None = None  # the real held-out replies: the ceiling
-    attribution_chance: float | None = None
+    attribution_real_ci: list[float] | None = None
+    attribution_chance: float | None = None  # 1 / candidates
+    candidates: tuple[str, ...] = ()
+    attribution_skipped: str | None = None  # why the eval skipped the column
+    marker_reference: float | None = None  # another sample of the person's own replies: the floor of marker error
+    prompts: int | None = None
     source: str = "convo eval"
 
     @property
@@ -49,65 +54,36 @@ def _read_generations(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _marker_column(res: dict) -> dict | None:
-    """The eval's marker column of one method, as {rates, error, error_ci, real}, when it has one."""
-    col = res.get("markers")
-    if not isinstance(col, dict):
-        return None
-    rates = col.get("rates") or col.get("generated")
-    error = col.get("error", res.get("marker_error"))
-    if rates is None or error is None:
-        return None
-    ci = col.get("error_ci") or (res.get("intervals") or {}).get("marker_error")
-    return {"rates": rates, "error": error, "error_ci": ci, "real": col.get("real")}
-
-
-def _attribution_column(res: dict) -> tuple[float | None, list | None, float | None, float | None]:
-    """(accuracy, interval, real replies' accuracy, chance) of one method's attribution column."""
-    col = res.get("attribution")
-    if isinstance(col, dict):
-        acc = col.get("accuracy", col.get("top1"))
-        ci = col.get("ci") or col.get("interval") or (res.get("intervals") or {}).get("attribution")
-        return acc, ci, col.get("real", col.get("ceiling")), col.get("chance")
-    if isinstance(col, (int, float)):
-        return float(col), (res.get("intervals") or {}).get("attribution"), None, None
-    return None, None, None, None
-
-
 def style_figures(eval_dir: Path) -> StyleFigures:
     """The marker table and attribution of the evaluation in `eval_dir` (see the module docstring)."""
     from training.evaluate.markers import MARKERS, marker_error, marker_rates
 
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
-    methods = metrics["methods"]
-    columns = {m: _marker_column(r) for m, r in methods.items()}
-    attribution: dict[str, float | None] = {}
-    attribution_ci: dict[str, list | None] = {}
-    ceiling = chance = None
-    for m, r in methods.items():
-        acc, ci, real_acc, ch = _attribution_column(r)
-        attribution[m], attribution_ci[m] = acc, ci
-        ceiling = ceiling if real_acc is None else real_acc
-        chance = chance if ch is None else ch
-    real_col = metrics.get("real", {})
-    ceiling = real_col.get("attribution", {}).get("accuracy", ceiling) if isinstance(
-        real_col.get("attribution"), dict) else ceiling
-    measured = attribution if any(v is not None for v in attribution.values()) else None
+    methods, real_col = metrics["methods"], metrics.get("real", {})
+    att = metrics.get("attribution") or {}
+    measured = None
+    if not att.get("skipped") and any(r.get("attribution") is not None for r in methods.values()):
+        measured = {m: r.get("attribution") for m, r in methods.items()}
+    common = dict(
+        attribution=measured,
+        attribution_ci={m: (r.get("intervals") or {}).get("attribution") for m, r in methods.items()},
+        attribution_real=att.get("real"), attribution_real_ci=att.get("real_interval"),
+        attribution_chance=att.get("chance"), candidates=tuple(att.get("candidates") or ()),
+        attribution_skipped=att.get("skipped"), marker_reference=real_col.get("marker_reference"),
+        prompts=metrics.get("prompts"),
+    )
+    if real_col.get("markers") and all("markers" in r and "marker_error" in r for r in methods.values()):
+        return StyleFigures(
+            MARKERS, dict(real_col["markers"]), {m: dict(r["markers"]) for m, r in methods.items()},
+            {m: r["marker_error"] for m, r in methods.items()},
+            {m: (r.get("intervals") or {}).get("marker_error") for m, r in methods.items()}, **common)
 
-    if all(c is not None for c in columns.values()):
-        real = next((c["real"] for c in columns.values() if c.get("real")), None)
-        real = real or real_col.get("markers", {}).get("rates") or real_col.get("markers")
-        markers = tuple(k for k in MARKERS if k in (real or columns[next(iter(columns))]["rates"]))
-        return StyleFigures(markers, dict(real or {}), {m: c["rates"] for m, c in columns.items()},
-                            {m: c["error"] for m, c in columns.items()},
-                            {m: c["error_ci"] for m, c in columns.items()}, measured, attribution_ci, ceiling, chance)
-
-    # The eval has no marker column: count the markers in the replies it wrote.
+    # An eval without the marker columns (an older `convo eval`): count the markers in the replies it wrote.
     rows = _read_generations(eval_dir / "generations.jsonl")
     real = marker_rates(r["real"] for r in rows)
     rates = {m: marker_rates(reply for r in rows for reply in r["replies"].get(m, [])) for m in methods}
-    return StyleFigures(MARKERS, real, rates, {m: marker_error(real, v) for m, v in rates.items()}, {}, measured,
-                        attribution_ci, ceiling, chance, source="computed from generations.jsonl")
+    return StyleFigures(MARKERS, real, rates, {m: marker_error(real, v) for m, v in rates.items()}, {},
+                        **common, source="computed from generations.jsonl")
 
 
 def _f(x: float | None, digits: int = 2) -> str:
@@ -128,13 +104,21 @@ def marker_table(fig: StyleFigures, persona: str = "Jordan"):
     table.add_column(f"{persona} (real)", justify="right")
     for m in methods:
         table.add_column(LABELS.get(m, m), justify="right")
-    for k in fig.markers:
-        table.add_row(k, _f(fig.real.get(k)), *(_f(fig.rates[m].get(k)) for m in methods))
-    table.add_row("[bold]marker error[/]", "0", *(f"[bold]{_f(fig.error.get(m), 3)}[/]{_ci(fig.error_ci.get(m))}"
-                                                  for m in methods), end_section=True)
+    for i, k in enumerate(fig.markers):
+        table.add_row(k, _f(fig.real.get(k)), *(_f(fig.rates[m].get(k)) for m in methods),
+                      end_section=i == len(fig.markers) - 1)
+    table.add_row("[bold]marker error[/]", f"{_f(fig.marker_reference, 3)} (another sample)",
+                  *(f"[bold]{_f(fig.error.get(m), 3)}[/]{_ci(fig.error_ci.get(m))}" for m in methods))
     if fig.attribution is not None:
-        table.add_row("[bold]attribution[/]", _f(fig.attribution_real),
+        table.add_row("[bold]attribution[/]", f"{_f(fig.attribution_real)}{_ci(fig.attribution_real_ci)}",
                       *(f"[bold]{_f(fig.attribution.get(m))}[/]{_ci(fig.attribution_ci.get(m))}" for m in methods))
+    if fig.attribution is not None and fig.attribution_chance is not None:
+        table.caption = (f"attribution: share named {persona} among {len(fig.candidates)} people of the log "
+                         f"({', '.join(fig.candidates)}); chance {fig.attribution_chance:.2f}, ceiling: the real "
+                         "replies. Marker error: mean |rate - real rate|, lower is closer; [95% bootstrap]")
+    else:
+        table.caption = "marker error: mean |rate - real rate| over the markers, lower is closer"
+    table.caption_justify = "left"
     return table
 
 
@@ -151,7 +135,8 @@ def verdict(fig: StyleFigures, persona: str = "Jordan") -> tuple[bool, str]:
     a_i = fig.attribution.get("incontext") if fig.attribution else None
     if a_a is None or a_i is None:
         ok = False
-        parts.append("attribution missing (this `convo eval` has no attribution column)")
+        why = fig.attribution_skipped or "this `convo eval` has no attribution column"
+        parts.append(f"attribution missing ({why})")
     else:
         better = a_a > a_i
         ok &= better
@@ -161,4 +146,5 @@ def verdict(fig: StyleFigures, persona: str = "Jordan") -> tuple[bool, str]:
                      f"{extra})")
     head = (f"adapter v1 beats in-context on how {persona} texts" if ok else
             "adapter v1 does NOT beat in-context on both within this demo's budget")
-    return ok, f"{head}: " + "; ".join(parts)
+    on = f" (point estimates on {fig.prompts} validation prompts; intervals in the table)" if fig.prompts else ""
+    return ok, f"{head}: " + "; ".join(parts) + on

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -306,3 +307,51 @@ def test_marker_table_is_computed_from_the_generations_when_eval_has_no_column(t
     Console(file=out, width=160).print(marker_table(fig))
     text = out.getvalue()
     assert "lowercase" in text and "marker error" in text and "Jordan (real)" in text and "attribution" not in text
+
+
+def test_panel_shows_the_evals_marker_and_attribution_columns_and_a_computed_verdict(tmp_path):
+    from types import SimpleNamespace
+
+    from bench import demo
+    from bench.demo_style import style_figures, verdict
+
+    rates = {"lowercase": 1.0, "final_punct": 0.0, "apostrophe": 0.0, "short_forms": 1.0, "laugh": 0.35,
+             "emoji": 0.0, "burst": 0.7, "short_message": 0.7}
+
+    def method(lower, error, att):
+        return {"nll_per_token": 2.7, "style": {"combined": 0.3}, "auc": 0.7, "markers": dict(rates, lowercase=lower),
+                "marker_error": error, "attribution": att,
+                "intervals": {"marker_error": [error - 0.05, error + 0.05], "attribution": [att - 0.1, att + 0.1]}}
+
+    methods = {"base": method(0.2, 0.40, 0.10), "incontext": method(0.5, 0.30, 0.25), "adapter": method(0.9, 0.12, 0.6)}
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "metrics.json").write_text(__import__("json").dumps({
+        "prompts": 8, "methods": methods,
+        "real": {"markers": rates, "marker_reference": 0.05},
+        "attribution": {"skipped": None, "candidates": ["Jordan", "Sam", "Alex"], "chance": 1 / 3, "real": 0.75,
+                        "real_interval": [0.5, 1.0]}}))
+    fig = style_figures(out / "eval")
+    assert fig.source == "convo eval" and fig.attribution == {"base": 0.10, "incontext": 0.25, "adapter": 0.6}
+    beats, sentence = verdict(fig)
+    assert beats and sentence.startswith("adapter v1 beats in-context on how Jordan texts")
+    assert "0.120 vs in-context 0.300" in sentence and "0.60 vs in-context 0.25" in sentence
+    # The same figures with the adapter's attribution below in-context's: the panel must say it did not beat it.
+    methods["adapter"]["attribution"] = 0.2
+    (out / "eval" / "metrics.json").write_text((out / "eval" / "metrics.json").read_text().replace('"attribution": 0.6',
+                                                                                                   '"attribution": 0.2'))
+    beats, sentence = verdict(style_figures(out / "eval"))
+    assert not beats and "does NOT beat" in sentence and "0.20 vs in-context 0.25 (not higher" in sentence
+
+    stages = demo.Stages()
+    outcome = SimpleNamespace(gate={"current": {"val_nll": 2.8}, "candidate": {"val_nll": 2.79}}, parent="v1",
+                              candidate="v2", status="promoted", reason="promoted: within tolerance", kto=None)
+    panel = demo.summary_panel(out, Path("base"), "smollm2", "local", __import__("json").loads(
+        (out / "eval" / "metrics.json").read_text()), SimpleNamespace(events={"shown": 8}, replies=4,
+                                                                       versions={"v1"}),
+        SimpleNamespace(stored=14, duplicates=0, dead=0), outcome, "v2", stages)
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(panel)
+    text = buf.getvalue()
+    assert "how Jordan texts: marker rates" in text and "marker error" in text and "attribution" in text
+    assert "does NOT beat in-context" in text and "Jordan, Sam, Alex" in text and "NLL/token" in text
