@@ -91,34 +91,42 @@ def _f(x: float | None, digits: int = 2) -> str:
 
 
 def _ci(ci: list | None) -> str:
-    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci and len(ci) == 2 and None not in ci else ""
+    return f"{ci[0]:.2f}-{ci[1]:.2f}" if ci and len(ci) == 2 and None not in ci else ""
 
 
 def marker_table(fig: StyleFigures, persona: str = "Jordan"):
-    """A rich Table: one row per marker (the real replies' rate, each method's), then marker error and attribution."""
+    """A rich Table that fits 80 columns: one row per marker (the real replies' rate, each method's), then marker
+    error and attribution, each with a row of 95% bootstrap intervals."""
+    from rich import box
     from rich.table import Table
 
     methods = fig.methods
-    table = Table(title=f"how {persona} texts: marker rates of the replies ({fig.source})", title_justify="left")
+    table = Table(title=f"how {persona} texts: marker rates of the replies ({fig.source})", title_justify="left",
+                  box=box.SIMPLE_HEAD, padding=(0, 1), collapse_padding=True)
     table.add_column("marker")
-    table.add_column(f"{persona} (real)", justify="right")
+    table.add_column(persona, justify="right")
     for m in methods:
         table.add_column(LABELS.get(m, m), justify="right")
     for i, k in enumerate(fig.markers):
         table.add_row(k, _f(fig.real.get(k)), *(_f(fig.rates[m].get(k)) for m in methods),
                       end_section=i == len(fig.markers) - 1)
-    table.add_row("[bold]marker error[/]", f"{_f(fig.marker_reference, 3)} (another sample)",
-                  *(f"[bold]{_f(fig.error.get(m), 3)}[/]{_ci(fig.error_ci.get(m))}" for m in methods))
+    table.add_row("[bold]marker error[/]", _f(fig.marker_reference, 3),
+                  *(f"[bold]{_f(fig.error.get(m), 3)}[/]" for m in methods))
+    if any(fig.error_ci.get(m) for m in methods):
+        table.add_row("  95% interval", "", *(_ci(fig.error_ci.get(m)) for m in methods), style="dim")
     if fig.attribution is not None:
-        table.add_row("[bold]attribution[/]", f"{_f(fig.attribution_real)}{_ci(fig.attribution_real_ci)}",
-                      *(f"[bold]{_f(fig.attribution.get(m))}[/]{_ci(fig.attribution_ci.get(m))}" for m in methods))
+        table.add_row("[bold]attribution[/]", _f(fig.attribution_real),
+                      *(f"[bold]{_f(fig.attribution.get(m))}[/]" for m in methods))
+        table.add_row("  95% interval", _ci(fig.attribution_real_ci), *(_ci(fig.attribution_ci.get(m)) for m in methods),
+                      style="dim")
+    caption = (f"{persona}: the real held-out replies (marker error: another sample of {persona}'s replies, the "
+               "floor). Marker error: mean |rate - real rate|, lower is closer.")
     if fig.attribution is not None and fig.attribution_chance is not None:
-        table.caption = (f"attribution: share named {persona} among {len(fig.candidates)} people of the log "
-                         f"({', '.join(fig.candidates)}); chance {fig.attribution_chance:.2f}, ceiling: the real "
-                         "replies. Marker error: mean |rate - real rate|, lower is closer; [95% bootstrap]")
-    else:
-        table.caption = "marker error: mean |rate - real rate| over the markers, lower is closer"
-    table.caption_justify = "left"
+        caption += (f" Attribution: share of replies named {persona} among the log's {len(fig.candidates)} speaker "
+                    f"ids ({', '.join(fig.candidates)}), higher is closer; chance {fig.attribution_chance:.2f}.")
+    elif fig.attribution_skipped:
+        caption += f" Attribution skipped: {fig.attribution_skipped}."
+    table.caption, table.caption_justify = caption, "left"
     return table
 
 
@@ -130,7 +138,7 @@ def verdict(fig: StyleFigures, persona: str = "Jordan") -> tuple[bool, str]:
         return False, "marker error not measured for both adapter v1 and in-context"
     better = e_a < e_i
     ok &= better
-    parts.append(f"marker error {e_a:.3f} vs in-context {e_i:.3f} ({'lower: better' if better else 'not lower'})")
+    parts.append(f"marker error {e_a:.3f} vs in-context {e_i:.3f} (lower is closer: v1 {'better' if better else 'not better'})")
     a_a = fig.attribution.get("adapter") if fig.attribution else None
     a_i = fig.attribution.get("incontext") if fig.attribution else None
     if a_a is None or a_i is None:
@@ -142,9 +150,9 @@ def verdict(fig: StyleFigures, persona: str = "Jordan") -> tuple[bool, str]:
         ok &= better
         extra = "" if fig.attribution_real is None else f"; real replies {fig.attribution_real:.2f}"
         extra += "" if fig.attribution_chance is None else f", chance {fig.attribution_chance:.2f}"
-        parts.append(f"attribution {a_a:.2f} vs in-context {a_i:.2f} ({'higher: better' if better else 'not higher'}"
-                     f"{extra})")
+        parts.append(f"attribution {a_a:.2f} vs in-context {a_i:.2f} (higher is closer: v1 "
+                     f"{'better' if better else 'not better'}{extra})")
     head = (f"adapter v1 beats in-context on how {persona} texts" if ok else
-            "adapter v1 does NOT beat in-context on both within this demo's budget")
+            "adapter v1 does NOT beat in-context on both marker error and attribution within this demo's budget")
     on = f" (point estimates on {fig.prompts} validation prompts; intervals in the table)" if fig.prompts else ""
     return ok, f"{head}: " + "; ".join(parts) + on
