@@ -173,12 +173,17 @@ def _v1_refine(out: Path) -> dict | None:
 def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metrics: dict, conversation, stored,
                   outcome, after_version: str | None, stages: Stages):
     """The final panel: figures measured, the gate's decision and reason, where everything is."""
+    from rich.console import Group
     from rich.panel import Panel
     from rich.table import Table
 
-    grid = Table.grid(padding=(0, 2))
-    grid.add_column(style="bold", no_wrap=True)
-    grid.add_column()
+    def new_grid():
+        g = Table.grid(padding=(0, 2))
+        g.add_column(style="bold", no_wrap=True, min_width=15)
+        g.add_column()
+        return g
+
+    head = grid = new_grid()
     methods = metrics["methods"]
 
     def nll(method: str) -> str:
@@ -189,6 +194,19 @@ def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metric
     grid.add_row("NLL/token", f"base {nll('base')} -> adapter v1 {nll('adapter')}  "
                               f"(in-context {nll('incontext')}, retrieval {nll('retrieval')}; "
                               f"{metrics['prompts']} validation prompts, real replies)")
+    from bench.demo_style import marker_table, style_figures, verdict
+
+    parts = [head]  # the marker table goes right under NLL, full width
+    grid = new_grid()
+    try:
+        style = style_figures(out / "eval")
+    except (OSError, KeyError, ValueError) as e:  # an eval dir of an older run: say so, keep the rest of the panel
+        grid.add_row("markers", f"[yellow]not available: {escape(str(e))}[/]")
+    else:
+        parts.append(marker_table(style, PERSONA_NAME))
+        beats, sentence = verdict(style, PERSONA_NAME)
+        grid.add_row("style verdict", f"[{'green' if beats else 'yellow'}]{escape(sentence)}[/]")
+    parts.append(grid)
     rows = []
     for name, r in methods.items():
         auc = r.get("auc")
@@ -227,7 +245,7 @@ def summary_panel(out: Path, base: Path, base_kind: str, redis_kind: str, metric
     total, cpu = sum(stages.seconds.values()), sum(stages.cpu_seconds.values())
     grid.add_row("time", f"{total / 60:.1f} min wall, {cpu / 60:.1f} min CPU: "
                  + ", ".join(f"{k} {v:.0f}s" for k, v in stages.seconds.items() if v >= 0.5))
-    return Panel(grid, title="convo demo: done", expand=False, border_style=color)
+    return Panel(Group(*parts), title="convo demo: done", expand=False, border_style=color)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import shutil
 import uuid
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -266,3 +267,92 @@ def test_candidates_stage_shows_clean_distinct_candidates_with_and_without_reran
     assert summary[f"rerank K={demo.RERANK_K}"]["scored"] > 0
     printed = demo.console.file.getvalue()
     assert "ALICE really wrote" in printed and "unusable" in printed
+
+
+# ---------------------------------------------------------------- the panel's marker table and verdict
+
+
+def _eval_dir(tmp_path, methods: dict, rows: list[dict]):
+    import json
+
+    d = tmp_path / "eval"
+    d.mkdir()
+    (d / "metrics.json").write_text(json.dumps({"prompts": len(rows), "methods": methods, "real": {}}))
+    (d / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def test_marker_table_is_computed_from_the_generations_when_eval_has_no_column(tmp_path):
+    from bench.demo_style import marker_table, style_figures, verdict
+    from training.evaluate.markers import marker_error, marker_rates
+    from training.evaluate.planted import get_style
+
+    lowkey = get_style("lowkey")
+    natural = [["Hello, how are you doing today?"], ["I don't know. Maybe later!"], ["You're right, it was fun."]]
+    rows = [{"real": lowkey.rewrite(n), "replies": {"incontext": [n, n], "adapter": [lowkey.rewrite(n, seed=1)]}}
+            for n in natural]
+    d = _eval_dir(tmp_path, {"incontext": {"nll_per_token": 2.8}, "adapter": {"nll_per_token": 2.7}}, rows)
+    fig = style_figures(d)
+    assert fig.source == "computed from generations.jsonl" and fig.attribution is None
+    assert fig.methods == ["incontext", "adapter"]
+    real = marker_rates(r["real"] for r in rows)
+    assert fig.real == real and real["lowercase"] == 1.0 and real["final_punct"] == 0.0
+    assert fig.error["incontext"] == pytest.approx(marker_error(real, marker_rates(n for n in natural)))
+    assert fig.error["adapter"] < 0.2 < fig.error["incontext"]
+    beats, sentence = verdict(fig)
+    # Lower marker error, but no attribution measured: not claimed as a win, and said so with the figures.
+    assert not beats and "does NOT beat" in sentence and "attribution missing" in sentence
+    assert f"{fig.error['adapter']:.3f} vs in-context {fig.error['incontext']:.3f}" in sentence
+    out = io.StringIO()
+    Console(file=out, width=160).print(marker_table(fig))
+    text = out.getvalue()
+    assert "lowercase" in text and "marker error" in text and "the real held-out replies" in text
+    assert "attribution" not in text.lower().replace("attribution missing", "")
+
+
+def test_panel_shows_the_evals_marker_and_attribution_columns_and_a_computed_verdict(tmp_path):
+    from types import SimpleNamespace
+
+    from bench import demo
+    from bench.demo_style import style_figures, verdict
+
+    rates = {"lowercase": 1.0, "final_punct": 0.0, "apostrophe": 0.0, "short_forms": 1.0, "laugh": 0.35,
+             "emoji": 0.0, "burst": 0.7, "short_message": 0.7}
+
+    def method(lower, error, att):
+        return {"nll_per_token": 2.7, "style": {"combined": 0.3}, "auc": 0.7, "markers": dict(rates, lowercase=lower),
+                "marker_error": error, "attribution": att,
+                "intervals": {"marker_error": [error - 0.05, error + 0.05], "attribution": [att - 0.1, att + 0.1]}}
+
+    methods = {"base": method(0.2, 0.40, 0.10), "incontext": method(0.5, 0.30, 0.25), "adapter": method(0.9, 0.12, 0.6)}
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "eval" / "metrics.json").write_text(__import__("json").dumps({
+        "prompts": 8, "methods": methods,
+        "real": {"markers": rates, "marker_reference": 0.05},
+        "attribution": {"skipped": None, "candidates": ["Jordan", "Sam", "Alex"], "chance": 1 / 3, "real": 0.75,
+                        "real_interval": [0.5, 1.0]}}))
+    fig = style_figures(out / "eval")
+    assert fig.source == "convo eval" and fig.attribution == {"base": 0.10, "incontext": 0.25, "adapter": 0.6}
+    beats, sentence = verdict(fig)
+    assert beats and sentence.startswith("adapter v1 beats in-context on how Jordan texts")
+    assert "0.120 vs in-context 0.300" in sentence and "0.60 vs in-context 0.25" in sentence
+    # The same figures with the adapter's attribution below in-context's: the panel must say it did not beat it.
+    methods["adapter"]["attribution"] = 0.2
+    (out / "eval" / "metrics.json").write_text((out / "eval" / "metrics.json").read_text().replace('"attribution": 0.6',
+                                                                                                   '"attribution": 0.2'))
+    beats, sentence = verdict(style_figures(out / "eval"))
+    assert not beats and "does NOT beat" in sentence and "0.20 vs in-context 0.25 (higher is closer: v1 not better" in sentence
+
+    stages = demo.Stages()
+    outcome = SimpleNamespace(gate={"current": {"val_nll": 2.8}, "candidate": {"val_nll": 2.79}}, parent="v1",
+                              candidate="v2", status="promoted", reason="promoted: within tolerance", kto=None)
+    panel = demo.summary_panel(out, Path("base"), "smollm2", "local", __import__("json").loads(
+        (out / "eval" / "metrics.json").read_text()), SimpleNamespace(events={"shown": 8}, replies=4,
+                                                                       versions={"v1"}),
+        SimpleNamespace(stored=14, duplicates=0, dead=0), outcome, "v2", stages)
+    buf = io.StringIO()
+    Console(file=buf, width=200).print(panel)
+    text = buf.getvalue()
+    assert "how Jordan texts: marker rates" in text and "marker error" in text and "attribution" in text
+    assert "does NOT beat in-context" in text and "Jordan, Sam, Alex" in text and "NLL/token" in text

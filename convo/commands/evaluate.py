@@ -58,6 +58,11 @@ def eval_command(
         Path | None, typer.Option("--out", help="Folder for metrics.json and generations.jsonl (default: ADAPTER/eval, else eval).")
     ] = None,
     report: Annotated[Path | None, typer.Option("--report", help="HTML report path (default: OUT/report.html).")] = None,
+    attribution_log: Annotated[
+        Path | None,
+        typer.Option("--attribution-log", help="Message log whose other speakers are the attribution candidates "
+                     "(default: the log the dataset was built from, recorded in its meta.json)."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print metrics.json to stdout instead of the table.")] = False,
 ) -> None:
     """Measure how well each method imitates the persona: likelihood, style, distinguishability, degeneration.
@@ -67,10 +72,18 @@ def eval_command(
     import json
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from convo.cli import state
-    from training.evaluate.run import EvalConfig, check_config, metrics_table, parse_methods, run_eval
+    from training.evaluate.run import (
+        EvalConfig,
+        check_config,
+        identity_table,
+        metrics_table,
+        parse_methods,
+        run_eval,
+    )
 
     s = state(ctx).settings
     cfg = EvalConfig.from_settings(
@@ -92,6 +105,7 @@ def eval_command(
         api_base=api_base,
         api_model=api_model,
         report_path=report,
+        attribution_log=attribution_log,
     )
     check_config(cfg)
     console = Console(stderr=json_out)
@@ -110,9 +124,26 @@ def eval_command(
         "indistinguishable) · empty/rep/asst: share of replies (empty, self-repeating, assistant voice) · copy: share of "
         "4+ word messages copied from training[/]"
     )
+    console.print(identity_table(result.metrics))
+    console.print(
+        "[dim]marker error: mean |rate - real rate| over lowercase, final punctuation, apostrophes, short forms, "
+        "laughs, emoji, bursts and short messages (0 = the person's habits) · attribution: share of replies a char "
+        "n-gram classifier over the log's speakers names the persona for[/]"
+    )
+    console.print(f"[dim]{escape(attribution_line(result.metrics))}[/]", highlight=False)
     console.print("[bold]written[/]")
     for k, p in result.paths.items():
         console.print(f"  {k:12} {p}", soft_wrap=True, highlight=False)
+
+
+def attribution_line(metrics: dict) -> str:
+    """One line: the attribution's candidates, chance and ceiling, or why the column was skipped."""
+    a = metrics.get("attribution") or {}
+    if a.get("skipped"):
+        return f"attribution skipped: {a['skipped']}"
+    real = "-" if a.get("real") is None else f"{a['real']:.2f}"
+    return (f"attribution: {len(a['candidates'])} candidates ({', '.join(a['candidates'])}), chance "
+            f"{a['chance']:.2f}, the real held-out replies {real}")
 
 
 def register(app: typer.Typer) -> None:

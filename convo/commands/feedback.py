@@ -132,16 +132,19 @@ def serve_scheduler_cmd(
 def stats_cmd(
     ctx: typer.Context,
     persona: Annotated[str | None, typer.Option("--persona", help="Only this persona.")] = None,
+    small_edit_ratio: Annotated[float | None, typer.Option("--small-edit-ratio", min=0.0, max=1.0, help="An edit at least this similar to the draft (difflib ratio, 1 = unchanged) still counts as accepted. \\[default: feedback.small_edit_ratio = 0.8]")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
-    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the acceptance rate per week.")] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of the acceptance rate per week and per adapter version.")] = None,
 ) -> None:
-    """Counts by kind and persona, and the acceptance rate (drafts sent as drafted or lightly edited)."""
-    from training.feedback.stats import feedback_stats, plot_acceptance
+    """Counts by kind and persona, and the acceptance rate (drafts sent as drafted or lightly edited) and mean edit
+    similarity per week and per adapter version (versions on disk with no drafts yet included)."""
+    from training.feedback.stats import feedback_stats, plot_acceptance, version_label
 
-    settings = _settings(ctx)
+    settings = _settings(ctx, small_edit_ratio=small_edit_ratio)
     store = _store(settings)
     try:
-        stats = feedback_stats(store, persona, settings.feedback.small_edit_ratio)
+        stats = feedback_stats(store, persona, settings.feedback.small_edit_ratio,
+                               known_versions=_versions_on_disk(settings))
     finally:
         store.close()
     if plot is not None:
@@ -159,16 +162,39 @@ def stats_cmd(
     console.print(table)
     acc = stats["acceptance"]
     if acc["shown"]:
+        sim = acc["mean_similarity"]
         console.print(f"acceptance: [bold]{100 * acc['rate']:.1f}%[/] of {acc['shown']} drafts shown "
-                      f"(sent, or edited with similarity >= {stats['small_edit_ratio']:g})")
+                      f"(sent, or edited with similarity >= {stats['small_edit_ratio']:g}); mean edit similarity "
+                      + ("-" if sim is None else f"{sim:.2f}") + f" over {acc['replied']} answered")
         weekly = Table("week", "shown", "accepted", "rate", title="per week")
         for w in acc["weekly"]:
             weekly.add_row(w["week"], str(w["shown"]), str(w["accepted"]), f"{100 * w['rate']:.1f}%")
         console.print(weekly)
     else:
         console.print("no drafts shown yet")
+    if acc["per_version"]:
+        many = len({r["persona"] for r in acc["per_version"]}) > 1
+        versions = Table("version", title="per adapter version (the one that drafted)")
+        for col in ("shown", "accepted", "rate", "answered", "mean edit similarity"):
+            versions.add_column(col, justify="right")
+        for r in acc["per_version"]:
+            versions.add_row(escape(version_label(r, many)), str(r["shown"]), str(r["accepted"]),
+                             "-" if r["rate"] is None else f"{100 * r['rate']:.1f}%", str(r["replied"]),
+                             "-" if r["mean_similarity"] is None else f"{r['mean_similarity']:.2f}")
+        console.print(versions)
     if plot is not None:
         console.print(f"plot: {escape(stats['plot'])}")
+
+
+def _versions_on_disk(settings) -> dict[str, list[str]]:
+    """persona -> its adapter versions under feedback.adapters_dir (empty when the dir is missing)."""
+    from inference.versions import discover
+    from training.versions import version_infos
+
+    root = settings.feedback.adapters_dir
+    if not root or not Path(root).is_dir():
+        return {}
+    return {p: [v.version for v in version_infos(d)] for p, d in discover(root).items()}
 
 
 def speaker_map(settings, persona: str):

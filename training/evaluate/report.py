@@ -11,6 +11,7 @@ import io
 import json
 from pathlib import Path
 
+from training.evaluate import markers as K
 from training.evaluate import metrics as M
 
 _CSS = """
@@ -109,11 +110,57 @@ def _plots(metrics: dict, comparisons: list[dict], train_log: Path | None) -> li
         ax.tick_params(axis="x", labelrotation=25)
         out.append((title + " · bars: 95% bootstrap interval", _svg(fig)))
 
+    out += _marker_plots(metrics)
+
     curve = read_train_log(train_log) if train_log else {}
     if curve:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         draw_loss(ax, curve)
         out.append(("Adapter training loss · validation: the same held-out samples at every evaluation", _svg(fig)))
+    return out
+
+
+def _bars(ax, bars) -> None:
+    """Bars with their bootstrap 95% interval as asymmetric error bars (none where it was not computed)."""
+    err = [[max(v - iv[0], 0.0) if iv else 0.0 for _, v, iv in bars],
+           [max(iv[1] - v, 0.0) if iv else 0.0 for _, v, iv in bars]]
+    ax.bar([n for n, _, _ in bars], [v for _, v, _ in bars], color="#4c78a8", yerr=err, capsize=4, ecolor="#333")
+    ax.tick_params(axis="x", labelrotation=25)
+
+
+def _marker_plots(metrics: dict) -> list[tuple[str, str]]:
+    """Marker error per method (the floor: another sample of the person's replies) and attribution per method
+    (the ceiling: the real held-out replies; chance: 1 / candidates)."""
+    import matplotlib.pyplot as plt
+
+    out = []
+    methods = metrics["methods"]
+    bars = [(n, r["marker_error"], (r.get("intervals") or {}).get("marker_error")) for n, r in methods.items()
+            if r.get("marker_error") is not None]
+    if bars:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        _bars(ax, bars)
+        ref = metrics["real"].get("marker_reference")
+        if ref is not None:
+            ax.axhline(ref, color="#0a6", linestyle="--", linewidth=1, label="another sample of the person")
+            ax.legend(fontsize=7)
+        ax.set_ylabel("mean |rate - real rate| over markers")
+        out.append(("Texting habits: marker error (lower is better) · bars: 95% bootstrap interval", _svg(fig)))
+    att = metrics.get("attribution") or {}
+    bars = [(n, r["attribution"], (r.get("intervals") or {}).get("attribution")) for n, r in methods.items()
+            if r.get("attribution") is not None]
+    if bars and not att.get("skipped"):
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        _bars(ax, bars)
+        if att.get("real") is not None:
+            ax.axhline(att["real"], color="#0a6", linestyle="--", linewidth=1, label="real held-out replies")
+        ax.axhline(att["chance"], color="#e45756", linestyle=":", linewidth=1,
+                   label=f"chance (1/{len(att['candidates'])})")
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("share named the persona")
+        ax.legend(fontsize=7)
+        out.append(("Whose reply is this: attribution to the persona (higher is better) · bars: 95% bootstrap "
+                    "interval", _svg(fig)))
     return out
 
 
@@ -159,7 +206,8 @@ def _cell(r: dict, key: str, value, digits=3) -> str:
 def _table(metrics: dict) -> str:
     cols = ["method", "context tokens", "NLL/token", "perplexity", "semantic", "style (calibrated)", "style (raw)",
             *M.STYLE_COMPONENTS,
-            "AUC", "empty", "repeated", "copied", "assistant voice", "raw rejected", "seconds"]
+            "AUC", "marker error", "attribution", "empty", "repeated", "copied", "assistant voice", "raw rejected",
+            "seconds"]
     rows = []
     for name, r in metrics["methods"].items():
         d, s = r["degeneration"], r["style"]
@@ -167,7 +215,8 @@ def _table(metrics: dict) -> str:
                  html.escape(_fmt(r["perplexity"], 1)), _cell(r, "semantic", r.get("semantic")),
                  _cell(r, "style_calibrated", (r.get("style_calibrated") or {}).get("combined")),
                  _cell(r, "style", s["combined"]), *(html.escape(_fmt(s[k], 2)) for k in M.STYLE_COMPONENTS),
-                 _cell(r, "auc", r["auc"]), _cell(r, "empty", d["empty"], 2), _cell(r, "repeated", d["repeated"], 2),
+                 _cell(r, "auc", r["auc"]), _cell(r, "marker_error", r.get("marker_error")),
+                 _cell(r, "attribution", r.get("attribution"), 2), _cell(r, "empty", d["empty"], 2), _cell(r, "repeated", d["repeated"], 2),
                  _cell(r, "copied", d["copied"], 2), _cell(r, "assistant", d.get("assistant"), 2),
                  html.escape(_fmt(r.get("candidates", {}).get("rejected"), 2)), html.escape(_fmt(r.get("seconds"), 1))]
         rows.append(f'<tr data-method="{html.escape(name)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -175,13 +224,46 @@ def _table(metrics: dict) -> str:
     ref = metrics["real"].get("style_reference")
     if ref:
         other = ["(another sample of the person's replies)", "", "", "", "", "0", _fmt(ref["combined"]),
-                 *(_fmt(ref[k], 2) for k in M.STYLE_COMPONENTS), "", "", "", "", "", "", ""]
+                 *(_fmt(ref[k], 2) for k in M.STYLE_COMPONENTS), "", _fmt(metrics["real"].get("marker_reference")),
+                 "", "", "", "", "", "", ""]
         rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in other) + "</tr>")
-    real = ["(real replies)", "", "", "", "1", "0", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", _fmt(rd["empty"], 2),
+    att = metrics.get("attribution") or {}
+    real = ["(real replies)", "", "", "", "1", "0", "0", *([""] * len(M.STYLE_COMPONENTS)), "0.5", "0",
+            _fmt(att.get("real"), 2), _fmt(rd["empty"], 2),
             _fmt(rd["repeated"], 2), _fmt(rd["copied"], 2), _fmt(rd.get("assistant"), 2), "", ""]
     rows.append('<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in real) + "</tr>")
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     return f'<div class="wide"><table id="metrics"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>'
+
+
+def _markers_table(metrics: dict) -> str:
+    """Each marker's rate per method beside the real replies' rate, and the attribution's candidates."""
+    real = metrics["real"].get("markers")
+    if not real:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ("method", *K.MARKERS, "marker error"))
+    rows = ['<tr class="real">' + "".join(f"<td>{html.escape(c)}</td>" for c in (
+        "(real replies)", *(_fmt(real[k], 2) for k in K.MARKERS), "0")) + "</tr>"]
+    for name, r in metrics["methods"].items():
+        rates = r.get("markers") or {}
+        cells = [html.escape(name), *(html.escape(_fmt(rates.get(k), 2)) for k in K.MARKERS),
+                 _cell(r, "marker_error", r.get("marker_error"))]
+        rows.append(f'<tr data-method="{html.escape(name)}">' + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    att = metrics.get("attribution") or {}
+    if att.get("skipped"):
+        note = f"Attribution skipped: {att['skipped']}."
+    elif att:
+        note = (f"Attribution: a char n-gram classifier over {len(att['candidates'])} candidates "
+                f"({', '.join(att['candidates'])}; the persona from its training replies, the others from the log) "
+                f"names who wrote each reply; chance {att['chance']:.2f}, the real held-out replies "
+                f"{_fmt(att.get('real'), 2)}.")
+    else:
+        note = ""
+    return (f'<h2>Texting habits</h2><div class="wide"><table id="markers"><thead><tr>{head}</tr></thead><tbody>'
+            f'{"".join(rows)}</tbody></table></div><p class="note">Share of messages all lowercase (of those with a '
+            "letter), ending with . ! or ?, holding an apostrophe, a laugh, an emoji, of at most 4 words; of short "
+            "forms (u, idk, tbh...) among short and long forms; of replies of 2+ messages. Marker error: the mean "
+            f"absolute difference from the real replies' rates. {html.escape(note)}</p>")
 
 
 def _reply_html(messages: list[str]) -> str:
@@ -234,6 +316,7 @@ the excess over what another sample of the person's own replies scores, so 0 = a
 AUC: cross-validated char n-gram classifier, real vs generated (0.5 = indistinguishable). Empty/repeated/assistant
 voice: share of replies (served candidates, after the candidate step); copied: share of 4+ word messages identical
 to a training message; raw rejected: share of raw samples with nothing usable, re-sampled before serving.</p>
+{_markers_table(metrics)}
 <h2>Plots</h2><div class="plots">{plots}</div>
 <h2>Validation contexts</h2>
 <div id="filters"></div><p id="filter-status" class="note"></p>

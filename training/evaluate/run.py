@@ -18,6 +18,8 @@ from pathlib import Path
 
 from config.settings import EvalSettings, GenerateSettings
 from errors import EvalError
+from training.evaluate import attribution as A
+from training.evaluate import markers as K
 from training.evaluate import metrics as M
 from training.evaluate.contexts import (
     EMPTY,
@@ -95,6 +97,7 @@ class EvalConfig:
     api_key_env: str = _E.api_key_env
     report_path: Path | None = None
     max_total_tokens: int | None = None  # context + prompt + reply; default: the model's max positions
+    attribution_log: Path | None = None  # the log whose other speakers are attribution candidates; default: meta source
 
     @classmethod
     def from_settings(cls, settings, data_dir: Path, out_dir: Path, **overrides) -> EvalConfig:
@@ -147,6 +150,8 @@ def check_config(cfg: EvalConfig) -> None:
         raise EvalError("method adapter+rerank needs --rerank-k K > 0 (or generate.rerank_k)")
     if cfg.retriever not in ("bm25", "dense"):
         raise EvalError(f"retriever {cfg.retriever!r}: choose bm25 or dense (--retriever, eval.retriever)")
+    if cfg.attribution_log is not None and not Path(cfg.attribution_log).is_file():
+        raise EvalError(f"--attribution-log {cfg.attribution_log}: no such file (a messages.jsonl from convo ingest)")
     if cfg.context_budget_tokens < 0 or cfg.samples_per_prompt < 1 or cfg.max_prompts < 1:
         raise EvalError("--context-budget must be >= 0, --n and --max-prompts >= 1")
 
@@ -226,10 +231,14 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
     # The person's own other replies: the style distance a perfect imitation would still get (see metrics.py).
     own = [s.reply() for s in train if s.target == tag and s.reply()]
     style_ref = M.style_reference(real, own, len(chosen) * cfg.samples_per_prompt, seed=cfg.seed)
+    marker_ref = K.marker_reference(real, own, len(chosen) * cfg.samples_per_prompt, seed=cfg.seed)
+    real_markers = K.marker_rates(real)
+    attributor, attribution = attribution_setup(cfg, meta, own, real)
     training_messages = M.normalise_messages([t.text for sess in train_sessions for t in sess])
     results: dict[str, dict] = {}
     replies: dict[str, list[list[list[str]]]] = {}
     nll_pairs: dict[str, list[tuple[float, int]]] = {}
+    attribution_hits: dict[str, list[list[int]]] = {}
 
     task = None
     if progress is not None:
@@ -279,10 +288,16 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                                        method, drawn, lambda k, method=method: advance(f"{method}: sampling", k))
         replies[method] = cands
         res.update(score_replies(real, cands, training_messages, embedder, cfg.seed))
+        res["markers"] = K.marker_rates(r for per in cands for r in per)
+        res["marker_error"] = K.marker_error(real_markers, res["markers"])
+        if attributor is not None:
+            attribution_hits[method] = A.per_prompt_hits(attributor, cands)
+            res["attribution"] = A.accuracy(attribution_hits[method])
         if method not in TEXT_ONLY_METHODS:
             res["candidates"] = drawn.summary()
         res["style_calibrated"] = M.calibrated_style(res["style"], style_ref)
         res["intervals"] = intervals(real, cands, nll_pairs.get(method), training_messages, embedder, cfg, style_ref)
+        res["intervals"].update(marker_intervals(real, cands, attribution_hits.get(method), cfg))
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[method] = res
 
@@ -295,6 +310,9 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
             "real": real[i],
             "replies": {m: replies[m][i] for m in cfg.methods},
             "nll": {m: list(nll_pairs[m][i]) for m in cfg.methods if m in nll_pairs},  # (nll sum, tokens)
+            # [persona hits, replies] per method and for the real reply ("(real)"); absent when skipped
+            "attribution": ({m: attribution_hits[m][i] for m in cfg.methods} | {"(real)": attribution["hits"][i]}
+                            if attributor is not None else None),
         }
         for i, s in enumerate(chosen)
     ]
@@ -309,12 +327,56 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
             "style_summary": M.summary(real),
             "degeneration": M.degeneration(real, training_messages),
             "style_reference": style_ref,
+            "markers": real_markers,
+            "marker_reference": marker_ref,
         },
+        "attribution": {k: v for k, v in attribution.items() if k != "hits"},
         "methods": results,
     }
     result = EvalResult(metrics, comparisons)
     write_outputs(cfg, result)
     return result
+
+
+def attribution_setup(cfg: EvalConfig, meta: dict, own: list, real: list) -> tuple[A.Attributor | None, dict]:
+    """The attributor (None when skipped) and metrics.json's `attribution` object: candidates, chance, the real
+    held-out replies' accuracy (the ceiling) and its interval, or `skipped` with the one-line reason."""
+    log = cfg.attribution_log or meta.get("source")
+    persona = meta["persona"]
+    got = A.build_attributor(Path(log) if log else None, persona.get("speaker_id") or persona["tag"],
+                             persona.get("name") or persona["tag"], own, seed=cfg.seed)
+    if isinstance(got, str):
+        return None, {"skipped": got, "log": None if log is None else str(log)}
+    hits = A.per_prompt_hits(got, [[r] for r in real])
+    iv = M.bootstrap_interval(len(real), lambda idx: A.accuracy(hits, idx), cfg.bootstrap_resamples, cfg.seed)
+    return got, {
+        "skipped": None, "log": str(log), "candidates": got.candidates, "training_replies": got.training_replies,
+        "chance": got.chance, "real": A.accuracy(hits), "real_interval": None if iv is None else list(iv),
+        "hits": hits,
+    }
+
+
+def marker_intervals(real: list, cands: list[list[list[str]]], hits: list[list[int]] | None,
+                     cfg: EvalConfig) -> dict[str, list[float] | None]:
+    """Bootstrap 95% intervals over prompts of the marker error and, when measured, the attribution."""
+    n, b, seed = len(real), cfg.bootstrap_resamples, cfg.seed
+    if b <= 0 or n < 2:
+        return {}
+    real_counts = [K.marker_counts([r]) for r in real]
+    gen_counts = [K.marker_counts(per) for per in cands]
+
+    def err(idx):
+        return K.marker_error(K.rates_from_counts(K.add_counts(real_counts[i] for i in idx)),
+                              K.rates_from_counts(K.add_counts(gen_counts[i] for i in idx)))
+
+    def ci(fn) -> list[float] | None:
+        r = M.bootstrap_interval(n, fn, b, seed)
+        return None if r is None else [round(r[0], 6), round(r[1], 6)]
+
+    out = {"marker_error": ci(err)}
+    if hits is not None:
+        out["attribution"] = ci(lambda idx: A.accuracy(hits, idx))
+    return out
 
 
 def candidate_options(cfg: EvalConfig, method: str, batch: int):
@@ -508,4 +570,31 @@ def metrics_table(metrics: dict):
     rd = metrics["real"]["degeneration"]
     table.add_row("(real)", "", "", "1.000", "0.000", "0.5", f(rd["empty"], 2), f(rd["repeated"], 2), f(rd["copied"], 2),
                   f(rd.get("assistant"), 2), style="dim")
+    return table
+
+
+def identity_table(metrics: dict):
+    """A rich Table of how recognisably the persona each method writes: marker error and attribution, with their
+    bootstrap intervals; the reference rows give the floor and ceiling (see markers.py and attribution.py)."""
+    from rich import box
+    from rich.table import Table
+
+    def f(x, iv=None, digits=3):
+        if x is None:
+            return "-"
+        return f"{x:.{digits}f}" + (f" [{iv[0]:.{digits}f}, {iv[1]:.{digits}f}]" if iv else "")
+
+    att = metrics.get("attribution") or {}
+    table = Table(title="texting habits and attribution", box=box.SIMPLE_HEAD, collapse_padding=True)
+    table.add_column("method", no_wrap=True)
+    table.add_column("marker error", justify="right", no_wrap=True)
+    table.add_column("attribution", justify="right", no_wrap=True)
+    for name, r in metrics["methods"].items():
+        iv = r.get("intervals") or {}
+        table.add_row(name, f(r.get("marker_error"), iv.get("marker_error")),
+                      f(r.get("attribution"), iv.get("attribution"), 2))
+    table.add_row("(another sample of the person)", f(metrics["real"].get("marker_reference")), "", style="dim")
+    table.add_row("(real held-out replies)", "0", f(att.get("real"), att.get("real_interval"), 2), style="dim")
+    if att.get("chance") is not None:
+        table.add_row("(chance)", "", f(att["chance"], None, 2), style="dim")
     return table
