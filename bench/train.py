@@ -112,6 +112,27 @@ class _StepTimer:
         return StepTimer()
 
 
+def _rss_watchdog(cap_gb: float) -> None:
+    """Stop this process (exit 3, one JSON line saying so) once its RSS passes `cap_gb`: a "before" run at the
+    old defaults can take more memory than a shared machine has, and the kernel would kill someone else's."""
+    import os
+    import threading
+
+    import psutil
+
+    me = psutil.Process()
+
+    def watch():
+        while True:
+            rss = me.memory_info().rss
+            if rss > cap_gb * 1024**3:
+                print(json.dumps({"rss_cap_hit": True, "peak_rss_mib": rss / 1024**2, "cap_gb": cap_gb}), flush=True)
+                os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def one_run(args) -> dict:
     """One LoRA or QLoRA run in this process (`--one BASE`): tokens/s over the timed steps and this process's peak RSS."""
     import torch
@@ -119,32 +140,115 @@ def one_run(args) -> dict:
 
     from config.settings import TrainSettings
     from training.tiny_base import build_tiny_base, chitchat_texts
-    from training.train import TrainOptions, train
+    from training.train import RUN_FILE, TrainOptions, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rss_cap_gb:
+        _rss_watchdog(args.rss_cap_gb)
     work = Path(tempfile.mkdtemp(prefix="convo-bench-train-"))
     base = args.one
     if base == "tiny":
         texts, _ = chitchat_texts(limit=2000)
         base = str(work / "base")
         build_tiny_base(base, texts, vocab_size=2048, hidden_size=192, num_layers=4, num_heads=4, max_steps=0)
-    data = chitchat_dataset_dir(work / "data", args.conversations)
+    data = chitchat_dataset_dir(work / "data", args.conversations, context=args.context)
     rss_before = peak_rss_mib()
     timer = _StepTimer.make()
-    train(
+    result = train(
         TrainOptions.from_settings(
             TrainSettings(),
             data_dir=data, base=base, out_dir=work / "run", max_steps=args.steps, eval_steps=args.steps,
-            batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, sample_prompts=0, qlora=args.qlora,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length, sample_prompts=0,
+            qlora=args.qlora, max_val_samples=8, prefer=False,
+            max_memory_gb=0 if args.before else args.max_memory_gb,  # 0: no bound, TRL's own loss (the old path)
         ),
         console=Console(file=open("/dev/null", "w")), extra_callbacks=[timer],  # noqa: SIM115
     )
     seconds = timer.t1 - timer.t0
-    return {"base": args.one, "mode": "qlora" if args.qlora else "lora", "steps": args.steps,
+    memory = json.loads((work / "run" / RUN_FILE).read_text())["memory"]
+    return {"base": args.one, "mode": "qlora" if args.qlora else "lora", "before": args.before, "steps": args.steps,
             "tokens_per_s": (timer.tok1 - timer.tok0) / seconds, "seconds_per_step": seconds / (args.steps - 1),
             "peak_rss_mib": peak_rss_mib(), "rss_before_training_mib": rss_before,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "memory_plan": memory, "adapter": str(result.out_dir),
+            "data": str(data)}
+
+
+def one_refine(args) -> dict:
+    """The preference step (DPO, refine.* defaults) on an adapter in this process (`--refine ADAPTER`)."""
+    import torch
+    from rich.console import Console
+
+    from config.settings import RefineSettings
+    from training.prefer import RefineOptions, refine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_cap_gb:
+        _rss_watchdog(args.rss_cap_gb)
+    out = Path(tempfile.mkdtemp(prefix="convo-bench-refine-")) / "refined"
+    opts = RefineOptions.from_settings(RefineSettings(), max_pairs=args.pairs, max_steps=args.steps,
+                                       max_memory_gb=0 if args.before else args.max_memory_gb)
+    result = refine(args.refine, args.data, out, opts, console=Console(file=open("/dev/null", "w")))  # noqa: SIM115
+    return {"base": "refine", "mode": "dpo", "before": args.before, "steps": result.steps,
+            "seconds_per_step": result.train_seconds / max(1, result.steps), "peak_rss_mib": peak_rss_mib(),
+            "memory_plan": result.metrics.get("memory"), "torch_threads": torch.get_num_threads()}
+
+
+def compare_memory(args) -> None:
+    """Before (no memory bound, TRL's own loss) and after (train.max_memory_gb from the machine, the chunked
+    completion loss) for each base, LoRA and QLoRA, and the preference step; each run in its own process."""
+    import subprocess
+
+    import psutil
+
+    cap = args.rss_cap_gb or max(4.0, psutil.virtual_memory().available / 1024**3 - 3.0)
+    rows = []
+
+    def launch(extra: list[str]) -> dict:
+        cmd = [sys.executable, __file__, *extra, "--rss-cap-gb", f"{cap:.1f}",
+               *(["--threads", str(args.threads)] if args.threads else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode not in (0, 3) or not lines:
+            sys.exit(f"bench run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        return json.loads(lines[-1])
+
+    for base in args.bases.split(","):
+        for qlora in (False, True):
+            pair = {}
+            for before in (True, False):
+                r = launch(["--one", base, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+                            "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length),
+                            "--conversations", str(args.conversations), "--context", str(args.context),
+                            *(["--qlora"] if qlora else []), *(["--before"] if before else [])])
+                pair[before] = r
+                rows.append({"base": Path(base).name, "mode": "qlora" if qlora else "lora", "before": before, **r})
+                _print_row(rows[-1], cap)
+            if not qlora and base == args.bases.split(",")[0] and "adapter" in pair[False]:
+                for before in (True, False):
+                    r = launch(["--refine", pair[False]["adapter"], "--data", pair[False]["data"], "--steps", "2",
+                                "--pairs", "8", *(["--before"] if before else [])])
+                    rows.append({**r, "base": Path(base).name, "mode": "dpo", "before": before})
+                    _print_row(rows[-1], cap)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    print(f"(batch {args.batch_size} x {args.grad_accum} accumulation, max length {args.max_length}, {args.context} "
+          f"messages of context; {args.steps} steps, s/step and tokens/s from the second step; peak RSS of each "
+          f"run's own process, base loading included; runs past {cap:.1f} GB were stopped there)")
+
+
+def _print_row(r: dict, cap: float) -> None:
+    plan = r.get("memory_plan") or {}
+    how = (f"micro-batch {plan['micro_batch']} x {plan['grad_accum']}" + (", ckpt" if plan.get("gradient_checkpointing")
+           else "")) if plan else "no bound"
+    if r.get("rss_cap_hit"):
+        print(f"{r['base']:<16}{r['mode']:<7}{'before' if r['before'] else 'after':<8}  stopped at the {cap:.1f} GB "
+              f"cap (peak RSS > {r['peak_rss_mib']:.0f} MiB)", flush=True)
+        return
+    tps = f"{r['tokens_per_s']:>8.0f} tok/s" if "tokens_per_s" in r else " " * 14
+    print(f"{r['base']:<16}{r['mode']:<7}{'before' if r['before'] else 'after':<8}{tps}{r['seconds_per_step']:>8.1f} "
+          f"s/step{r['peak_rss_mib']:>8.0f} MiB peak RSS   {how}", flush=True)
 
 
 def compare_bases(args) -> None:
@@ -237,11 +341,23 @@ def main() -> None:
     ap.add_argument("--eval-steps", type=int, default=5, help="--compare-targets: steps between evaluations")
     ap.add_argument("--val-samples", type=int, default=32, help="--compare-targets: validation samples scored")
     ap.add_argument("--lr", type=float, default=1e-3, help="--compare-targets: learning rate (both runs)")
+    ap.add_argument("--compare-memory", action="store_true",
+                    help="before/after the memory bound: --bases, LoRA and QLoRA, and the preference step")
+    ap.add_argument("--bases", default="/work/models/smollm2-135m,/work/models/gemma3-270m",
+                    help="--compare-memory: comma-separated base dirs")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--max-memory-gb", type=float, default=None, help="train.max_memory_gb of the 'after' runs")
+    ap.add_argument("--rss-cap-gb", type=float, default=0, help="stop a run past this RSS (default: available - 3)")
+    ap.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--refine", help=argparse.SUPPRESS)  # one preference-step run, in its own process
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # one run of --compare-bases, in its own process
     ap.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="--compare-bases: print the raw figures as JSON")
     ap.add_argument("--base", help="base model dir (default: build an untrained tiny base)")
     ap.add_argument("--conversations", type=int, default=400)
+    ap.add_argument("--context", type=int, default=16, help="messages of context per sample (as dataset.context_messages)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
@@ -249,6 +365,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one_run(args)))
+        return
+    if args.refine:
+        print(json.dumps(one_refine(args)))
+        return
+    if args.compare_memory:
+        compare_memory(args)
         return
     if args.compare_bases:
         compare_bases(args)
