@@ -103,6 +103,8 @@ class _StepTimer:
 
         class StepTimer(TrainerCallback):
             def on_step_begin(self, a, state, control, **kw):
+                if state.global_step == 0:
+                    self.t_first = time.perf_counter()
                 if state.global_step == 1:  # step 0 pays one-off costs; time from the second step on
                     self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
 
@@ -160,15 +162,16 @@ def one_run(args) -> dict:
             TrainSettings(),
             data_dir=data, base=base, out_dir=work / "run", max_steps=args.steps, eval_steps=args.steps,
             batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length, sample_prompts=0,
-            qlora=args.qlora, max_val_samples=8, prefer=False,
+            qlora=args.qlora, max_val_samples=2, prefer=False,
             max_memory_gb=0 if args.before else args.max_memory_gb,  # 0: no bound, TRL's own loss (the old path)
         ),
         console=Console(file=open("/dev/null", "w")), extra_callbacks=[timer],  # noqa: SIM115
     )
-    seconds = timer.t1 - timer.t0
+    seconds = timer.t1 - timer.t0 if args.steps > 1 else timer.t1 - timer.t_first
     memory = json.loads((work / "run" / RUN_FILE).read_text())["memory"]
     return {"base": args.one, "mode": "qlora" if args.qlora else "lora", "before": args.before, "steps": args.steps,
-            "tokens_per_s": (timer.tok1 - timer.tok0) / seconds, "seconds_per_step": seconds / (args.steps - 1),
+            "tokens_per_s": (timer.tok1 - (timer.tok0 if args.steps > 1 else 0)) / seconds,
+            "seconds_per_step": seconds / max(1, args.steps - 1),
             "peak_rss_mib": peak_rss_mib(), "rss_before_training_mib": rss_before,
             "torch_threads": torch.get_num_threads(), "memory_plan": memory, "adapter": str(result.out_dir),
             "data": str(data)}
@@ -214,23 +217,30 @@ def compare_memory(args) -> None:
             sys.exit(f"bench run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
         return json.loads(lines[-1])
 
-    for base in args.bases.split(","):
-        for qlora in (False, True):
-            pair = {}
-            for before in (True, False):
-                r = launch(["--one", base, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-                            "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length),
-                            "--conversations", str(args.conversations), "--context", str(args.context),
-                            *(["--qlora"] if qlora else []), *(["--before"] if before else [])])
-                pair[before] = r
-                rows.append({"base": Path(base).name, "mode": "qlora" if qlora else "lora", "before": before, **r})
+    bases = args.bases.split(",")
+    # After (the targets) first, then before, which at the old defaults may hit the cap.
+    for before in (False, True):
+        for base in bases:
+            for qlora in (False, True):
+                if before and qlora and not args.before_qlora:
+                    continue
+                batch = args.before_batch_size if before else args.batch_size
+                r = launch(["--one", base, "--steps", str(args.before_steps if before else args.steps),
+                            "--batch-size", str(batch), "--grad-accum", str(args.grad_accum),
+                            "--max-length", str(args.max_length), "--conversations", str(args.conversations),
+                            "--context", str(args.context), *(["--qlora"] if qlora else []),
+                            *(["--before"] if before else [])])
+                rows.append({"base": Path(base).name, "mode": "qlora" if qlora else "lora", "before": before,
+                             "batch": batch, **r})
                 _print_row(rows[-1], cap)
-            if not qlora and base == args.bases.split(",")[0] and "adapter" in pair[False]:
-                for before in (True, False):
-                    r = launch(["--refine", pair[False]["adapter"], "--data", pair[False]["data"], "--steps", "2",
-                                "--pairs", "8", *(["--before"] if before else [])])
-                    rows.append({**r, "base": Path(base).name, "mode": "dpo", "before": before})
-                    _print_row(rows[-1], cap)
+                if not qlora and base == bases[0] and "adapter" in r and not before:
+                    sft = r
+        for_dpo = [] if args.skip_dpo else [before]
+        for b in for_dpo:
+            r = launch(["--refine", sft["adapter"], "--data", sft["data"], "--steps", "2", "--pairs", "8",
+                        *(["--before"] if b else [])])
+            rows.append({**r, "base": Path(bases[0]).name, "mode": "dpo", "before": b})
+            _print_row(rows[-1], cap)
     if args.json:
         print(json.dumps(rows, indent=2))
     print(f"(batch {args.batch_size} x {args.grad_accum} accumulation, max length {args.max_length}, {args.context} "
@@ -346,6 +356,10 @@ def main() -> None:
     ap.add_argument("--bases", default="/work/models/smollm2-135m,/work/models/gemma3-270m",
                     help="--compare-memory: comma-separated base dirs")
     ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--before-batch-size", type=int, default=8, help="--compare-memory: batch of the 'before' runs")
+    ap.add_argument("--before-steps", type=int, default=2, help="--compare-memory: steps of the 'before' runs")
+    ap.add_argument("--before-qlora", action="store_true", help="--compare-memory: also QLoRA before")
+    ap.add_argument("--skip-dpo", action="store_true", help="--compare-memory: no preference-step runs")
     ap.add_argument("--max-memory-gb", type=float, default=None, help="train.max_memory_gb of the 'after' runs")
     ap.add_argument("--rss-cap-gb", type=float, default=0, help="stop a run past this RSS (default: available - 3)")
     ap.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
