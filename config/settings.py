@@ -76,7 +76,7 @@ class TrainSettings(BaseModel):
     prefer: bool = True
     # Memory: the micro-batch is the largest that fits this many GB (gradient accumulation keeps the effective
     # batch), with gradient checkpointing only when one sample does not fit; the loss scores completion tokens
-    # in chunks. None: from the machine (CPU: half the available memory, at most 4; CUDA: 90% of the free GPU
+    # in chunks. None: from the machine (CPU: half the available memory, 2 to 4; CUDA: 90% of the free GPU
     # memory); 0: no bound (micro-batch = batch_size, TRL's own loss).
     max_memory_gb: float | None = Field(None, ge=0)
     # Time: minutes the run may take; the first steps are timed and max_steps and the validation interval chosen to

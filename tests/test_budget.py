@@ -70,7 +70,8 @@ def test_smollm2_at_the_defaults_plans_one_sample_without_checkpointing_in_4_gb(
 
 def test_default_budget_comes_from_the_machine():
     assert default_budget_gb(available_bytes=22 * GIB) == 4.0  # a big machine: the CPU cap
-    assert default_budget_gb(available_bytes=4 * GIB) == 2.0  # a busy laptop: half of what is free
+    assert default_budget_gb(available_bytes=6 * GIB) == 3.0  # a busy laptop: half of what is free
+    assert default_budget_gb(available_bytes=1 * GIB) == 2.0  # a full machine: the floor
     assert default_budget_gb(available_bytes=22 * GIB, cuda_free_bytes=80 * GIB) == pytest.approx(72.0)
 
 

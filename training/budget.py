@@ -39,6 +39,7 @@ CHECKPOINT_SHARE = 0.5
 # On a CPU the micro-batch barely changes tokens/s (docs/training.md), so memory beyond this buys nothing.
 CPU_DEFAULT_CAP_GB = 4.0
 CPU_AVAILABLE_SHARE = 0.5  # never plan for more than this share of the memory available when the run starts
+CPU_MIN_GB = 2.0  # ...but not below this: the runtime alone is ~1 GB, and a plan should not flip with a moment's load
 CUDA_FREE_SHARE = 0.9  # of the GPU memory free when the run starts
 
 
@@ -96,10 +97,10 @@ def gib(n_bytes: float) -> str:
 
 def default_budget_gb(available_bytes: int, cuda_free_bytes: int | None = None) -> float:
     """train.max_memory_gb when unset: 90% of the free GPU memory on CUDA; on a CPU half the available memory,
-    at most CPU_DEFAULT_CAP_GB (a larger micro-batch does not train faster there)."""
+    at least CPU_MIN_GB and at most CPU_DEFAULT_CAP_GB (a larger micro-batch does not train faster there)."""
     if cuda_free_bytes is not None:
         return CUDA_FREE_SHARE * cuda_free_bytes / GIB
-    return min(CPU_DEFAULT_CAP_GB, CPU_AVAILABLE_SHARE * available_bytes / GIB)
+    return min(CPU_DEFAULT_CAP_GB, max(CPU_MIN_GB, CPU_AVAILABLE_SHARE * available_bytes / GIB))
 
 
 def fixed_bytes(shape: ModelShape, trainable: int, runtime_bytes: int = RUNTIME_BYTES) -> int:
