@@ -5,6 +5,17 @@
     .venv/bin/python bench/train.py --compare-targets --base models/smollm2-135m [--steps 30] [--eval-steps 5]
         [--batch-size 4] [--max-length 128] [--conversations 60] [--val-samples 32] [--lr 1e-3] [--threads 1]
 
+    .venv/bin/python bench/train.py --compare-memory [--bases DIR,DIR] [--steps 2] [--batch-size 1]
+        [--before-batch-size 8] [--before-steps 1] [--max-length 512] [--context 64] [--max-memory-gb 4]
+        [--rss-cap-gb 6.5] [--threads 2] [--json]
+
+`--compare-memory` runs each base (SmolLM2-135M and Gemma-3-270M by default) with LoRA and QLoRA "after" (the
+memory bound: micro-batch sized to train.max_memory_gb, the chunked completion-only loss) and then "before"
+(`max_memory_gb = 0`: the whole batch in one micro-batch, TRL's own loss, as `convo train` was), plus the
+preference step (DPO) after and before on the first base's adapter, each in its own process, and prints peak RSS,
+tokens/s and s/step side by side. A run whose RSS passes --rss-cap-gb is stopped there (the old defaults can take
+more memory than a shared machine has) and reported as "> cap".
+
 `--compare-targets` trains LoRA on all linear layers and on q_proj/v_proj only, with everything else equal, and
 prints the validation loss at every evaluation and the wall time of each, side by side.
 
@@ -210,7 +221,8 @@ def compare_memory(args) -> None:
 
     def launch(extra: list[str]) -> dict:
         cmd = [sys.executable, __file__, *extra, "--rss-cap-gb", f"{cap:.1f}",
-               *(["--threads", str(args.threads)] if args.threads else [])]
+               *(["--threads", str(args.threads)] if args.threads else []),
+               *(["--max-memory-gb", str(args.max_memory_gb)] if args.max_memory_gb is not None else [])]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         lines = proc.stdout.strip().splitlines()
         if proc.returncode not in (0, 3) or not lines:
@@ -230,8 +242,8 @@ def compare_memory(args) -> None:
                             "--max-length", str(args.max_length), "--conversations", str(args.conversations),
                             "--context", str(args.context), *(["--qlora"] if qlora else []),
                             *(["--before"] if before else [])])
-                rows.append({"base": Path(base).name, "mode": "qlora" if qlora else "lora", "before": before,
-                             "batch": batch, **r})
+                rows.append({**r, "base": Path(base).name, "mode": "qlora" if qlora else "lora", "before": before,
+                             "batch": batch})
                 _print_row(rows[-1], cap)
                 if not qlora and base == bases[0] and "adapter" in r and not before:
                     sft = r
@@ -250,8 +262,8 @@ def compare_memory(args) -> None:
 
 def _print_row(r: dict, cap: float) -> None:
     plan = r.get("memory_plan") or {}
-    how = (f"micro-batch {plan['micro_batch']} x {plan['grad_accum']}" + (", ckpt" if plan.get("gradient_checkpointing")
-           else "")) if plan else "no bound"
+    how = (f"budget {plan['budget_bytes'] / 1024**3:.1f} GB: micro-batch {plan['micro_batch']} x {plan['grad_accum']}"
+           + (", ckpt" if plan.get("gradient_checkpointing") else "")) if plan else "no bound"
     if r.get("rss_cap_hit"):
         print(f"{r['base']:<16}{r['mode']:<7}{'before' if r['before'] else 'after':<8}  stopped at the {cap:.1f} GB "
               f"cap (peak RSS > {r['peak_rss_mib']:.0f} MiB)", flush=True)

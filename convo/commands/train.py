@@ -55,7 +55,7 @@ def train_cmd(
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate. \\[default: train.learning_rate = 2e-4]")] = None,
     lr_scheduler: Annotated[str | None, typer.Option("--lr-scheduler", help="LR schedule after warmup (constant_with_warmup, cosine, linear...). \\[default: constant_with_warmup]")] = None,
     warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Share of the steps spent warming up. \\[default: 0.05]")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help="Passes over the training set. \\[default: 3]")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help="Passes over the training set (a cap under a time budget). \\[default: 3]")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs; -1: off).")] = None,
     budget: Annotated[str | None, typer.Option("--budget", help=BUDGET_HELP + " \\[default: train.budget_min; on a CPU run without --max-steps/--epochs, train.cpu_budget_min = 30m]")] = None,
     max_memory_gb: Annotated[float | None, typer.Option("--max-memory-gb", min=0.0, help="Memory the run may use: the micro-batch is the largest that fits (gradient accumulation keeps the effective batch; 0: no bound). \\[default: train.max_memory_gb, from the machine]")] = None,
