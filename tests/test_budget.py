@@ -24,6 +24,7 @@ from training.budget import (
     resolve_budget_min,
     sample_bytes,
 )
+from training.prefer import RefineOptions
 from training.train import RUN_FILE, TrainOptions, fit_prompt, train
 
 SMOLLM2 = ModelShape(layers=30, hidden=576, intermediate=1536, heads=9, vocab=49152, params=134_515_008,
@@ -108,9 +109,9 @@ def test_a_fixed_validation_interval_is_kept_and_the_sentence_says_the_plan():
     assert line.endswith("validation every 10")
 
 
-def test_a_spent_budget_still_plans_one_more_step():
-    plan = plan_time(60, 120, 3, 21.0, 15.0, cap_steps=100)
-    assert plan.max_steps == 4
+def test_a_spent_budget_still_plans_one_more_step_but_never_past_the_cap():
+    assert plan_time(60, 120, 3, 21.0, 15.0, cap_steps=100).max_steps == 4
+    assert plan_time(600, 10, 3, 1.0, 1.0, cap_steps=3).max_steps == 3
 
 
 def test_budget_default_is_cpu_only_and_yields_to_a_given_length():
@@ -240,3 +241,27 @@ def test_cli_budget_that_is_not_a_duration_is_one_line_exit_2(tmp_path, tiny_bas
         assert run([*cmd, "--budget", "soon"]) == 2
         err = capsys.readouterr().err
         assert "--budget 'soon' is not a duration" in err and "Traceback" not in err
+
+
+def test_refine_plans_its_micro_batch_and_its_time(tmp_path, tiny_base):
+    from config.settings import RefineSettings
+    from training.prefer import refine
+
+    data = write_dataset(tmp_path / "data", n_train=16, n_val=4)
+    with torch_threads(1):
+        train(TrainOptions.from_settings(
+            TrainSettings(), data_dir=data, base=str(tiny_base), out_dir=tmp_path / "sft", max_steps=2, batch_size=8,
+            grad_accum=1, eval_steps=2, lora_r=4, lora_alpha=8, sample_prompts=0, max_val_samples=4,
+        ), console=Console(file=io.StringIO()))
+        buf = io.StringIO()
+        opts = RefineOptions.from_settings(
+            RefineSettings(), max_pairs=4, max_steps=3, batch_size=4, max_new_tokens=6, budget_min=5.0,
+            max_memory_gb=fixed_bytes(ModelShape(2, 32, 128, 2, 400, 100_000, 4), 10_000) / GIB + 1e-6,
+        )
+        result = refine(tmp_path / "sft", data, tmp_path / "refined", opts, console=Console(file=buf, width=200))
+    memory, plan = result.metrics["memory"], result.metrics["time_budget"]
+    assert memory["micro_batch"] * memory["grad_accum"] == 4 and memory["micro_batch"] < 4
+    assert plan["max_steps"] == 3 and plan["capped_by"] == "epochs"  # 5 minutes allow more than the 3 steps
+    assert result.steps == 3
+    text = buf.getvalue()
+    assert "preference step: memory budget" in text and "preference step: CPU, 1 threads" in text

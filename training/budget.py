@@ -170,7 +170,7 @@ def plan_time(budget_s: float, elapsed_s: float, done_steps: int, seconds_per_st
               cap_steps: int, eval_steps: int = 0, evaluations: int = 8, done_evals: int = 0) -> TimePlan:
     """max_steps and eval_steps so that the run (elapsed so far + the remaining steps + their validations) ends
     inside `budget_s`. `eval_steps` 0: about `evaluations` validations per run. Never fewer steps than done + 1,
-    never more than `cap_steps`."""
+    never more than `cap_steps` (or than done, once the cap is reached)."""
     step_s = max(seconds_per_step, 1e-6)
     left = budget_s - elapsed_s
 
@@ -184,7 +184,7 @@ def plan_time(budget_s: float, elapsed_s: float, done_steps: int, seconds_per_st
     while steps > done_steps + 1 and cost(steps)[0] > left:
         over = cost(steps)[0] - left
         steps -= max(1, math.floor(over / (step_s + seconds_per_eval / max(1, evaluations))))
-    steps = max(steps, done_steps + 1)
+    steps = max(steps, done_steps if done_steps >= cap_steps else done_steps + 1)
     capped = "epochs" if steps >= cap_steps and cost(cap_steps)[0] < left else "budget"
     return TimePlan(budget_s, seconds_per_step, seconds_per_eval, steps, cost(steps)[1], capped)
 
@@ -262,7 +262,9 @@ def time_budget_callback(budget_s: float, started: float, cap_steps: int, eval_s
             state.max_steps = plan.max_steps
             state.eval_steps = state.save_steps = plan.eval_steps
             if state.global_step >= plan.max_steps:  # the budget is already spent: validate, save and stop here
-                control.should_training_stop = control.should_evaluate = control.should_save = True
+                control.should_training_stop = True
+                control.should_evaluate = control.should_evaluate or args.eval_strategy != "no"
+                control.should_save = control.should_save or args.save_strategy != "no"
             if first:
                 _rescale_schedule(args, kwargs.get("lr_scheduler"), plan.max_steps)
             if changed:
