@@ -5,6 +5,17 @@
     .venv/bin/python bench/train.py --compare-targets --base models/smollm2-135m [--steps 30] [--eval-steps 5]
         [--batch-size 4] [--max-length 128] [--conversations 60] [--val-samples 32] [--lr 1e-3] [--threads 1]
 
+    .venv/bin/python bench/train.py --compare-memory [--bases DIR,DIR] [--steps 2] [--batch-size 1]
+        [--before-batch-size 8] [--before-steps 1] [--max-length 512] [--context 64] [--max-memory-gb 4]
+        [--rss-cap-gb 6.5] [--threads 2] [--json]
+
+`--compare-memory` runs each base (SmolLM2-135M and Gemma-3-270M by default) with LoRA and QLoRA "after" (the
+memory bound: micro-batch sized to train.max_memory_gb, the chunked completion-only loss) and then "before"
+(`max_memory_gb = 0`: the whole batch in one micro-batch, TRL's own loss, as `convo train` was), plus the
+preference step (DPO) after and before on the first base's adapter, each in its own process, and prints peak RSS,
+tokens/s and s/step side by side. A run whose RSS passes --rss-cap-gb is stopped there (the old defaults can take
+more memory than a shared machine has) and reported as "> cap".
+
 `--compare-targets` trains LoRA on all linear layers and on q_proj/v_proj only, with everything else equal, and
 prints the validation loss at every evaluation and the wall time of each, side by side.
 
@@ -103,6 +114,8 @@ class _StepTimer:
 
         class StepTimer(TrainerCallback):
             def on_step_begin(self, a, state, control, **kw):
+                if state.global_step == 0:
+                    self.t_first = time.perf_counter()
                 if state.global_step == 1:  # step 0 pays one-off costs; time from the second step on
                     self.t0, self.tok0 = time.perf_counter(), state.num_input_tokens_seen
 
@@ -112,6 +125,27 @@ class _StepTimer:
         return StepTimer()
 
 
+def _rss_watchdog(cap_gb: float) -> None:
+    """Stop this process (exit 3, one JSON line saying so) once its RSS passes `cap_gb`: a "before" run at the
+    old defaults can take more memory than a shared machine has, and the kernel would kill someone else's."""
+    import os
+    import threading
+
+    import psutil
+
+    me = psutil.Process()
+
+    def watch():
+        while True:
+            rss = me.memory_info().rss
+            if rss > cap_gb * 1024**3:
+                print(json.dumps({"rss_cap_hit": True, "peak_rss_mib": rss / 1024**2, "cap_gb": cap_gb}), flush=True)
+                os._exit(3)
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def one_run(args) -> dict:
     """One LoRA or QLoRA run in this process (`--one BASE`): tokens/s over the timed steps and this process's peak RSS."""
     import torch
@@ -119,32 +153,124 @@ def one_run(args) -> dict:
 
     from config.settings import TrainSettings
     from training.tiny_base import build_tiny_base, chitchat_texts
-    from training.train import TrainOptions, train
+    from training.train import RUN_FILE, TrainOptions, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.rss_cap_gb:
+        _rss_watchdog(args.rss_cap_gb)
     work = Path(tempfile.mkdtemp(prefix="convo-bench-train-"))
     base = args.one
     if base == "tiny":
         texts, _ = chitchat_texts(limit=2000)
         base = str(work / "base")
         build_tiny_base(base, texts, vocab_size=2048, hidden_size=192, num_layers=4, num_heads=4, max_steps=0)
-    data = chitchat_dataset_dir(work / "data", args.conversations)
+    data = chitchat_dataset_dir(work / "data", args.conversations, context=args.context)
     rss_before = peak_rss_mib()
     timer = _StepTimer.make()
-    train(
+    result = train(
         TrainOptions.from_settings(
             TrainSettings(),
             data_dir=data, base=base, out_dir=work / "run", max_steps=args.steps, eval_steps=args.steps,
-            batch_size=args.batch_size, grad_accum=1, max_length=args.max_length, sample_prompts=0, qlora=args.qlora,
+            batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length, sample_prompts=0,
+            qlora=args.qlora, max_val_samples=2, prefer=False,
+            max_memory_gb=0 if args.before else args.max_memory_gb,  # 0: no bound, TRL's own loss (the old path)
         ),
         console=Console(file=open("/dev/null", "w")), extra_callbacks=[timer],  # noqa: SIM115
     )
-    seconds = timer.t1 - timer.t0
-    return {"base": args.one, "mode": "qlora" if args.qlora else "lora", "steps": args.steps,
-            "tokens_per_s": (timer.tok1 - timer.tok0) / seconds, "seconds_per_step": seconds / (args.steps - 1),
+    seconds = timer.t1 - timer.t0 if args.steps > 1 else timer.t1 - timer.t_first
+    memory = json.loads((work / "run" / RUN_FILE).read_text())["memory"]
+    return {"base": args.one, "mode": "qlora" if args.qlora else "lora", "before": args.before, "steps": args.steps,
+            "tokens_per_s": (timer.tok1 - (timer.tok0 if args.steps > 1 else 0)) / seconds,
+            "seconds_per_step": seconds / max(1, args.steps - 1),
             "peak_rss_mib": peak_rss_mib(), "rss_before_training_mib": rss_before,
-            "torch_threads": torch.get_num_threads()}
+            "torch_threads": torch.get_num_threads(), "memory_plan": memory, "adapter": str(result.out_dir),
+            "data": str(data)}
+
+
+def one_refine(args) -> dict:
+    """The preference step (DPO, refine.* defaults) on an adapter in this process (`--refine ADAPTER`)."""
+    import torch
+    from rich.console import Console
+
+    from config.settings import RefineSettings
+    from training.prefer import RefineOptions, refine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.rss_cap_gb:
+        _rss_watchdog(args.rss_cap_gb)
+    out = Path(tempfile.mkdtemp(prefix="convo-bench-refine-")) / "refined"
+    opts = RefineOptions.from_settings(RefineSettings(), max_pairs=args.pairs, max_steps=args.steps,
+                                       max_memory_gb=0 if args.before else args.max_memory_gb)
+    result = refine(args.refine, args.data, out, opts, console=Console(file=open("/dev/null", "w")))  # noqa: SIM115
+    return {"base": "refine", "mode": "dpo", "before": args.before, "steps": result.steps,
+            "seconds_per_step": result.train_seconds / max(1, result.steps), "peak_rss_mib": peak_rss_mib(),
+            "memory_plan": result.metrics.get("memory"), "torch_threads": torch.get_num_threads()}
+
+
+def compare_memory(args) -> None:
+    """Before (no memory bound, TRL's own loss) and after (train.max_memory_gb from the machine, the chunked
+    completion loss) for each base, LoRA and QLoRA, and the preference step; each run in its own process."""
+    import subprocess
+
+    import psutil
+
+    cap = args.rss_cap_gb or max(4.0, psutil.virtual_memory().available / 1024**3 - 3.0)
+    rows = []
+
+    def launch(extra: list[str]) -> dict:
+        cmd = [sys.executable, __file__, *extra, "--rss-cap-gb", f"{cap:.1f}",
+               *(["--threads", str(args.threads)] if args.threads else []),
+               *(["--max-memory-gb", str(args.max_memory_gb)] if args.max_memory_gb is not None else [])]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        lines = proc.stdout.strip().splitlines()
+        if proc.returncode not in (0, 3) or not lines:
+            sys.exit(f"bench run failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+        return json.loads(lines[-1])
+
+    bases = args.bases.split(",")
+    # After (the targets) first, then before, which at the old defaults may hit the cap.
+    for before in (False, True):
+        for base in bases:
+            for qlora in (False, True):
+                if before and qlora and not args.before_qlora:
+                    continue
+                batch = args.before_batch_size if before else args.batch_size
+                r = launch(["--one", base, "--steps", str(args.before_steps if before else args.steps),
+                            "--batch-size", str(batch), "--grad-accum", str(args.grad_accum),
+                            "--max-length", str(args.max_length), "--conversations", str(args.conversations),
+                            "--context", str(args.context), *(["--qlora"] if qlora else []),
+                            *(["--before"] if before else [])])
+                rows.append({**r, "base": Path(base).name, "mode": "qlora" if qlora else "lora", "before": before,
+                             "batch": batch})
+                _print_row(rows[-1], cap)
+                if not qlora and base == bases[0] and "adapter" in r and not before:
+                    sft = r
+        for_dpo = [] if args.skip_dpo else [before]
+        for b in for_dpo:
+            r = launch(["--refine", sft["adapter"], "--data", sft["data"], "--steps", "2", "--pairs", "8",
+                        *(["--before"] if b else [])])
+            rows.append({**r, "base": Path(bases[0]).name, "mode": "dpo", "before": b})
+            _print_row(rows[-1], cap)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    print(f"(batch {args.batch_size} x {args.grad_accum} accumulation, max length {args.max_length}, {args.context} "
+          f"messages of context; {args.steps} steps, s/step and tokens/s from the second step; peak RSS of each "
+          f"run's own process, base loading included; runs past {cap:.1f} GB were stopped there)")
+
+
+def _print_row(r: dict, cap: float) -> None:
+    plan = r.get("memory_plan") or {}
+    how = (f"budget {plan['budget_bytes'] / 1024**3:.1f} GB: micro-batch {plan['micro_batch']} x {plan['grad_accum']}"
+           + (", ckpt" if plan.get("gradient_checkpointing") else "")) if plan else "no bound"
+    if r.get("rss_cap_hit"):
+        print(f"{r['base']:<16}{r['mode']:<7}{'before' if r['before'] else 'after':<8}  stopped at the {cap:.1f} GB "
+              f"cap (peak RSS > {r['peak_rss_mib']:.0f} MiB)", flush=True)
+        return
+    tps = f"{r['tokens_per_s']:>8.0f} tok/s" if "tokens_per_s" in r else " " * 14
+    print(f"{r['base']:<16}{r['mode']:<7}{'before' if r['before'] else 'after':<8}{tps}{r['seconds_per_step']:>8.1f} "
+          f"s/step{r['peak_rss_mib']:>8.0f} MiB peak RSS   {how}", flush=True)
 
 
 def compare_bases(args) -> None:
@@ -237,11 +363,27 @@ def main() -> None:
     ap.add_argument("--eval-steps", type=int, default=5, help="--compare-targets: steps between evaluations")
     ap.add_argument("--val-samples", type=int, default=32, help="--compare-targets: validation samples scored")
     ap.add_argument("--lr", type=float, default=1e-3, help="--compare-targets: learning rate (both runs)")
+    ap.add_argument("--compare-memory", action="store_true",
+                    help="before/after the memory bound: --bases, LoRA and QLoRA, and the preference step")
+    ap.add_argument("--bases", default="/work/models/smollm2-135m,/work/models/gemma3-270m",
+                    help="--compare-memory: comma-separated base dirs")
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--before-batch-size", type=int, default=8, help="--compare-memory: batch of the 'before' runs")
+    ap.add_argument("--before-steps", type=int, default=2, help="--compare-memory: steps of the 'before' runs")
+    ap.add_argument("--before-qlora", action="store_true", help="--compare-memory: also QLoRA before")
+    ap.add_argument("--skip-dpo", action="store_true", help="--compare-memory: no preference-step runs")
+    ap.add_argument("--max-memory-gb", type=float, default=None, help="train.max_memory_gb of the 'after' runs")
+    ap.add_argument("--rss-cap-gb", type=float, default=0, help="stop a run past this RSS (default: available - 3)")
+    ap.add_argument("--before", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--refine", help=argparse.SUPPRESS)  # one preference-step run, in its own process
+    ap.add_argument("--data", help=argparse.SUPPRESS)
+    ap.add_argument("--pairs", type=int, default=8, help=argparse.SUPPRESS)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # one run of --compare-bases, in its own process
     ap.add_argument("--qlora", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true", help="--compare-bases: print the raw figures as JSON")
     ap.add_argument("--base", help="base model dir (default: build an untrained tiny base)")
     ap.add_argument("--conversations", type=int, default=400)
+    ap.add_argument("--context", type=int, default=16, help="messages of context per sample (as dataset.context_messages)")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=512)
@@ -249,6 +391,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         print(json.dumps(one_run(args)))
+        return
+    if args.refine:
+        print(json.dumps(one_refine(args)))
+        return
+    if args.compare_memory:
+        compare_memory(args)
         return
     if args.compare_bases:
         compare_bases(args)

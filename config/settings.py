@@ -74,6 +74,17 @@ class TrainSettings(BaseModel):
     # After SFT, the preference step (refine.*: DPO of the person's real replies over the adapter's own samples);
     # it beat the plain adapter on NLL and generated text in docs/quality.md. The SFT run is kept in <out>/sft/.
     prefer: bool = True
+    # Memory: the micro-batch is the largest that fits this many GB (gradient accumulation keeps the effective
+    # batch), with gradient checkpointing only when one sample does not fit; the loss scores completion tokens
+    # in chunks. None: from the machine (CPU: half the available memory, 2 to 4; CUDA: 90% of the free GPU
+    # memory); 0: no bound (micro-batch = batch_size, TRL's own loss).
+    max_memory_gb: float | None = Field(None, ge=0)
+    # Time: minutes the run may take; the first steps are timed and max_steps and the validation interval chosen to
+    # end inside it. None: cpu_budget_min on a CPU when neither --max-steps nor --epochs is given (epochs on a GPU);
+    # 0: off.
+    budget_min: float | None = Field(None, ge=0)
+    cpu_budget_min: float = Field(30.0, gt=0)  # the budget of a CPU run that names no length of its own
+    log_every_s: float = Field(30.0, ge=0)  # without a terminal: a progress line this often (0: every step)
 
 
 class RefineSettings(BaseModel):
@@ -91,6 +102,8 @@ class RefineSettings(BaseModel):
     top_p: float = Field(0.95, gt=0, le=1)  # nucleus sampling mass for those replies
     max_new_tokens: int = Field(48, ge=1)  # length of a sampled reply
     seed: int = 0  # sampling and training seed
+    budget_min: float = Field(0.0, ge=0)  # minutes for the whole step, sampling included (DPO steps capped to fit; 0: off)
+    max_memory_gb: float | None = Field(None, ge=0)  # as train.max_memory_gb, for the DPO micro-batch (pairs)
 
 
 class GenerateSettings(BaseModel):

@@ -246,11 +246,11 @@ def test_training_samples_cut_to_max_length(tiny_base):
     from transformers import AutoTokenizer
 
     from inference.engine import encode
-    from training.train import cut_prompt
+    from training.train import fit_prompt
 
     tok = AutoTokenizer.from_pretrained(str(tiny_base))
     prompt = "\n".join(f"[RIYA] message number {i} is here" for i in range(40)) + "\n[ALICE]"
-    cut = cut_prompt(tok, prompt, 50)
+    cut = fit_prompt(tok, prompt, 50)
     assert len(encode(tok, cut)) <= 50 < len(encode(tok, prompt))
     assert prompt.endswith(cut) and cut.endswith("\n[ALICE]")  # the oldest lines go, the turn to write stays
 

@@ -48,6 +48,8 @@ class RefineOptions:
     top_p: float
     max_new_tokens: int
     seed: int
+    budget_min: float
+    max_memory_gb: float | None
     # Per run.
     base: str | None = None  # default: the base the SFT adapter records
     force: bool = False
@@ -153,6 +155,7 @@ def implicit_margins(policy: list[tuple[float, float]], ref: list[tuple[float, f
 def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, opts: RefineOptions,
            console: Console | None = None) -> RefineResult:
     """DPO on (real reply, the SFT adapter's own sample) pairs on top of `adapter_dir`; a new adapter in `out_dir`."""
+    started = time.monotonic()  # refine.budget_min counts from here, sampling included
     console = console or Console()
     adapter_dir, data_dir, out_dir = Path(adapter_dir), Path(data_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -169,7 +172,7 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
 
     from inference.adapter_meta import check_compatible, read_adapter_meta, write_adapter_meta
     from inference.engine import Engine
-    from training.train import load_trainable_adapter, read_dataset, spread
+    from training.train import _device_words, load_trainable_adapter, memory_plan, read_dataset, spread
 
     meta = read_adapter_meta(adapter_dir)
     check_compatible(meta, opts.base)
@@ -203,9 +206,19 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
     work = out_dir.with_name(f".{out_dir.name}.refine")
     shutil.rmtree(work, ignore_errors=True)
     steps = opts.max_steps if opts.max_steps > 0 else math.ceil(len(pairs) / opts.batch_size)
+    train_ds = tokenize_pairs(tokenizer, pairs, opts.max_length)
+    batch = min(opts.batch_size, len(pairs))
+    # A pair is two sequences (chosen, rejected) of at most prompt + the longer reply.
+    seq_len = max(len(p) + max(len(c), len(r)) for p, c, r in
+                  zip(train_ds["prompt_ids"], train_ds["chosen_ids"], train_ds["rejected_ids"], strict=True))
+    memory = memory_plan(model, opts.max_memory_gb, seq_len, batch, 1, lora_r=model.peft_config["default"].r,
+                         cuda=cuda, bf16=bf16, gradient_checkpointing=None, sequences=2)
+    if memory is not None:
+        console.print(f"preference step: {memory.sentence()}", highlight=False)
     config = DPOConfig(
         output_dir=str(work / "trainer"),
-        per_device_train_batch_size=min(opts.batch_size, len(pairs)),
+        per_device_train_batch_size=memory.micro_batch if memory else batch,
+        gradient_accumulation_steps=memory.grad_accum if memory else 1,  # DPO's loss is a mean over pairs
         learning_rate=opts.learning_rate,
         lr_scheduler_type="constant",
         max_steps=steps,
@@ -220,7 +233,7 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
         seed=opts.seed,
         use_cpu=not cuda,
         bf16=bf16,
-        activation_checkpointing=cuda,
+        activation_checkpointing=memory.gradient_checkpointing if memory else cuda,
     )
 
     class _PreTokenized(DPOTrainer):
@@ -229,8 +242,18 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             return dataset
 
-    trainer = _PreTokenized(model=model, args=config, train_dataset=tokenize_pairs(tokenizer, pairs, opts.max_length),
-                            processing_class=tokenizer)
+    callbacks, time_cb = [], None
+    if opts.budget_min > 0:
+        from training.budget import time_budget_callback
+
+        def on_plan(plan, first: bool) -> None:
+            if first:
+                console.print(f"preference step: {plan.sentence(_device_words(cuda), validation=False)}", highlight=False)
+
+        time_cb = time_budget_callback(opts.budget_min * 60, started, steps, steps, lambda s: 0.0, on_plan)
+        callbacks.append(time_cb)
+    trainer = _PreTokenized(model=model, args=config, train_dataset=train_ds, processing_class=tokenizer,
+                            callbacks=callbacks)
     from transformers.trainer_callback import PrinterCallback
 
     trainer.remove_callback(PrinterCallback)
@@ -267,6 +290,8 @@ def refine(adapter_dir: Path | str, data_dir: Path | str, out_dir: Path | str, o
         "accuracy_after": round(sum(m > 0 for m in margins) / len(margins), 4),
         "first_loss": logs[0]["loss"] if logs else None, "last_loss": logs[-1]["loss"] if logs else None,
         "sample_seconds": round(sample_seconds, 2), "train_seconds": round(train_seconds, 2),
+        "memory": asdict(memory) if memory else None,
+        "time_budget": asdict(time_cb.plan) if time_cb is not None and time_cb.plan else None,
     }
     options = {k: v for k, v in asdict(opts).items() if k != "force"}
     new_meta = meta.model_copy(update={

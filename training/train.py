@@ -29,6 +29,7 @@ from rich.console import Console
 
 from errors import ConfigError, DatasetError, TrainError
 from inference.prompt_format import FORMAT_VERSION
+from training.budget import resolve_budget_min
 
 MAX_EFFECTIVE_BATCH = 32
 _TAG_LINE = re.compile(r"\[([A-Z0-9_]+)\]")
@@ -70,6 +71,10 @@ class TrainOptions:
     seed: int
     group_by_length: bool
     prefer: bool  # read by `convo train` after this SFT run (training.prefer.prefer_after_sft); train() ignores it
+    max_memory_gb: float | None  # training/budget.py: None from the machine, 0 no bound
+    budget_min: float | None  # minutes; None: cpu_budget_min on a CPU unless the length is given; 0: off
+    cpu_budget_min: float
+    log_every_s: float
     # Per run, not settings.
     sample_max_new_tokens: int = 48
     qlora: bool = False
@@ -78,6 +83,7 @@ class TrainOptions:
     force: bool = False
     logging_steps: int = 1  # every step: the loss curve smooths them (one batch alone is mostly its lengths)
     init_adapter: Path | None = None  # continue from this adapter's weights (and its LoRA config) instead of B = 0
+    length_given: bool = False  # --max-steps or --epochs was given (from_settings knows): no default CPU budget
 
     @classmethod
     def from_settings(cls, settings, **overrides) -> TrainOptions:
@@ -87,7 +93,9 @@ class TrainOptions:
         unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:  # a new TrainSettings field must become an option too
             raise TypeError(f"TrainSettings fields without a TrainOptions field: {sorted(unknown)}")
+        given = {k for k, v in overrides.items() if v is not None} | set(train_settings.model_fields_set)
         values.update({k: v for k, v in overrides.items() if v is not None})
+        values.setdefault("length_given", "epochs" in given or ("max_steps" in given and values["max_steps"] > 0))
         return cls(**values)
 
 
@@ -206,21 +214,23 @@ def check_servable_base(base: str) -> None:
         raise TrainError(f"{base}: the worker cannot serve adapters of this base: {reason}")
 
 
-def cut_prompt(tokenizer, prompt: str, max_tokens: int) -> str:
-    """`prompt` without its oldest lines until it is at most `max_tokens` tokens (its last line is kept)."""
-    from inference.engine import encode
-
-    lines = prompt.split("\n")
-    while len(lines) > 1 and len(encode(tokenizer, "\n".join(lines))) > max_tokens:
-        lines = lines[1:]
-    return "\n".join(lines)
-
-
-def stopped_by(global_step: int, total_steps: int, max_steps: int) -> str:
-    """Why a finished run stopped: early stopping before the step cap, else the cap (--max-steps or --epochs)."""
+def stopped_by(global_step: int, total_steps: int, max_steps: int, budget: str | None = None) -> str:
+    """Why a finished run stopped: early stopping before the step cap, else the cap (--max-steps or --epochs, or
+    the time budget's plan: `budget` is its capped_by, "budget" or "epochs")."""
     if global_step < total_steps:
         return "early_stopping"
+    if budget == "budget":
+        return "budget"
     return "max_steps" if max_steps > 0 else "epochs"
+
+
+def fit_prompt(tokenizer, prompt: str, max_tokens: int) -> str:
+    """`prompt` without its oldest lines until it is at most `max_tokens` tokens; the final `[TAG]` line stays.
+    (Generating from a prompt longer than training ever saw overruns models with learned positions, e.g. GPT-2.)"""
+    from inference.engine import encode
+    from training.evaluate.contexts import fit_prompt as drop_oldest_lines
+
+    return drop_oldest_lines(prompt, lambda text: len(encode(tokenizer, text)), max_tokens)
 
 
 def tokenize_rows(tokenizer, rows: list[dict], max_length: int | None):
@@ -325,59 +335,13 @@ def _callbacks():
             with self.path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    class Progress(TrainerCallback):
-        """Rich progress bar with the latest loss and ETA."""
-
-        def __init__(self, console: Console):
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.progress = Progress(
-                TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[loss]}"),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False,
-            )
-            self.task = None
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            self.progress.start()
-            self.task = self.progress.add_task("train", total=state.max_steps, completed=state.global_step, loss="")
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.task is not None:
-                self.progress.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            logs = logs or {}
-            if self.task is None:
-                return
-            parts = []
-            if "loss" in logs:
-                parts.append(f"loss {logs['loss']:.3f}")
-            if "eval_loss" in logs:
-                parts.append(f"val {logs['eval_loss']:.3f}")
-            if parts:
-                self.progress.update(self.task, loss=" ".join(parts))
-
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.task is not None:
-                self.progress.stop()
-
     class Samples(TrainerCallback):
         """At each evaluation, generate replies for fixed validation prompts; log them beside the real reply."""
 
         def __init__(self, rows: list[dict], tokenizer, path: Path, console: Console, seed: int, max_new_tokens: int,
                      max_length: int | None = None):
             self.rows, self.tokenizer, self.path, self.console = rows, tokenizer, path, console
-            self.seed, self.max_new_tokens = seed, max_new_tokens
-            self.max_prompt_tokens = max_length - max_new_tokens if max_length else None
+            self.seed, self.max_new_tokens, self.max_length = seed, max_new_tokens, max_length
             self.done_steps: set[int] = set()
 
         def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
@@ -394,10 +358,9 @@ def _callbacks():
             with self.path.open("a", encoding="utf-8") as f:
                 for i, row in enumerate(self.rows):
                     target = target_of(row["prompt"])
-                    # Cut like the training rows (oldest context first): a prompt past the model's positions
-                    # (GPT-2: 1,024) would fail in its position embedding.
-                    prompt = (cut_prompt(self.tokenizer, row["prompt"], self.max_prompt_tokens)
-                              if self.max_prompt_tokens and self.max_prompt_tokens > 0 else row["prompt"])
+                    prompt = row["prompt"]
+                    if self.max_length is not None:  # as the training samples were cut, room left for the reply
+                        prompt = fit_prompt(self.tokenizer, prompt, max(1, self.max_length - self.max_new_tokens))
                     generated = engine.generate(
                         prompt, target, n=1, max_new_tokens=self.max_new_tokens, seed=self.seed + i
                     )[0]
@@ -424,7 +387,7 @@ def _callbacks():
                 control.should_save = True
                 control.should_training_stop = True
 
-    return JsonlLog, Progress, Samples, StopOnSignal
+    return JsonlLog, Samples, StopOnSignal
 
 
 # ---------------------------------------------------------------- training
@@ -432,6 +395,7 @@ def _callbacks():
 
 def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: Sequence = ()) -> TrainResult:
     """Train one LoRA adapter on a dataset dir and save it (with convo_adapter.json, logs and a loss curve)."""
+    started = time.monotonic()  # a time budget counts from here: loading and tokenizing are part of the run
     console = console or Console()
     check_servable_base(opts.base)
     if opts.batch_size * opts.grad_accum > MAX_EFFECTIVE_BATCH:
@@ -485,28 +449,41 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         load_kwargs.update(quantization_config=qlora_config(), device_map=qlora_device_map("cuda" if cuda else "cpu"))
     else:
         load_kwargs["dtype"] = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(opts.base)
-        if opts.qlora:
-            from transformers import AutoConfig
+    from training.progress import phase, progress_callback
 
-            from inference.engine import check_qlora_shapes
+    with phase(console, f"loading {opts.base}"):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(opts.base)
+            if opts.qlora:
+                from transformers import AutoConfig
 
-            check_qlora_shapes(AutoConfig.from_pretrained(opts.base), "cuda" if cuda else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(opts.base, **load_kwargs)
-    except OSError as e:
-        raise TrainError(f"cannot load base model {opts.base}: {str(e).splitlines()[0]}") from e
+                from inference.engine import check_qlora_shapes
+
+                check_qlora_shapes(AutoConfig.from_pretrained(opts.base), "cuda" if cuda else "cpu")
+            model = AutoModelForCausalLM.from_pretrained(opts.base, **load_kwargs)
+        except OSError as e:
+            raise TrainError(f"cannot load base model {opts.base}: {str(e).splitlines()[0]}") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    val_rows = spread(data.val, opts.max_val_samples)
+    with phase(console, f"tokenizing {len(data.train)} training and {len(val_rows)} validation samples"):
+        train_ds = tokenize_rows(tokenizer, data.train, opts.max_length)
+        val_ds = tokenize_rows(tokenizer, val_rows, opts.max_length)
+
+    # Memory: the micro-batch that fits train.max_memory_gb, accumulation keeping the effective batch.
+    memory = memory_plan(model, opts.max_memory_gb, max((len(x) for x in train_ds["input_ids"]), default=1),
+                         opts.batch_size, opts.grad_accum, lora_r=opts.lora_r, cuda=cuda,
+                         bf16=cuda and not opts.qlora and torch.cuda.is_bf16_supported(),
+                         gradient_checkpointing=opts.gradient_checkpointing)
+    micro_batch, accum = (memory.micro_batch, memory.grad_accum) if memory else (opts.batch_size, opts.grad_accum)
+    checkpointing = (memory.gradient_checkpointing if memory else
+                     opts.gradient_checkpointing if opts.gradient_checkpointing is not None else cuda)
+    if memory is not None and main:
+        console.print(memory.sentence(), highlight=False)
     if opts.qlora:
         from peft import prepare_model_for_kbit_training
 
-        checkpointing = opts.gradient_checkpointing if opts.gradient_checkpointing is not None else cuda
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
-
-    train_ds = tokenize_rows(tokenizer, data.train, opts.max_length)
-    val_rows = spread(data.val, opts.max_val_samples)
-    val_ds = tokenize_rows(tokenizer, val_rows, opts.max_length)
 
     lora = LoraConfig(
         r=opts.lora_r,
@@ -535,16 +512,20 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     steps_per_epoch = math.ceil(len(train_ds) / (opts.batch_size * opts.grad_accum))
     total_steps = opts.max_steps if opts.max_steps > 0 else math.ceil(steps_per_epoch * opts.epochs)
     eval_steps = auto_eval_steps(total_steps) if opts.eval_steps <= 0 else max(1, min(opts.eval_steps, total_steps))
+    # Time: with a budget, the cap above is only provisional; the first steps are timed, then TimeBudget plans.
+    budget_min = resolve_budget_min(opts.budget_min, opts.cpu_budget_min, cuda, opts.length_given)
+    if budget_min > 0 and opts.eval_steps <= 0:
+        eval_steps = total_steps  # no validation while the first steps are timed; the plan sets the interval
     config = SFTConfig(
         output_dir=str(out / CHECKPOINTS),
-        per_device_train_batch_size=opts.batch_size,
-        per_device_eval_batch_size=opts.batch_size,
-        gradient_accumulation_steps=opts.grad_accum,
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=opts.batch_size,  # no activations kept: the same batches as ever, same val loss
+        gradient_accumulation_steps=accum,
         learning_rate=opts.learning_rate,
         lr_scheduler_type=opts.lr_scheduler,
         warmup_steps=opts.warmup_ratio,  # a float < 1 is a ratio of the total steps
         num_train_epochs=opts.epochs,
-        max_steps=opts.max_steps,
+        max_steps=total_steps if budget_min > 0 else opts.max_steps,
         eval_strategy="steps",
         eval_steps=eval_steps,
         save_strategy="steps",
@@ -567,10 +548,10 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         dataset_num_proc=None,
         save_only_model=False,
         # TRL turns this on by default; recomputing activations saves GPU memory but only costs time on CPU.
-        activation_checkpointing=opts.gradient_checkpointing if opts.gradient_checkpointing is not None else cuda,
+        activation_checkpointing=checkpointing,
     )
 
-    JsonlLog, Progress, Samples, StopOnSignal = _callbacks()
+    JsonlLog, Samples, StopOnSignal = _callbacks()
     from torch.utils.tensorboard import SummaryWriter
 
     log_cb = JsonlLog(out / TRAIN_LOG)
@@ -578,7 +559,7 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     tb_writer = SummaryWriter(log_dir=str(out / TENSORBOARD)) if main else None
     callbacks = [
         log_cb,
-        Progress(console),
+        progress_callback(console, opts.log_every_s),
         Samples(sample_rows, tokenizer, out / SAMPLES, console, opts.sample_seed, opts.sample_max_new_tokens,
                 opts.max_length),
         stop_cb,
@@ -587,7 +568,31 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
                               early_stopping_threshold=opts.early_stopping_min_delta),
         *extra_callbacks,
     ]
-    trainer = SFTTrainer(
+    time_cb = None
+    if budget_min > 0:
+        from training.budget import eval_estimate_s, time_budget_callback
+
+        def on_plan(plan, first: bool) -> None:
+            run_record["time_budget"] = asdict(plan)
+            run_record["total_steps"], run_record["eval_steps"] = plan.max_steps, plan.eval_steps
+            if main:
+                if first:
+                    console.print(plan.sentence(_device_words(cuda)), highlight=False)
+                _atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2) + "\n")
+
+        time_cb = time_budget_callback(
+            budget_min * 60, started, total_steps, opts.eval_steps,
+            lambda s: eval_estimate_s(s, len(val_rows), opts.batch_size * opts.grad_accum, len(sample_rows)), on_plan,
+        )
+        callbacks.insert(0, time_cb)  # before early stopping and the progress bar: they read the planned state
+        if main:
+            console.print(f"time budget {budget_min:g} min: timing the first steps to choose how many fit", highlight=False)
+    trainer_cls = SFTTrainer
+    if memory is not None:
+        from training.completion_loss import bounded_trainer
+
+        trainer_cls = bounded_trainer(SFTTrainer)
+    trainer = trainer_cls(
         model=model,
         args=config,
         train_dataset=train_ds,
@@ -602,7 +607,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
 
     resolved = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
     run_record = {"options": resolved, "dataset_sha256": data.sha256, "total_steps": total_steps,
-                  "eval_steps": eval_steps, "val_samples": len(val_rows)}
+                  "eval_steps": eval_steps, "val_samples": len(val_rows), "budget_min": budget_min,
+                  "memory": asdict(memory) if memory else None}
     if main:
         _atomic_write_text(out / RUN_FILE, json.dumps(run_record, indent=2) + "\n")
 
@@ -658,7 +664,10 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     if tb_writer is not None:
         tb_writer.close()
     result.final_eval_loss = trainer.state.best_metric
-    result.stopped_by = stopped_by(result.global_step, total_steps, opts.max_steps)
+    plan = time_cb.plan if time_cb is not None else None
+    if plan is not None:
+        total_steps, eval_steps = plan.max_steps, plan.eval_steps
+    result.stopped_by = stopped_by(result.global_step, total_steps, opts.max_steps, plan.capped_by if plan else None)
     if not main:
         return result
     trainer.model.save_pretrained(str(out))
@@ -672,7 +681,8 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
         dataset_sha256=data.sha256,
         data_last_ts=data.meta.get("data_last_ts"),
         training_args={**resolved, "effective_batch": opts.batch_size * opts.grad_accum, "total_steps": total_steps,
-                       "eval_steps": eval_steps, "val_samples": len(val_rows)},
+                       "eval_steps": eval_steps, "val_samples": len(val_rows), "budget_min": budget_min,
+                       "time_budget": asdict(plan) if plan else None, "memory": asdict(memory) if memory else None},
         final_metrics={
             "best_eval_loss": result.best_eval_loss,
             "final_eval_loss": result.final_eval_loss,
@@ -690,6 +700,40 @@ def train(opts: TrainOptions, console: Console | None = None, extra_callbacks: S
     result.paths["meta"] = write_adapter_meta(out, meta)
     result.paths["loss_curve"] = plot_loss_curve(out / TRAIN_LOG, out / LOSS_PNG)
     return result
+
+
+def memory_plan(model, max_memory_gb: float | None, seq_len: int, batch_size: int, grad_accum: int, *, lora_r: int,
+                cuda: bool, bf16: bool, gradient_checkpointing: bool | None, sequences: int = 1):
+    """training.budget's plan for this model (None with max_memory_gb = 0: no bound); `sequences` per sample
+    (2 for a preference pair)."""
+    import torch
+
+    from training.budget import GIB, ModelShape, default_budget_gb, plan_memory
+
+    if max_memory_gb == 0:
+        return None
+    if max_memory_gb is None:
+        import psutil
+
+        free = torch.cuda.mem_get_info()[0] if cuda else None
+        max_memory_gb = default_budget_gb(psutil.virtual_memory().available, free)
+    params = list(model.parameters())
+    n_params = sum(p.numel() for p in params)
+    weight_bytes = sum(p.numel() * p.element_size() for p in params) / max(1, n_params)
+    shape = ModelShape.from_config(model.config, n_params, weight_bytes)
+    # LoRA's trainable weights: r x (in + out) per adapted linear layer (all of them: an upper bound for named ones).
+    head = model.get_output_embeddings()
+    trainable = sum(lora_r * (m.in_features + m.out_features) for m in model.modules()
+                    if isinstance(m, torch.nn.Linear) and m is not head)
+    return plan_memory(shape, trainable, seq_len, batch_size, grad_accum, int(max_memory_gb * GIB),
+                       act_bytes=2 if bf16 else 4, force_checkpointing=gradient_checkpointing, sequences=sequences)
+
+
+def _device_words(cuda: bool) -> str:
+    """'CPU, 2 threads' or 'CUDA (NVIDIA H100 80GB HBM3)', for the budget's sentence."""
+    import torch
+
+    return f"CUDA ({torch.cuda.get_device_name()})" if cuda else f"CPU, {torch.get_num_threads()} threads"
 
 
 def _speaker(d: dict):

@@ -332,6 +332,7 @@ def retrain_cmd(
     base: Annotated[str | None, typer.Option("--base", help="Base model (default: the one the current version records).")] = None,
     epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help="SFT passes over the new training set. \\[default: feedback.retrain_epochs = 1]")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Cap on SFT steps (-1: off). \\[default: feedback.retrain_max_steps]")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="Time budget for the SFT part, e.g. 30m: its steps are timed and capped to fit. \\[default: none, feedback.retrain_epochs decides]")] = None,
     kto_max_steps: Annotated[int | None, typer.Option("--kto-max-steps", help="Cap on KTO steps (-1: off). \\[default: feedback.kto_max_steps]")] = None,
     tolerance: Annotated[float | None, typer.Option("--tolerance", min=0.0, help="Allowed validation NLL increase, nats/token. \\[default: feedback.tolerance = 0.02]")] = None,
     publish: Annotated[bool, typer.Option("--publish/--no-publish", help="Tell running workers to reload after a promotion.")] = True,
@@ -345,14 +346,17 @@ def retrain_cmd(
         torch.set_num_threads(threads)
     from dataclasses import asdict
 
+    from convo.commands.train import budget_minutes
     from training.retrain import retrain
 
+    minutes = budget_minutes(budget)
     settings = _settings(ctx, retrain_epochs=epochs, retrain_max_steps=max_steps, kto_max_steps=kto_max_steps,
                          tolerance=tolerance)
     _logging()
     store = _store(settings)
     try:
         outcome = retrain(settings, persona, store, data_dir=data, base=base,
+                          train_overrides={"budget_min": minutes} if minutes is not None else None,
                           console=Console(stderr=True) if as_json else console, publish=publish)
     finally:
         store.close()

@@ -25,6 +25,22 @@ def _state(ctx: typer.Context):
     return state(ctx)
 
 
+def budget_minutes(value: str | None) -> float | None:
+    """--budget 30m / 1h / 90s / 45 (minutes) -> minutes; ConfigError (one line, exit 2) on anything else."""
+    if value is None:
+        return None
+    from training.budget import parse_budget
+
+    try:
+        return parse_budget(value)
+    except ValueError as e:
+        raise ConfigError(f"--budget {e}") from None
+
+
+BUDGET_HELP = ("Time budget, e.g. 30m, 1h, 1h30m (0: off): the first steps are timed and the number of steps and the "
+               "validation interval chosen to end inside it.")
+
+
 # ---------------------------------------------------------------- convo train
 
 
@@ -39,8 +55,10 @@ def train_cmd(
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Peak learning rate. \\[default: train.learning_rate = 2e-4]")] = None,
     lr_scheduler: Annotated[str | None, typer.Option("--lr-scheduler", help="LR schedule after warmup (constant_with_warmup, cosine, linear...). \\[default: constant_with_warmup]")] = None,
     warmup_ratio: Annotated[float | None, typer.Option("--warmup-ratio", min=0.0, max=1.0, help="Share of the steps spent warming up. \\[default: 0.05]")] = None,
-    epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help="Passes over the training set. \\[default: 3]")] = None,
+    epochs: Annotated[float | None, typer.Option("--epochs", min=0.0, help="Passes over the training set (a cap under a time budget). \\[default: 3]")] = None,
     max_steps: Annotated[int | None, typer.Option("--max-steps", help="Stop after this many optimizer steps (overrides --epochs; -1: off).")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help=BUDGET_HELP + " \\[default: train.budget_min; on a CPU run without --max-steps/--epochs, train.cpu_budget_min = 30m]")] = None,
+    max_memory_gb: Annotated[float | None, typer.Option("--max-memory-gb", min=0.0, help="Memory the run may use: the micro-batch is the largest that fits (gradient accumulation keeps the effective batch; 0: no bound). \\[default: train.max_memory_gb, from the machine]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", min=1, help="Samples per device per step. \\[default: 8]")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", min=1, help="Gradient accumulation steps; batch-size x grad-accum must be <= 32. \\[default: 4]")] = None,
     max_length: Annotated[int | None, typer.Option("--max-length", min=8, help="Max tokens per sample; the oldest context is dropped first. \\[default: 512]")] = None,
@@ -80,7 +98,7 @@ def train_cmd(
         early_stopping_min_delta=min_delta, lora_target_modules=target_modules, sample_prompts=sample_prompts,
         sample_seed=sample_seed, seed=seed, group_by_length=group_by_length, qlora=qlora,
         gradient_checkpointing=gradient_checkpointing, resume=resume,
-        force=force, prefer=prefer,
+        force=force, prefer=prefer, budget_min=budget_minutes(budget), max_memory_gb=max_memory_gb,
     )
     from training.prefer import SFT_DIR
 
@@ -348,6 +366,7 @@ def refine_cmd(
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=0, help="DPO steps (0: one pass over the pairs). \\[default: 16]")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=0.0, help="Learning rate. \\[default: 5e-5]")] = None,
     beta: Annotated[float | None, typer.Option("--beta", min=0.0, help="DPO beta: higher stays closer to the SFT adapter. \\[default: 0.1]")] = None,
+    budget: Annotated[str | None, typer.Option("--budget", help="Time budget for the whole step, sampling included, e.g. 10m (0: off): the DPO steps are timed and capped to fit. \\[default: refine.budget_min = 0]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing adapter dir in --out.")] = False,
     threads: Annotated[int, typer.Option("--threads", min=0, help="CPU threads for torch (0: torch's choice).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
@@ -360,7 +379,8 @@ def refine_cmd(
     from training.prefer import RefineOptions, refine
 
     opts = RefineOptions.from_settings(_state(ctx).settings, max_pairs=max_pairs, max_steps=max_steps,
-                                       learning_rate=lr, beta=beta, base=base, force=force)
+                                       learning_rate=lr, beta=beta, base=base, force=force,
+                                       budget_min=budget_minutes(budget))
     result = refine(adapter, data, out, opts, console=Console(stderr=True) if as_json else console)
     summary = {"out": str(result.out_dir), **result.metrics, "paths": {k: str(v) for k, v in result.paths.items()}}
     if as_json:
