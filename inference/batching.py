@@ -55,6 +55,7 @@ class BatchItem:
     target: str
     adapter: str  # the loaded adapter's name, or "__base__" for the bare base
     samples: int = 0  # rows to sample for the item; 0 means request.n
+    seed: int | None = None  # sampled rows draw from their own stream seeded so (simulate, eval); None: global RNG
 
     def __post_init__(self):
         if self.samples <= 0:
@@ -65,12 +66,13 @@ class BatchItem:
 class BatchResult:
     """What one item got: a candidate per row (each a list of messages), the tokens generated for them, the
     prompt's length in tokens (counted once per request) and each row's raw completion (trimmed at the end of the
-    burst) for inference.candidates to clean."""
+    burst) for inference.candidates to clean, and (from the decode loop) each row's generated token ids."""
 
     candidates: list[list[str]]
     new_tokens: int
     prompt_tokens: int = 0
     raw: list[str] = field(default_factory=list)
+    token_ids: list[list[int]] = field(default_factory=list)  # each row's generated ids (the decode loop; tests)
 
 
 class Backend(Protocol):
@@ -265,6 +267,8 @@ class CandidateBackend:
             owner: list[int] = []
             for i, k in zip(indices, samples, strict=True):
                 item = items[i]
+                if item.seed is not None and calls:  # a re-draw must not repeat the first round's draws
+                    item = replace(item, seed=item.seed + 7919 * calls)
                 if item.request.temperature > 0:
                     parts = [replace(item, samples=k)]
                 else:  # greedy: the greedy row once (round 0), sampled rows for the rest

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -44,11 +45,21 @@ logger = logging.getLogger("convo.worker.decode")
 # ---------------------------------------------------------------- stops and text, on token ids
 
 
+_NEWLINE_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (vocab size, ids)
+
+
 def newline_token_ids(tokenizer) -> frozenset[int]:
-    """Ids of every token whose text holds a newline (the only tokens that can start a line)."""
+    """Ids of every token whose text holds a newline (the only tokens that can start a line).
+
+    Kept per tokenizer (decoding a whole vocabulary takes a while): simulate and eval build a backend per call."""
+    known = _NEWLINE_IDS.get(tokenizer)
+    if known is not None and known[0] == len(tokenizer):
+        return known[1]
     pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
                                     clean_up_tokenization_spaces=False)
-    return frozenset(i for i, piece in enumerate(pieces) if "\n" in piece)
+    ids = frozenset(i for i, piece in enumerate(pieces) if "\n" in piece)
+    _NEWLINE_IDS[tokenizer] = (len(tokenizer), ids)
+    return ids
 
 
 def _line_verdict(line: str, target: str) -> str:
@@ -113,8 +124,13 @@ class IncrementalText:
 
 
 def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row of `logits` (rows, vocab): temperature 0 -> argmax, else nucleus sampling at `top_p`."""
+           generator: torch.Generator | None = None,
+           generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+    """Next token per row of `logits` (rows, vocab): temperature 0 -> argmax, else nucleus sampling at `top_p`.
+
+    `generators` (one per row, None: `generator`) gives seeded rows their own random stream: a seeded request
+    draws the same tokens whatever else shares the batch.
+    """
     logits = logits.float()
     tokens = logits.argmax(dim=-1)
     sampling = (temperature > 0).nonzero().squeeze(1)
@@ -125,7 +141,17 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
         # Drop a token when the mass of the more likely ones already reaches top_p (the first is always kept).
         drop = (probs.cumsum(dim=-1) - probs) >= top_p[sampling].unsqueeze(1)
         probs = probs.masked_fill(drop, 0.0)
-        pick = torch.multinomial(probs, 1, generator=generator)  # (sampling rows, 1), renormalised by multinomial
+        if generators is None:
+            pick = torch.multinomial(probs, 1, generator=generator)  # (sampling rows, 1), renormalised by multinomial
+        else:  # one draw per random stream, over its own rows (in row order)
+            pick = torch.empty(len(sampling), 1, dtype=torch.long, device=probs.device)
+            streams: dict[int, tuple[torch.Generator | None, list[int]]] = {}
+            for k, r in enumerate(sampling.tolist()):
+                g = generators[r] if generators[r] is not None else generator
+                streams.setdefault(id(g), (g, []))[1].append(k)
+            for g, at in streams.values():
+                idx = torch.tensor(at, device=probs.device)
+                pick[idx] = torch.multinomial(probs[idx], 1, generator=g)
         tokens[sampling] = order.gather(1, pick).squeeze(1)
     return tokens
 
@@ -151,6 +177,7 @@ class _Job:
     ids: list[int] = field(default_factory=list)  # prompt token ids
     rows_left: int = 0
     rows: list = field(default_factory=list)  # finished rows in sample order
+    generator: torch.Generator | None = None  # the item's own random stream (BatchItem.seed), else the global one
 
 
 @dataclass(eq=False)
@@ -372,6 +399,8 @@ class DecodeBackend:
         item = job.item
         ids = encode(self.tokenizer, item.prompt)
         job.ids, job.rows_left = ids, item.samples
+        if item.seed is not None and item.request.temperature > 0:
+            job.generator = torch.Generator(device=self.device).manual_seed(item.seed)
         cached, kv = (self.prefix_cache.lookup(item.adapter, ids) if self.prefix_cache is not None else (0, None))
         cache = DynamicCache(ddp_cache_data=kv) if kv is not None else DynamicCache()
         device = self.device
@@ -391,7 +420,7 @@ class DecodeBackend:
             stream = i == 0 and job.on_partial is not None
             row = _Row(job, i, StopScanner(self._decode, self.newline_ids, item.target),
                        IncrementalText(self._decode) if stream else None)
-            if self.no_repeat_ngram_size > 1:
+            if self.no_repeat_ngram_size > 0:
                 row.ngrams, row.history = {}, []  # the burst's own n-grams only
             self._rows.append(row)
             self._slots.append(job.slot)
@@ -443,7 +472,7 @@ class DecodeBackend:
         if self._seen is not None:
             logits = penalise(logits.float(), self._seen,
                               torch.full((len(requests),), self.repetition_penalty, device=device))
-        if self.no_repeat_ngram_size > 1:
+        if self.no_repeat_ngram_size > 0:
             banned = [(r, t) for r, row in enumerate(self._rows)
                       for t in row.ngrams.get(tuple(row.history[len(row.history) - self.no_repeat_ngram_size + 1:]),
                                               ())]
@@ -454,7 +483,9 @@ class DecodeBackend:
                                                   torch.tensor(float("-inf"), device=device))
         temperature = torch.tensor([q.temperature for q in requests], device=device)
         top_p = torch.tensor([q.top_p for q in requests], device=device)
-        tokens = sample(logits, temperature, top_p)
+        generators = [row.job.generator for row in self._rows]
+        tokens = sample(logits, temperature, top_p,
+                        generators=generators if any(g is not None for g in generators) else None)
         if self._seen is not None:
             free = torch.tensor([t < len(self._free) and self._free[t] for t in tokens.tolist()], device=device)
             self._seen[torch.arange(len(requests), device=device)[free], tokens[free]] = True
@@ -499,7 +530,8 @@ class DecodeBackend:
         rows = sorted(job.rows, key=lambda r: r.index)
         raw = [trim_burst(self._decode(r.ids), job.item.target) for r in rows]
         job.future.set_result(BatchResult([split_completion(t, job.item.target) for t in raw],
-                                          sum(len(r.ids) for r in rows), len(job.ids), raw=raw))
+                                          sum(len(r.ids) for r in rows), len(job.ids), raw=raw,
+                                          token_ids=[list(r.ids) for r in rows]))
 
 
 def _record_ngrams(ngrams: dict, history: list[int], n: int, start: int, free: list[bool]) -> None:

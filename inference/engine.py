@@ -1,14 +1,16 @@
-"""The generation engine: a base model with (optionally) one persona adapter, used by simulate and eval; `load_base`
-is the one loader of a base model, for them and the worker (inference.decode).
+"""The generation engine: a base model with (optionally) one persona adapter, used by simulate, eval, training's
+samples and the preference step; `load_base` is the one loader of a base model, for them and the worker.
 
-Heavy module (imports torch). Prompts come from inference.prompt_format; completions are cut from generated token
-ids at the prompt's token length (inference.completion.cut_completion), and sampling stops as soon as the model
-starts a line tagged by anyone but the target (prompt_format.completion_finished).
+Heavy module (imports torch). Prompts come from inference.prompt_format. Generation goes through the worker's own
+path, so what simulate and eval measure is what users get: each call builds a DecodeBackend (inference.decode:
+the decode loop, its stops on token ids, repetition rule and seeded sampling) on this model, with a LoraBank
+(inference.lora_batch) filled from the PEFT adapter's current weights (PEFT's own LoRA is off meanwhile), and
+`sample`/`sample_batch` run the worker's candidate step (inference.batching.CandidateBackend) on it. HF
+`generate` is not used here: it stays as the reference the tests compare the loop with.
 
 Tokenization is shared with training (`tokenize_pair`): the prompt is encoded alone and together with its
 completion, and the completion starts where the two id lists diverge, as TRL does for prompt/completion data.
 """
-
 from __future__ import annotations
 
 import contextlib
@@ -17,23 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
 
 from errors import ConfigError, ConvoError, TrainError
 from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
 from inference.candidates import Outcome
-from inference.completion import cut_completion
 from inference.prompt_format import (
     Turn,
     check_tag,
-    completion_finished,
     line_speaker,
     parse_line,
     render_prompt,
     split_completion,
     trim_burst,
 )
-from inference.repetition import BurstRepetition
 
 trim_completion = trim_burst  # the name simulate and eval know
 
@@ -65,18 +63,17 @@ def tokenize_pair(tokenizer, prompt: str, completion: str) -> tuple[list[int], l
     return ids, [0] * start + [1] * (len(ids) - start)
 
 
-class _StopAtOtherSpeaker(StoppingCriteria):
-    """Per-row stop once the text generated after the prompt starts a line not tagged by the target."""
+ENGINE_ADAPTER = "engine"  # the name of the engine's adapter in its LoRA bank
+ENGINE_PREFIX_CACHE_BYTES = 64 * 2**20  # per call: re-draws of a prompt reuse its KV
 
-    def __init__(self, tokenizer, prompt_len: int, target: str):
-        self.tokenizer, self.prompt_len, self.target = tokenizer, prompt_len, target
 
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        done = [
-            completion_finished(cut_completion(self.tokenizer, row, self.prompt_len), self.target)
-            for row in input_ids
-        ]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+def prompt_seed(seed: int | None, prompt: str) -> int | None:
+    """The random stream of one prompt's rows: fixed by `seed` and the prompt text (None: unseeded)."""
+    if seed is None:
+        return None
+    import zlib
+
+    return (seed * 1_000_003 + zlib.crc32(prompt.encode("utf-8"))) % 2**62  # re-draws add to it: stays < 2**64
 
 
 class Engine:
@@ -87,6 +84,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.meta = meta
         self.device = device or str(next(model.parameters()).device)
+        self._bare = False  # inside adapter_disabled()
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
@@ -129,12 +127,16 @@ class Engine:
 
     @contextlib.contextmanager
     def adapter_disabled(self) -> Iterator[None]:
-        """Run the bare base model inside this block (no-op without an adapter)."""
-        if hasattr(self.model, "disable_adapter"):
+        """Run the bare base model inside this block (no-op without an adapter): scoring and generation alike."""
+        if not hasattr(self.model, "disable_adapter") or self._bare:
+            yield
+            return
+        self._bare = True
+        try:
             with self.model.disable_adapter():
                 yield
-        else:
-            yield
+        finally:
+            self._bare = False
 
     def generate_raw(
         self,
@@ -172,52 +174,18 @@ class Engine:
         repetition_penalty: float = 1.0,
         no_repeat_ngram_size: int = 0,
     ) -> list[list[str]]:
-        """`generate_raw` for many prompts in one `generate`: `n` rows per prompt, left-padded to one width.
+        """`generate_raw` for many prompts at once: `n` rows per prompt, all in the worker's decode loop.
 
-        Left padding puts every row's completion at the same column, so the stop test and the cut need one prompt
-        length. One prompt alone has no padding and samples exactly as before; in a batch, a row's samples depend
-        on the seed and on the batch it shares.
+        Every row computes what it would alone (inference.decode), so a prompt's completions do not depend on the
+        batch it shares; with `seed`, each prompt's rows draw from a stream seeded by the seed and the prompt.
         """
         check_tag(target_tag)
-        encoded = [encode(self.tokenizer, p) for p in prompts]
-        width = max(len(ids) for ids in encoded)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(prompts) * n, width), pad, dtype=torch.long)  # (rows, width), left-padded
-        attention = torch.zeros_like(input_ids)
-        for r in range(len(prompts) * n):
-            ids = encoded[r // n]
-            input_ids[r, width - len(ids) :] = torch.tensor(ids)
-            attention[r, width - len(ids) :] = 1
-        stop = StoppingCriteriaList([_StopAtOtherSpeaker(self.tokenizer, width, target_tag)])
-        sampling = temperature > 0
-        gen_kwargs = dict(
-            attention_mask=attention.to(self.device),
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            stopping_criteria=stop,
-            pad_token_id=pad,
-        )
-        if sampling:
-            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-        repetition = BurstRepetition(self.tokenizer, width, repetition_penalty, no_repeat_ngram_size)
-        if repetition.active():
-            from transformers import LogitsProcessorList
-
-            gen_kwargs["logits_processor"] = LogitsProcessorList([repetition])
-        was_training = self.model.training
-        self.model.eval()
-        devices = [torch.device(self.device)] if self.device.startswith("cuda") else []
-        try:
-            # A private RNG stream: sampling with a seed neither depends on nor disturbs the global torch state.
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                if seed is not None:
-                    torch.manual_seed(seed)
-                out = self.model.generate(input_ids=input_ids.to(self.device), **gen_kwargs)  # (rows, width + new)
-        finally:
-            if was_training:
-                self.model.train()
-        texts = [trim_completion(cut_completion(self.tokenizer, row, width), target_tag) for row in out]
-        return [texts[i * n : (i + 1) * n] for i in range(len(prompts))]
+        if not prompts:
+            return []
+        with self._decoding(repetition_penalty, no_repeat_ngram_size) as backend:
+            items = self._items(prompts, target_tag, n=n, temperature=temperature, top_p=top_p,
+                                max_new_tokens=max_new_tokens, seed=seed)
+            return [result.raw for result in backend.generate(items)]
 
     def generate(
         self,
@@ -246,7 +214,7 @@ class Engine:
         max_new_tokens: int = 64,
         seed: int | None = None,
     ) -> list[list[list[str]]]:
-        """`generate` for many prompts in one left-padded `generate` call: per prompt, `n` candidates."""
+        """`generate` for many prompts in one run of the decode loop: per prompt, `n` candidates."""
         raw = self.generate_raw_batch(
             prompts, target_tag, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
         )
@@ -261,42 +229,66 @@ class Engine:
         return self.sample_batch([prompt], target_tag, opts)[0]
 
     def sample_batch(self, prompts: Sequence[str], target_tag: str, opts: SimulateOptions) -> list[Outcome]:
-        """`sample` for many prompts at once: each round of the candidate step is one left-padded `generate` per
-        distinct number of rows asked (usually one), and rerank scores every candidate in batches."""
-        from inference.candidates import greedy_split, rerank_score, sample_candidates
+        """`sample` for many prompts at once, through the worker's candidate step (inference.batching.
+        CandidateBackend) on its decode loop: each round is one `generate` of the loop, rerank one `score`."""
+        from inference.batching import CandidateBackend
 
-        calls = 0
-        common = dict(top_p=opts.top_p, max_new_tokens=opts.max_new_tokens,
-                      repetition_penalty=opts.repetition_penalty, no_repeat_ngram_size=opts.no_repeat_ngram_size)
-
-        def generate_fn(items: list[int], samples: list[int]) -> list[list[str]]:
-            nonlocal calls
-            seed = None if opts.seed is None else opts.seed + 7919 * calls
-            texts: dict[int, list[str]] = {i: [] for i in items}
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i, k in zip(items, samples, strict=True):
-                groups.setdefault(greedy_split(k, calls == 0) if opts.temperature <= 0 else (0, k), []).append(i)
-            for (greedy, sampled), group in groups.items():
-                batch = [prompts[i] for i in group]
-                if greedy:
-                    for i, out in zip(group, self.generate_raw_batch(batch, target_tag, n=1, temperature=0, **common),
-                                      strict=True):
-                        texts[i] += out
-                if sampled:
-                    temperature = opts.temperature if opts.temperature > 0 else opts.resample_temperature
-                    for i, out in zip(group, self.generate_raw_batch(batch, target_tag, n=sampled,
-                                                                     temperature=temperature, seed=seed, **common),
-                                      strict=True):
-                        texts[i] += out
-            calls += 1
-            return [texts[i] for i in items]
-
-        def score_fn(pairs: list[tuple[int, str]]) -> list[float]:
-            return [rerank_score(*s) for s in self.score([(prompts[i], text) for i, text in pairs])]
-
+        check_tag(target_tag)
+        if not prompts:
+            return []
         rerank = opts.rerank_k if opts.temperature > 0 and hasattr(self.model, "disable_adapter") else 0
-        return sample_candidates(list(range(len(prompts))), [target_tag] * len(prompts), [opts.n] * len(prompts),
-                                 generate_fn, score_fn, rerank_k=rerank, max_resample_rounds=opts.max_resample_rounds)
+        with self._decoding(opts.repetition_penalty, opts.no_repeat_ngram_size) as backend:
+            step = CandidateBackend(backend, rerank_k=rerank, max_resample_rounds=opts.max_resample_rounds,
+                                    resample_temperature=opts.resample_temperature)
+            step.generate(self._items(prompts, target_tag, n=opts.n, temperature=opts.temperature, top_p=opts.top_p,
+                                      max_new_tokens=opts.max_new_tokens, seed=opts.seed))
+            return step.last
+
+    def _items(self, prompts: Sequence[str], target_tag: str, *, n: int, temperature: float, top_p: float,
+               max_new_tokens: int, seed: int | None) -> list:
+        """One BatchItem per prompt: `n` rows on this engine's adapter (or the bare base), seeded per prompt."""
+        from inference.batching import BASE_ADAPTER, BatchItem
+        from inference.protocol import GenerateRequest
+
+        adapter = BASE_ADAPTER if self._bare or not hasattr(self.model, "disable_adapter") else ENGINE_ADAPTER
+        # In-process and trusted: the wire limits (n <= 8, 256 new tokens) are for queue requests.
+        request = GenerateRequest.model_construct(persona="engine", n=n, temperature=temperature, top_p=top_p,
+                                                  max_new_tokens=max_new_tokens)
+        return [BatchItem(request, prompt, target_tag, adapter, samples=n, seed=prompt_seed(seed, prompt))
+                for prompt in prompts]
+
+    @contextlib.contextmanager
+    def _decoding(self, repetition_penalty: float, no_repeat_ngram_size: int) -> Iterator:
+        """A DecodeBackend on this engine's model for one call: the LoRA bank filled from the PEFT adapter's weights
+        as they are now (a model under training is never read stale), PEFT's own LoRA off meanwhile (the bank adds
+        it, as in the worker), eval mode; afterwards the bank's hooks come off and train mode comes back."""
+        from inference.decode import DecodeBackend
+        from inference.lora_batch import LoraBank, peft_lora
+        from inference.prefix_cache import PrefixCache
+
+        peft = hasattr(self.model, "get_base_model")
+        base = self.model.get_base_model() if peft else self.model
+        was_training = self.model.training
+        self.model.eval()
+        bank = LoraBank(base, torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+        backend = None
+        try:
+            with contextlib.ExitStack() as stack:
+                if peft and not self._bare:
+                    weights, scalings = peft_lora(self.model)
+                    bank.put(ENGINE_ADAPTER, weights, 1.0, scalings=scalings)
+                    stack.enter_context(self.model.disable_adapter())
+                backend = DecodeBackend(base, self.tokenizer, bank, self.device,
+                                        prefix_cache=PrefixCache(ENGINE_PREFIX_CACHE_BYTES),
+                                        repetition_penalty=repetition_penalty,
+                                        no_repeat_ngram_size=no_repeat_ngram_size)
+                yield backend
+        finally:
+            if backend is not None:
+                backend.close()
+            bank.close()
+            if was_training:
+                self.model.train()
 
     def completion_nll(
         self, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int | None = None

@@ -80,6 +80,42 @@ def read_lora(path: Path | str) -> tuple[dict[str, tuple[torch.Tensor, torch.Ten
             bool(config.get("use_rslora")))
 
 
+def peft_lora(model) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, float]]:
+    """({module name: (A (r, in), B (out, r))}, {module name: scaling}) of a PeftModel's active LoRA adapter.
+
+    The weights as they are now (detached, not copied: `LoraBank.put` copies them), so a model under training is
+    read afresh each time; module names are the base model's (`model.get_base_model()`). The same features as
+    `read_lora` are refused (AdapterLoadError).
+    """
+    name = model.active_adapter
+    if isinstance(name, list):
+        if len(name) != 1:
+            raise AdapterLoadError(f"the batched LoRA backend serves one active adapter, not {len(name)}")
+        name = name[0]
+    config = model.peft_config[name]
+    unsupported = {
+        "use_dora": getattr(config, "use_dora", False), "bias": getattr(config, "bias", "none") not in (None, "none"),
+        "modules_to_save": bool(getattr(config, "modules_to_save", None)),
+        "fan_in_fan_out": getattr(config, "fan_in_fan_out", False),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if str(getattr(config, "peft_type", "LORA")).rsplit(".", 1)[-1] != "LORA" or bad:
+        raise AdapterLoadError(f"adapter {name}: unsupported by the batched LoRA backend: {', '.join(bad) or 'not LoRA'}")
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    scalings: dict[str, float] = {}
+    for module_name, module in model.get_base_model().named_modules():
+        if name in getattr(module, "lora_embedding_A", {}):
+            raise AdapterLoadError(f"adapter {name}: LoRA on embedding layer {module_name} is not served")
+        lora_a = getattr(module, "lora_A", None)
+        if lora_a is None or name not in lora_a:
+            continue
+        weights[module_name] = (lora_a[name].weight.detach(), module.lora_B[name].weight.detach())
+        scalings[module_name] = float(module.scaling[name])
+    if not weights:
+        raise AdapterLoadError(f"adapter {name}: no LoRA layer found")
+    return weights, scalings
+
+
 class _Stack:
     """One layer's stacked adapters: A (slots, in, r), B (slots, r, out), on the layer's device and dtype."""
 
@@ -134,8 +170,10 @@ class LoraBank:
         return self.put(name, weights, alpha, rslora, where=str(path))
 
     def put(self, name: str, weights: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float,
-            rslora: bool = False, where: str = "adapter") -> int:
-        """Add an adapter given as {module name: (A (r, in), B (out, r))} under `name`; its slot."""
+            rslora: bool = False, where: str = "adapter", scalings: dict[str, float] | None = None) -> int:
+        """Add an adapter given as {module name: (A (r, in), B (out, r))} under `name`; its slot.
+
+        `scalings` (module -> factor on B), when given, replaces alpha / r (e.g. PEFT's own per-layer scaling)."""
         for module in weights:
             if module not in self._modules or not hasattr(self._modules[module], "in_features"):
                 raise AdapterLoadError(f"{where}: layer {module} is not a linear layer of this base")
@@ -147,7 +185,7 @@ class LoraBank:
                 stack.grow(self._capacity, 1)
             for module, (a, b) in weights.items():
                 rank = a.shape[0]
-                scaling = alpha / (math.sqrt(rank) if rslora else rank)
+                scaling = scalings[module] if scalings is not None else alpha / (math.sqrt(rank) if rslora else rank)
                 stack = self._stack(module, rank)
                 stack.a[slot].zero_()
                 stack.b[slot].zero_()

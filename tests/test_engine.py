@@ -1,4 +1,5 @@
-"""The generation engine on the tiny in-process base: stopping, seeding, scoring, adapters on and off."""
+"""The generation engine on the tiny in-process base: stopping, seeding, scoring, adapters on and off, and its
+generation being the worker's decode loop (equal greedy tokens to the HF `generate` reference)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from errors import AdapterMismatch, ConfigError, ConvoError
 from inference.adapter_meta import AdapterMeta, Speaker, base_model_ref, write_adapter_meta
 from inference.engine import (
     Engine,
-    _StopAtOtherSpeaker,
     encode,
     parse_conversation,
     resolve_target,
@@ -21,6 +21,7 @@ from inference.engine import (
 )
 from inference.prompt_format import FORMAT_VERSION, Turn
 from tests.conftest import torch_threads
+from tests.hf_reference import StopAtOtherSpeaker, hf_greedy
 
 PROMPT = "[RIYA] you coming?\n[RIYA] it starts at 8\n[ALICE]"
 
@@ -85,10 +86,10 @@ def test_completion_nll_is_the_sum_over_completion_tokens_only(engine):
     assert c1 == c2
 
 
-def test_stopping_criterion_fires_at_another_speakers_tag(engine):
+def test_reference_stopping_criterion_fires_at_another_speakers_tag(engine):
     tok = engine.tokenizer
     n = len(encode(tok, PROMPT))
-    stop = _StopAtOtherSpeaker(tok, n, "ALICE")
+    stop = StopAtOtherSpeaker(tok, n, "ALICE")
 
     def fires(continuation: str) -> bool:
         ids = torch.tensor([encode(tok, PROMPT + continuation)])
@@ -179,3 +180,104 @@ def test_sample_batch_runs_the_candidate_step_for_every_prompt_in_one_go(engine)
     sampled = engine.sample_batch([PROMPT, short, PROMPT], "ALICE", SimulateOptions(n=2, seed=5, max_new_tokens=12))
     for outcome in sampled:
         assert outcome.samples >= 2 and len({tuple(c) for c in outcome.candidates}) == len(outcome.candidates)
+
+
+SHORT = "[BOB] hi\n[ALICE]"
+LONG = PROMPT.removesuffix("[ALICE]") + "[BOB] and then what happened after that?\n[ALICE]"
+
+
+@pytest.mark.parametrize("with_adapter", [True, False], ids=["adapter", "bare"])
+def test_greedy_tokens_equal_hf_generate_single_and_batch(engine, adapter, with_adapter):
+    """The decode loop (what the worker runs) gives HF `generate`'s greedy tokens, adapter on and off."""
+    from dataclasses import replace
+
+    eng = Engine.load(adapter=adapter) if with_adapter else engine
+    prompts = [LONG, SHORT, PROMPT]
+    reference = hf_greedy(eng.model, eng.tokenizer, prompts, "ALICE", max_new_tokens=20)
+    assert eng.generate_raw(LONG, "ALICE", n=1, temperature=0, max_new_tokens=20) == [reference[0][1]]
+    assert eng.generate_raw_batch(prompts, "ALICE", n=1, temperature=0, max_new_tokens=20) == [[t] for _, t in
+                                                                                               reference]
+    with eng._decoding(1.0, 0) as backend:  # the token ids themselves, not only their text
+        items = eng._items(prompts, "ALICE", n=1, temperature=0, top_p=1.0, max_new_tokens=20, seed=None)
+        ours = [r.token_ids[0] for r in backend.generate([replace(i) for i in items])]
+    assert ours == [ids for ids, _ in reference]
+    assert any(len(ids) > 3 for ids in ours)
+    if with_adapter:  # the adapter changes the tokens: the bank really applies it
+        assert [t for _, t in hf_greedy(engine.model, engine.tokenizer, prompts, "ALICE", max_new_tokens=20)] != [
+            t for _, t in reference]
+        with eng.adapter_disabled():  # the bare base inside the block, in the loop too
+            bare = eng.generate_raw_batch(prompts, "ALICE", n=1, temperature=0, max_new_tokens=20)
+        assert bare == engine.generate_raw_batch(prompts, "ALICE", n=1, temperature=0, max_new_tokens=20)
+
+
+def test_greedy_with_repetition_rules_equals_hf_generate(engine):
+    """repetition_penalty and no_repeat_ngram_size per call: the burst-only rule, as HF applies it with BurstRepetition."""
+    for penalty, ngram in ((1.3, 0), (1.0, 2), (1.5, 1)):
+        reference = hf_greedy(engine.model, engine.tokenizer, [LONG, SHORT], "ALICE", max_new_tokens=20,
+                              repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+        ours = engine.generate_raw_batch([LONG, SHORT], "ALICE", n=1, temperature=0, max_new_tokens=20,
+                                         repetition_penalty=penalty, no_repeat_ngram_size=ngram)
+        assert ours == [[t] for _, t in reference], (penalty, ngram)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(engine):
+    opts = dict(n=3, temperature=1.0, top_p=0.95, max_new_tokens=16)
+    alone = engine.generate_raw(SHORT, "ALICE", seed=11, **opts)
+    assert engine.generate_raw(SHORT, "ALICE", seed=11, **opts) == alone
+    assert len(set(alone)) > 1  # the rows of one request draw different samples
+    batch = engine.generate_raw_batch([LONG, SHORT, PROMPT], "ALICE", seed=11, **opts)
+    assert batch[1] == alone  # a prompt's samples do not depend on what shares the batch
+    assert engine.generate_raw(SHORT, "ALICE", seed=12, **opts) != alone
+
+
+def test_engine_reads_a_model_under_training_afresh_and_keeps_train_mode(tiny_base):
+    """Training's sample callback: the engine sees the LoRA weights as they are now and restores train mode."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
+    model.train()
+    eng = Engine(model, AutoTokenizer.from_pretrained(tiny_base))
+    greedy = dict(n=1, temperature=0, max_new_tokens=16)
+    before = eng.generate_raw_batch([LONG, SHORT], "ALICE", **greedy)
+    assert model.training and all(m.training for m in model.modules())
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    with torch.no_grad():  # a "training step": B moves away from zero
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p))
+    after = eng.generate_raw_batch([LONG, SHORT], "ALICE", **greedy)
+    assert after != before
+    model.eval()
+    assert after == [[t] for _, t in hf_greedy(model, eng.tokenizer, [LONG, SHORT], "ALICE", max_new_tokens=16)]
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks == 0  # the bank's hooks came off
+
+
+@pytest.mark.slow
+def test_qlora_engine_decodes_a_4bit_base_like_hf_generate(tmp_path):
+    """--qlora simulate: a 4-bit NF4 base (bitsandbytes CPU kernels) with the adapter in the bank, as the worker
+    serves a 4-bit base; greedy tokens equal HF `generate` through PEFT on the same quantized model."""
+    import random
+
+    import bitsandbytes as bnb
+
+    from inference.adapter_meta import base_model_ref
+    from inference.adapters import random_adapter
+    from tests.conftest import _TINY_LINES
+    from training.tiny_base import build_tiny_base, render_conversation
+
+    rng = random.Random(0)
+    texts = [render_conversation([(str(i % 2), rng.choice(_TINY_LINES)) for i in range(4)], rng) for _ in range(60)]
+    base = tmp_path / "base192"
+    build_tiny_base(base, texts, vocab_size=300, hidden_size=192, num_layers=2, num_heads=2, max_steps=0, seq_len=32)
+    random_adapter(base, tmp_path / "alice", "Alice", seed=1, me="Riya", base_model=base_model_ref(base))
+    eng = Engine.load(adapter=tmp_path / "alice", qlora=True, device="cpu")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in eng.model.modules())
+    prompts = ["[RIYA] you coming?\n[ALICE]", "[RIYA] hi\n[ALICE] hey\n[RIYA] what's up\n[ALICE]"]
+    ours = eng.generate_raw_batch(prompts, "ALICE", n=1, temperature=0, max_new_tokens=10)
+    assert ours == [[t] for _, t in hf_greedy(eng.model, eng.tokenizer, prompts, "ALICE", max_new_tokens=10)]
+    with eng.adapter_disabled():
+        bare = eng.generate_raw_batch(prompts, "ALICE", n=1, temperature=0, max_new_tokens=10)
+        assert bare == [[t] for _, t in hf_greedy(eng.model, eng.tokenizer, prompts, "ALICE", max_new_tokens=10)]
