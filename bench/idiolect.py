@@ -352,11 +352,31 @@ def style_section(results: dict, a: dict, key: str) -> list[str]:
     return lines
 
 
+def merge_by_base(parts: list[dict]) -> list[dict]:
+    """One results record per base from runs made side by side (one per style, `--only`) with the same settings."""
+    merged: dict[str, dict] = {}
+    for res in parts:
+        m = merged.get(res["base"])
+        part = {"command": res["command"], "wall_s": res.get("wall_s", 0.0), "finished": res.get("finished")}
+        if m is None:
+            merged[res["base"]] = {**res, "runs": dict(res["runs"]), "parts": [part]}
+            continue
+        changed = [k for k in RESUME_KEYS if k != "styles" and m["args"].get(k) != res["args"].get(k)]
+        if changed:
+            raise SystemExit(f"runs on {res['base']} with other settings ({', '.join(changed)}): one doc needs one set")
+        for k, r in res["runs"].items():  # a style two runs started: the one with more methods done
+            if len(r.get("methods", {})) > len(m["runs"].get(k, {}).get("methods", {})):
+                m["runs"][k] = r
+        m["parts"].append(part)
+    return list(merged.values())
+
+
 def planted_sections(parts: list[dict]) -> list[str]:
-    """The doc's planted-style and attribution sections for the results of one or more bases."""
+    """The doc's planted-style and attribution sections for the results of one or more bases (several results
+    files of one base, one per style, are merged)."""
     from training.evaluate.planted import STYLES
 
-    analysed = [(res.get("base_label") or Path(res["base"]).name, res, analyse(res)) for res in parts]
+    analysed = [(res.get("base_label") or Path(res["base"]).name, res, analyse(res)) for res in merge_by_base(parts)]
     lines = ["", "## Planted texting styles and attribution (`bench/idiolect.py`)", "",
              "Real chat histories carry strong habits the chitchat strangers above lack. Here each studied chitchat "
              "speaker's bursts are rewritten with a planted style (`training/evaluate/planted.py`; everyone else in "
@@ -375,11 +395,15 @@ def planted_sections(parts: list[dict]) -> list[str]:
     lines += [f"| `{s.name}` | {', '.join(f'{k} {v:g}' for k, v in s.rates.items())} |" for s in STYLES.values()]
     for name, res, a in analysed:
         args = res["args"]
+        runs_of = res.get("parts") or [res]
         lines += ["", f"### Base: {name}", "", f"`{res['base']}` ({res['base_note']}).", "", "```bash",
-                  res["command"], "```", "",
-                  f"Wall time: {res.get('wall_s', 0) / 60:.1f} min on {args['machine']} (summed over resumed runs; "
-                  f"last results saved {res.get('finished', '?')}); generation through "
-                  f"{res.get('decode_path', 'the engine of this checkout')}.", "",
+                  *(p["command"] for p in runs_of), "```", "",
+                  *(f"Wall time{f' of run {i + 1}' if len(runs_of) > 1 else ''}: {p.get('wall_s', 0) / 60:.1f} min "
+                    f"on {args['machine']} (summed over resumed runs; last results saved {p.get('finished', '?')})."
+                    for i, p in enumerate(runs_of)),
+                  ("Runs side by side (one torch thread each, one style each), with the same settings. "
+                   if len(runs_of) > 1 else "")
+                  + f"Generation through {res.get('decode_path', 'the engine of this checkout')}.", "",
                   f"Sizes: {args['max_prompts']} validation prompts per style, {args['n']} samples each (at most "
                   f"{args['max_new_tokens']} new tokens), context budget {args['budget']} tokens; adapters LoRA "
                   f"r={args['lora_r']}, lr {args['lr']}, batch {args['batch_size']}, max length {args['max_length']}, "
