@@ -114,7 +114,9 @@ def run_style(sp: Q.Speaker, style_name: str, data, args, work: Path, contacts_l
         run.update(conversations=convs, messages=n_msgs, counts=summary.counts)
         console.print(f"{sp.label}: {n_msgs} messages -> {summary.counts}")
         save()
-    if "adapter" not in run or not (d / "adapter" / "adapter_config.json").is_file():
+    methods = [m for m in METHODS if m in args.methods.split(",")]
+    needs_adapter = any(m.startswith("adapter") for m in methods)
+    if needs_adapter and ("adapter" not in run or not (d / "adapter" / "adapter_config.json").is_file()):
         run["adapter"] = Q.train_adapter(d / "data", args.base, d / "adapter", args, console)
         save()
     train = read_samples(d / "data" / "train.jsonl")
@@ -146,16 +148,18 @@ def run_style(sp: Q.Speaker, style_name: str, data, args, work: Path, contacts_l
     from inference.engine import Engine
 
     engine = None
-    for m in [m for m in METHODS if m not in run["methods"]]:
+    adapter = d / "adapter" if needs_adapter else None
+    for m in [m for m in methods if m not in run["methods"]]:
         if m != DEFAULT:
-            engine = engine or Engine.load(base=args.base, adapter=d / "adapter")
-            record(m, engine, d / "adapter")
+            engine = engine or Engine.load(base=args.base, adapter=adapter)
+            record(m, engine, adapter)
             continue
         if "preference" not in run or not (d / "adapter-preference" / "adapter_config.json").is_file():
             run["preference"] = Q.train_preference(d, args, console)
             save()
         record(DEFAULT, Engine.load(base=args.base, adapter=d / "adapter-preference"), d / "adapter-preference")
-    run["done"] = all(m in run["methods"] for m in METHODS)
+    run["done"] = all(m in run["methods"] for m in methods)
+    run["methods_asked"] = methods
     save()
 
 
@@ -254,38 +258,43 @@ def targets(a: dict, key: str) -> list[tuple[str, bool, str]]:
 
 
 def compare_bases(parts: list[tuple[str, dict, dict]]) -> list[str]:
-    """Which base is better on generated text: the default adapter's marker error and attribution, paired over the
-    same prompts of the same styles (each style resampled on its own, then averaged)."""
+    """Which base is better on generated text: each method both bases ran, paired over the same prompts of the
+    same styles (each style resampled on its own, then averaged); the verdict rests on the default adapter when
+    both have it, else on the methods both ran."""
     if len(parts) < 2:
         return []
-    (name_a, res_a, a), (name_b, res_b, b) = parts[:2]
-    common = [k for k in a["stats"] if k in b["stats"] and DEFAULT in a["stats"][k] and DEFAULT in b["stats"][k]
-              and a["runs"][k]["real"] == b["runs"][k]["real"]]
-    if not common:
-        return ["- No style has the default adapter's results on the same prompts for both bases yet."]
-    lines = []
-    verdicts = {}
-    for col, label, better, digits in COLUMNS[:2] + COLUMNS[3:]:
-        per = [Q.paired({"a": a["stats"][k][DEFAULT], "b": b["stats"][k][DEFAULT]}, "a", "b", col) for k in common]
-        pooled = Q.pooled(per)
-        v = Q.verdict(pooled, better, digits)
-        verdicts[col] = v
-        lines.append(f"- `{DEFAULT}`, {label}: {name_a} − {name_b} = {Q._with_iv(pooled, digits, True)} "
-                     f"(mean over {len(common)} style{'s' if len(common) > 1 else ''}; "
-                     + ", ".join(f"{k.split('-')[0]} {Q._with_iv(d, digits, True)}" for k, d in zip(common, per, strict=True))
-                     + ")" + (f": better on {name_a if v > 0 else name_b}" if v else ": not distinguishable") + ".")
-    score = verdicts["marker_error"] + verdicts["attribution"]
-    if score > 0 and min(verdicts["marker_error"], verdicts["attribution"]) >= 0:
-        win = name_a
-    elif score < 0 and max(verdicts["marker_error"], verdicts["attribution"]) <= 0:
-        win = name_b
-    else:
-        win = None
-    lines.append(f"- **Better base on generated text: {win}** (the default adapter better on marker error or "
-                 "attribution with the pooled paired interval excluding 0, worse on neither)." if win else
-                 "- **Better base on generated text: neither** on this evidence (the default adapter's pooled paired "
+    (name_a, _, a), (name_b, _, b) = parts[:2]
+    methods = [m for m in TABLE_ORDER if any(
+        m in a["stats"][k] and m in b["stats"].get(k, {}) and a["runs"][k]["real"] == b["runs"][k]["real"]
+        for k in a["stats"])]
+    if not methods:
+        return ["- No method has results on the same prompts of the same style for both bases yet."]
+    lines, verdicts = [], {}
+    for m in methods:
+        common = [k for k in a["stats"] if m in a["stats"][k] and m in b["stats"].get(k, {})
+                  and a["runs"][k]["real"] == b["runs"][k]["real"]]
+        for col, label, better, digits in COLUMNS[:2] + COLUMNS[3:]:
+            per = [Q.paired({"a": a["stats"][k][m], "b": b["stats"][k][m]}, "a", "b", col) for k in common]
+            pooled = Q.pooled(per)
+            v = Q.verdict(pooled, better, digits)
+            verdicts[(m, col)] = v
+            lines.append(f"- `{m}`, {label}: {name_a} − {name_b} = {Q._with_iv(pooled, digits, True)} "
+                         f"({len(common)} style{'s' if len(common) > 1 else ''}: "
+                         + ", ".join(f"{k.split('-')[0]} {Q._with_iv(d, digits, True)}"
+                                     for k, d in zip(common, per, strict=True))
+                         + ")" + (f": better on {name_a if v > 0 else name_b}" if v else ": not distinguishable") + ".")
+    basis = [DEFAULT] if DEFAULT in methods else methods
+    votes = [verdicts[(m, c)] for m in basis for c in ("marker_error", "attribution")]
+    win = name_a if max(votes) > 0 and min(votes) >= 0 else name_b if min(votes) < 0 and max(votes) <= 0 else None
+    on = ", ".join(f"`{m}`" for m in basis)
+    lines.append(f"- **Better base on generated text: {win}** ({on} better on marker error or attribution with the "
+                 "pooled paired interval excluding 0, worse on neither)." if win else
+                 f"- **Better base on generated text: neither** on this evidence ({on}: the pooled paired "
                  "differences on marker error and attribution do not favour one base with intervals excluding 0 "
-                 "without the other column favouring the other).")
+                 "without another favouring the other).")
+    if DEFAULT not in methods:
+        lines.append(f"- The default adapter (`{DEFAULT}`) did not run on both bases, so this verdict is about "
+                     f"{on} only, not about the adapters.")
     return lines
 
 
@@ -411,13 +420,19 @@ def planted_sections(parts: list[dict]) -> list[str]:
                   f"{args['contacts']} other chitchat speakers as attribution candidates.", ""]
         tg = {k: targets(a, k) for k in a["runs"]}
         met = [k for k, t in tg.items() if t and all(ok for _, ok, _ in t)]
-        lines.append(f"Targets met on every count: {len(met)} of {len(a['runs'])} styles"
-                     + (f" ({', '.join(a['runs'][k]['style'] for k in met)})" if met else "") + "; per target: "
-                     + "; ".join(f"{t}: {sum(1 for k in tg if any(x == t and ok for x, ok, _ in tg[k]))} of "
-                                 f"{sum(1 for k in tg if any(x == t for x, _, _ in tg[k]))}"
-                                 for t in dict.fromkeys(x for k in tg for x, _, _ in tg[k])) + ".")
+        asked = sorted({m for r in a["runs"].values() for m in r.get("methods_asked") or METHODS})
+        if not any(tg.values()):
+            lines.append(f"Targets: not evaluated on this base: the default adapter (`{DEFAULT}`) was not run "
+                         f"(methods run: {', '.join(f'`{m}`' for m in asked)}).")
+        else:
+            lines.append(f"Targets met on every count: {len(met)} of {len(a['runs'])} styles"
+                         + (f" ({', '.join(a['runs'][k]['style'] for k in met)})" if met else "") + "; per target: "
+                         + "; ".join(f"{t}: {sum(1 for k in tg if any(x == t and ok for x, ok, _ in tg[k]))} of "
+                                     f"{sum(1 for k in tg if any(x == t for x, _, _ in tg[k]))}"
+                                     for t in dict.fromkeys(x for k in tg for x, _, _ in tg[k])) + ".")
         stopped = [f"{r['label']}: {r['adapter']['stopped_by']}" for r in a["runs"].values() if r.get("adapter")]
-        lines += ["", "What stopped each SFT adapter: " + "; ".join(stopped) + "." if stopped else ""]
+        lines += ["", "What stopped each SFT adapter: " + "; ".join(stopped) + "." if stopped else
+                  "No adapter trained on this base."]
         unfinished = [r["label"] for r in res["runs"].values() if not r.get("done")]
         if unfinished:
             lines.append(f"Unfinished when this doc was written: {', '.join(unfinished)}.")
@@ -444,6 +459,8 @@ def parse_args(argv):
     p.add_argument("--styles", default="lowkey,sunny,proper", help="planted styles, one per speaker")
     p.add_argument("--speakers", help="comma-separated chitchat sender ids (default: the most active)")
     p.add_argument("--only", help="run only this style's speaker (runs side by side, one per style)")
+    p.add_argument("--methods", default=",".join(METHODS), help="methods to run (without adapter methods no adapter "
+                   "is trained)")
     p.add_argument("--contacts", type=int, default=5, help="other chitchat speakers as attribution candidates")
     p.add_argument("--contact-bursts", type=int, default=300, help="bursts per contact in their log")
     p.add_argument("--max-messages", type=int, default=1_000_000)

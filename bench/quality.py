@@ -250,7 +250,8 @@ def eval_method(method: str, engine, data_dir: Path, adapter: Path, out: Path, a
     t0 = time.monotonic()
     extra = {"rerank_k": args.rerank_k} if method == "adapter+rerank" else {}
     result = run_eval(EvalConfig(
-        data_dir=data_dir, out_dir=out, adapter_dir=adapter, methods=(name,), context_budget_tokens=args.budget,
+        data_dir=data_dir, out_dir=out, adapter_dir=adapter, base=args.base, methods=(name,),
+        context_budget_tokens=args.budget,
         samples_per_prompt=args.n, max_prompts=args.max_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
         bootstrap_resamples=0, batch_size=args.gen_batch, retriever="bm25", max_total_tokens=max_total_tokens,
         attribution_log=attribution_log, **extra,
