@@ -302,6 +302,21 @@ def _cell(st: dict, m: str, col: str, digits: int) -> str:
     return Q._with_iv(st[m][col], digits) if m in st else "-"
 
 
+def stop_text(ad: dict) -> str:
+    """What stopped an adapter, with what its validation curve says about an interrupted one."""
+    if ad.get("stopped_early") or "interruption" not in str(ad.get("stopped_by")):
+        return str(ad["stopped_by"])
+    curve = ad.get("eval_curve") or []
+    if not curve:
+        return "an interruption (SIGINT) before any validation"
+    best = min(curve, key=lambda p: p[1])
+    still = best[0] == curve[-1][0]
+    return (f"an interruption (SIGINT, the study's time budget) at step {ad['steps']}, before early stopping: the "
+            f"best checkpoint so far (step {best[0]}, val loss {best[1]:.3f}) became the adapter, and the validation "
+            + ("loss was still falling at the last validation" if still else
+               f"loss had not improved for {sum(1 for p in curve if p[0] > best[0])} validation(s)"))
+
+
 def style_section(results: dict, a: dict, key: str) -> list[str]:
     """One style on one base: the adapter's training, the table, marker rates, paired differences, targets."""
     from training.evaluate.markers import MARKERS
@@ -317,7 +332,7 @@ def style_section(results: dict, a: dict, key: str) -> list[str]:
              f"messages; dataset {run['counts'].get('train')} train / {run['counts'].get('val')} val samples; "
              f"{run.get('natural_found', 0)} of {len(run['real'])} held-out replies matched to their unplanted "
              "original."
-             + (f" SFT adapter: {ad['steps']} steps in {ad['seconds']:.0f} s, stopped by {ad['stopped_by']} "
+             + (f" SFT adapter: {ad['steps']} steps in {ad['seconds']:.0f} s, stopped by {stop_text(ad)} "
                 f"(val loss at steps: {curve or '-'})." if ad else "")
              + (f" Preference step: {pref['summary']}." if pref else "")
              + (f" Attribution: {len(att['candidates'])} candidates (the persona and {len(att['candidates']) - 1} "
@@ -420,7 +435,7 @@ def planted_sections(parts: list[dict]) -> list[str]:
                   f"{args['contacts']} other chitchat speakers as attribution candidates.", ""]
         tg = {k: targets(a, k) for k in a["runs"]}
         met = [k for k, t in tg.items() if t and all(ok for _, ok, _ in t)]
-        asked = sorted({m for r in a["runs"].values() for m in r.get("methods_asked") or METHODS})
+        asked = [m for m in METHODS if m in (args.get("methods") or ",".join(METHODS)).split(",")]
         if not any(tg.values()):
             lines.append(f"Targets: not evaluated on this base: the default adapter (`{DEFAULT}`) was not run "
                          f"(methods run: {', '.join(f'`{m}`' for m in asked)}).")
@@ -430,7 +445,7 @@ def planted_sections(parts: list[dict]) -> list[str]:
                          + "; ".join(f"{t}: {sum(1 for k in tg if any(x == t and ok for x, ok, _ in tg[k]))} of "
                                      f"{sum(1 for k in tg if any(x == t for x, _, _ in tg[k]))}"
                                      for t in dict.fromkeys(x for k in tg for x, _, _ in tg[k])) + ".")
-        stopped = [f"{r['label']}: {r['adapter']['stopped_by']}" for r in a["runs"].values() if r.get("adapter")]
+        stopped = [f"{r['label']}: {stop_text(r['adapter'])}" for r in a["runs"].values() if r.get("adapter")]
         lines += ["", "What stopped each SFT adapter: " + "; ".join(stopped) + "." if stopped else
                   "No adapter trained on this base."]
         unfinished = [r["label"] for r in res["runs"].values() if not r.get("done")]
