@@ -401,7 +401,7 @@ def planted_sections(parts: list[dict]) -> list[str]:
     from training.evaluate.planted import STYLES
 
     analysed = [(res.get("base_label") or Path(res["base"]).name, res, analyse(res)) for res in merge_by_base(parts)]
-    lines = ["", "## Planted texting styles and attribution (`bench/idiolect.py`)", "",
+    lines = ["", f"{PLANTED_HEADING} (`bench/idiolect.py`)", "",
              "Real chat histories carry strong habits the chitchat strangers above lack. Here each studied chitchat "
              "speaker's bursts are rewritten with a planted style (`training/evaluate/planted.py`; everyone else in "
              "their conversations stays as written), so what a method should learn is known. Columns: marker error, "
@@ -435,7 +435,8 @@ def planted_sections(parts: list[dict]) -> list[str]:
                   f"{args['contacts']} other chitchat speakers as attribution candidates.", ""]
         tg = {k: targets(a, k) for k in a["runs"]}
         met = [k for k, t in tg.items() if t and all(ok for _, ok, _ in t)]
-        asked = [m for m in METHODS if m in (args.get("methods") or ",".join(METHODS)).split(",")]
+        ran = {m for r in a["runs"].values() for m in r["methods"] if m not in REFS}
+        asked = [m for m in METHODS if m in (args["methods"].split(",") if args.get("methods") else ran)]
         if not any(tg.values()):
             lines.append(f"Targets: not evaluated on this base: the default adapter (`{DEFAULT}`) was not run "
                          f"(methods run: {', '.join(f'`{m}`' for m in asked)}).")
@@ -455,8 +456,8 @@ def planted_sections(parts: list[dict]) -> list[str]:
             lines += [""] + style_section(res, a, key)
     if len(analysed) >= 2:
         lines += ["", "### Which base imitates better", "",
-                  "The default adapter on each base, paired over the same prompts of the same styles "
-                  "(computed):", "", *compare_bases(analysed)]
+                  "Each method both bases ran, paired over the same prompts of the same styles (computed):", "",
+                  *compare_bases(analysed)]
     return lines
 
 
@@ -470,6 +471,8 @@ def parse_args(argv):
                    "--doc-only takes one per base")
     p.add_argument("--natural", type=Path, action="append", default=[],
                    help="bench/quality.py results for the natural study at the top of the doc (--doc-only)")
+    p.add_argument("--natural-doc", type=Path, help="with --doc-only: keep the natural study's text from this doc "
+                   "(written by bench/quality.py from the --natural results) instead of re-analysing them")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming the results file")
     p.add_argument("--styles", default="lowkey,sunny,proper", help="planted styles, one per speaker")
     p.add_argument("--speakers", help="comma-separated chitchat sender ids (default: the most active)")
@@ -511,13 +514,23 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-def write_doc(path: Path, natural: list[Path], planted: list[Path]) -> None:
-    """docs/quality.md: the natural study (bench/quality.py) followed by the planted-style sections."""
+PLANTED_HEADING = "## Planted texting styles and attribution"
+
+
+def write_doc(path: Path, natural: list[Path], planted: list[Path], natural_doc: Path | None = None) -> None:
+    """docs/quality.md: the natural study (bench/quality.py, from its results, or the text of a doc it wrote,
+    `natural_doc`, which skips re-analysing them) followed by the planted-style sections."""
     parts = [json.loads(Path(p).read_text(encoding="utf-8")) for p in planted]
     rebuild = ("python bench/idiolect.py --doc-only " + " ".join(f"--results {p}" for p in planted) + " "
                + " ".join(f"--natural {p}" for p in natural))
     extra = planted_sections(parts) + ["", f"Planted-style sections rebuilt with `{rebuild.strip()}`."]
-    if natural:
+    if natural_doc is not None:
+        head = Path(natural_doc).read_text(encoding="utf-8").split("\n" + PLANTED_HEADING)[0].rstrip("\n")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(head + "\n" + "\n".join(extra) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    elif natural:
         Q.write_doc(path, Q.merge_results(natural), extra=extra)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -532,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     results_path = Path(args.results[0] if args.results else work / "results.json")
     if args.doc_only:
-        write_doc(args.doc, args.natural, args.results or [results_path])
+        write_doc(args.doc, args.natural, args.results or [results_path], args.natural_doc)
         print(f"wrote {args.doc}")
         return 0
     if not args.base:
@@ -556,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         if changed:
             raise SystemExit(f"{results_path}: made with other settings ({', '.join(changed)}); use them or --fresh")
         results.update(command=fresh["command"], decode_path=args.decode_path)
+        results["args"].update({k: fresh["args"][k] for k in ("methods", "only")})
     else:
         results = fresh
     contacts_log = work / "contacts.jsonl"
