@@ -116,11 +116,16 @@ def study_speakers(data, args) -> list[Speaker]:
     return out
 
 
-def write_messages(data, sp: Speaker, path: Path, max_conversations: int | None = None) -> tuple[int, int]:
+def write_messages(data, sp: Speaker, path: Path, max_conversations: int | None = None,
+                   rewrite=None) -> tuple[int, int]:
     """The speaker's conversations (with `partner_id` only, when set) as a canonical messages.jsonl.
 
-    Every partner becomes one speaker, the `me` of the log. Returns (conversations, messages).
+    Every partner becomes one speaker, the `me` of the log. `rewrite(burst texts) -> texts`, when given, rewrites
+    each of the persona's bursts (bench/idiolect.py plants a texting style); its messages keep the burst's
+    timestamps, one second apart past the original's last. Returns (conversations, messages).
     """
+    from datetime import timedelta
+
     from training.ingest.records import Message
 
     lines, taken = [], 0
@@ -133,14 +138,20 @@ def write_messages(data, sp: Speaker, path: Path, max_conversations: int | None 
             break
         taken += 1
         for b in blocks:
-            for m in b:
-                mine = m["sender"] == sp.persona_id
+            stamps = [datetime.fromisoformat(m["timestamp"].replace("Z", "+00:00")).astimezone(UTC) for m in b]
+            texts = [m["text"] for m in b]
+            if rewrite is not None and b[0]["sender"] == sp.persona_id:
+                texts = rewrite(texts)
+                stamps = [stamps[min(i, len(stamps) - 1)] + timedelta(seconds=max(0, i - len(stamps) + 1))
+                          for i in range(len(texts))]
+            for i, (ts, text) in enumerate(zip(stamps, texts, strict=True)):
+                mine = b[min(i, len(b) - 1)]["sender"] == sp.persona_id
                 lines.append(Message(
                     chat=conv_id,
-                    ts=datetime.fromisoformat(m["timestamp"].replace("Z", "+00:00")).astimezone(UTC),
+                    ts=ts,
                     speaker=sp.persona_name if mine else sp.partner_name,
                     speaker_id="persona" if mine else "partner",
-                    text=m["text"],
+                    text=text,
                     source="jsonl",
                 ).to_json())
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,7 +202,9 @@ def train_adapter(data_dir: Path, base: str, out: Path, args, console) -> dict:
     ), console=console)
     early = res.stopped_by == "early_stopping"
     stopped = (f"early stopping at step {res.global_step} ({args.patience} validations without a better loss)"
-               if early else f"the step cap ({args.max_steps} steps)" if res.stopped_by else "an interruption")
+               if early else f"the step cap ({args.max_steps} steps)" if res.stopped_by == "max_steps"
+               else "the epoch limit (every sample seen the configured number of times)" if res.stopped_by
+               else "an interruption")
     return {"steps": res.global_step, "best_eval_loss": _r(res.best_eval_loss), "seconds": round(time.monotonic() - t0, 1),
             "stopped_by": stopped, "stopped_early": early, "eval_curve": eval_curve(out)}
 
@@ -225,8 +238,11 @@ def reply_flags(replies: list[list[str]], training_messages: set[str]) -> dict:
 
 
 def eval_method(method: str, engine, data_dir: Path, adapter: Path, out: Path, args, embedder, training_messages,
-                max_total_tokens) -> tuple[dict, list[dict], dict]:
-    """One method through run_eval: (record with per-prompt units, comparisons, eval metrics)."""
+                max_total_tokens, attribution_log: Path | None = None) -> tuple[dict, list[dict], dict]:
+    """One method through run_eval: (record with per-prompt units, comparisons, eval metrics).
+
+    Each unit holds `attribution` ([persona hits, replies]) when the eval could attribute replies (see
+    training.evaluate.attribution; `attribution_log` names the log of the other candidates)."""
     from training.evaluate import metrics as M
     from training.evaluate.run import EvalConfig, run_eval
 
@@ -234,10 +250,11 @@ def eval_method(method: str, engine, data_dir: Path, adapter: Path, out: Path, a
     t0 = time.monotonic()
     extra = {"rerank_k": args.rerank_k} if method == "adapter+rerank" else {}
     result = run_eval(EvalConfig(
-        data_dir=data_dir, out_dir=out, adapter_dir=adapter, methods=(name,), context_budget_tokens=args.budget,
+        data_dir=data_dir, out_dir=out, adapter_dir=adapter, base=args.base, methods=(name,),
+        context_budget_tokens=args.budget,
         samples_per_prompt=args.n, max_prompts=args.max_prompts, seed=args.seed, max_new_tokens=args.max_new_tokens,
         bootstrap_resamples=0, batch_size=args.gen_batch, retriever="bm25", max_total_tokens=max_total_tokens,
-        **extra,
+        attribution_log=attribution_log, **extra,
     ), engine=engine)
     comps = result.comparisons
     real = [c["real"] for c in comps]
@@ -245,7 +262,8 @@ def eval_method(method: str, engine, data_dir: Path, adapter: Path, out: Path, a
     sem = M.semantic_similarity(real, [r for per in cands for r in per], [i for i, per in enumerate(cands) for _ in per],
                                 embedder)
     units = [{"nll": c["nll"].get(name), "semantic": round(sem[i], 6), "replies": cands[i],
-              "flags": reply_flags(cands[i], training_messages)} for i, c in enumerate(comps)]
+              "flags": reply_flags(cands[i], training_messages),
+              "attribution": (c.get("attribution") or {}).get(name)} for i, c in enumerate(comps)]
     m = result.metrics["methods"][name]
     record = {"seconds": round(time.monotonic() - t0, 1), "context_tokens_mean": m["context_tokens_mean"],
               "units": units, "candidates": m.get("candidates")}
@@ -306,15 +324,17 @@ def column_statistics(run: dict, method: str, seed: int) -> dict:
     }
 
 
-def speaker_statistics(run: dict, resamples: int, seed: int) -> dict:
+def speaker_statistics(run: dict, resamples: int, seed: int, columns=None) -> dict:
     """Per method and column: value, 95% interval and the bootstrap values (same resampled prompts for every
-    method, so differences between methods are paired)."""
+    method, so differences between methods are paired). `columns(run, method, seed)` gives the column functions
+    (default: this study's, `column_statistics`)."""
+    columns = columns or column_statistics
     n = len(run["real"])
     rng = random.Random(seed)
     draws = [[rng.randrange(n) for _ in range(n)] for _ in range(resamples)] if n >= 2 else []
     out = {}
     for method in run["methods"]:
-        fns = column_statistics(run, method, seed)
+        fns = columns(run, method, seed)
         out[method] = {}
         for col, fn in fns.items():
             boot = [fn(idx) for idx in draws]
@@ -634,8 +654,9 @@ def budgets_line(results: dict, runs_of: list[dict]) -> list[str]:
             + "."]
 
 
-def write_doc(path: Path, results: dict) -> None:
-    """docs/quality.md from the results alone: every figure and statement below is computed here."""
+def write_doc(path: Path, results: dict, extra: list[str] | None = None) -> None:
+    """docs/quality.md from the results alone: every figure and statement below is computed here. `extra`: lines
+    appended at the end (bench/idiolect.py's planted-style sections)."""
     a = analyse(results)
     args = results["args"]
     runs_of = results.get("parts") or [{k: results.get(k) for k in ("command", "wall_s", "finished", "results_path")}]
@@ -724,6 +745,7 @@ def write_doc(path: Path, results: dict) -> None:
               "incontext,adapter,adapter+rerank,base,retrieval,adapter+retrieval",
               "convo refine --adapter adapters/alice --data data/alice --out adapters/alice-refined",
               "convo eval --data data/alice --adapter adapters/alice-refined --methods adapter", "```"]
+    parts += extra or []
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(parts) + "\n", encoding="utf-8")
@@ -739,6 +761,8 @@ def parse_args(argv):
     p.add_argument("--doc-only", action="store_true", help="rebuild --doc from the results file and exit")
     p.add_argument("--results", type=Path, action="append",
                    help="results file (default WORK/results.json); --doc-only takes several (runs side by side)")
+    p.add_argument("--planted", type=Path, action="append", default=[],
+                   help="bench/idiolect.py results (one per base) whose sections --doc-only appends")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming the results file")
     p.add_argument("--speakers", help="comma-separated chitchat sender ids (default: --top picks)")
     p.add_argument("--top", type=int, default=3, help="chitchat speakers picked when --speakers is not given")
@@ -817,7 +841,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work)
     results_path = Path(args.results[0] if args.results else work / "results.json")
     if args.doc_only:
-        write_doc(args.doc, merge_results(args.results or [results_path]))
+        if args.planted:  # the planted-style study's doc: this one with its sections appended
+            import idiolect
+
+            idiolect.write_doc(args.doc, args.results or [results_path], args.planted)
+        else:
+            write_doc(args.doc, merge_results(args.results or [results_path]))
         print(f"wrote {args.doc}")
         return 0
     data = chitchat()
