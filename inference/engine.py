@@ -23,6 +23,7 @@ import torch
 from errors import ConfigError, ConvoError, TrainError
 from inference.adapter_meta import AdapterMeta, check_compatible, read_adapter_meta
 from inference.candidates import Outcome
+from inference.completion_nll import token_nll
 from inference.prompt_format import (
     Turn,
     check_tag,
@@ -323,10 +324,11 @@ class Engine:
 
 
 def completion_logprobs(model, pad_id: int, encoded: Sequence[tuple[list[int], list[int]]], device,
-                        **forward_kwargs) -> list[tuple[float, int]]:
+                        ) -> list[tuple[float, int]]:
     """One forward pass over (input_ids, completion_mask) rows: (summed log-prob of the masked tokens, their count).
 
-    Rows are right-padded; `forward_kwargs` go to the model (e.g. PEFT's per-row `adapter_names`).
+    Rows are right-padded; the LM head scores only the masked positions, in chunks, so memory does not grow with
+    batch x length x vocabulary (Gemma 3's 262k vocabulary: 2 GB of logits for 8 x 256 tokens otherwise).
     """
     width = max(len(ids) for ids, _ in encoded)
     ids = torch.full((len(encoded), width), pad_id, dtype=torch.long)
@@ -338,13 +340,10 @@ def completion_logprobs(model, pad_id: int, encoded: Sequence[tuple[list[int], l
         loss_mask[row, : len(seq)] = torch.tensor(mask, dtype=torch.bool)
     ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=attn, **forward_kwargs).logits.float()  # (B, T, V)
-    # Token t is predicted from position t-1.
-    logp = torch.log_softmax(logits[:, :-1], dim=-1)
-    target_logp = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    m = loss_mask[:, 1:]
-    sums = (target_logp * m).sum(dim=1)
-    counts = m.sum(dim=1)
+        # The LM head only on completion positions, in chunks (inference.completion_nll): no (B, T, V) logits.
+        nll, rows, _ = token_nll(model, ids, attn, loss_mask)
+    sums = torch.zeros(len(encoded), dtype=torch.float32, device=nll.device).index_add_(0, rows, -nll)
+    counts = loss_mask[:, 1:].sum(dim=1)
     return [(float(a), int(b)) for a, b in zip(sums.tolist(), counts.tolist(), strict=True)]
 
 

@@ -281,3 +281,19 @@ def test_qlora_engine_decodes_a_4bit_base_like_hf_generate(tmp_path):
     with eng.adapter_disabled():
         bare = eng.generate_raw_batch(prompts, "ALICE", n=1, temperature=0, max_new_tokens=10)
         assert bare == [[t] for _, t in hf_greedy(eng.model, eng.tokenizer, prompts, "ALICE", max_new_tokens=10)]
+
+
+def test_chunked_completion_nll_equals_the_models_own_logits_with_an_adapter(adapter, tiny_base):
+    """The LM head in chunks of 2 positions, through a PEFT wrapper, gives the model's own log-probs."""
+    from inference.completion_nll import token_nll
+
+    eng = Engine.load(tiny_base, adapter)
+    ids, mask = tokenize_pair(eng.tokenizer, PROMPT, " omg yes 🙌\n[RIYA] brb\n[END]")
+    x, m = torch.tensor([ids, ids]), torch.tensor([mask, mask], dtype=torch.bool)
+    m[1, : len(ids) // 2] = False  # the second row scores fewer tokens
+    with torch.no_grad():
+        nll, rows, _ = token_nll(eng.model, x, torch.ones_like(x), m, chunk_tokens=2)
+        logp = torch.log_softmax(eng.model(input_ids=x).logits.float(), -1)
+    expected = torch.cat([-logp[r, t - 1, x[r, t]].reshape(1) for r in range(2) for t in range(1, len(ids)) if m[r, t]])
+    assert rows.tolist() == [r for r in range(2) for t in range(1, len(ids)) if m[r, t]]
+    assert torch.allclose(nll, expected, atol=1e-4)

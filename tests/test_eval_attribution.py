@@ -127,3 +127,23 @@ def test_eval_skips_attribution_with_a_reason(tiny_base, log_and_data, tmp_path,
     assert run(["eval", "--base", str(tiny_base), "--data", str(data_dir), "--methods", "base",
                 "--attribution-log", str(tmp_path / "nope.jsonl")]) == 2
     assert "--attribution-log" in capsys.readouterr().err
+
+
+def test_one_person_with_two_speaker_ids_is_one_candidate(log_and_data, tmp_path):
+    """The owner exported from Telegram (an id) and WhatsApp (a name): one person, so one candidate, not two."""
+    log, _ = log_and_data
+    lines = log.read_text(encoding="utf-8").splitlines()
+    twice = tmp_path / "twice.jsonl"
+    renamed = []
+    for n, line in enumerate(lines):
+        rec = json.loads(line)
+        if rec["speaker_id"] == "bob" and n % 2:
+            rec["speaker_id"] = "user1001"  # half of Bob's lines under his other id
+        renamed.append(json.dumps(rec))
+    twice.write_text("\n".join(renamed) + "\n", encoding="utf-8")
+    own = [[json.loads(line)["text"]] for line in lines if json.loads(line)["speaker_id"] == "alice"][:200]
+    split = A.build_attributor(twice, "alice", "Alice", own)
+    merged = A.build_attributor(twice, "alice", "Alice", own, person_of={"bob": "BOB", "user1001": "BOB"})
+    assert not isinstance(split, str) and not isinstance(merged, str)
+    assert len(split.candidates) == 6  # without the mapping: Bob counted twice
+    assert sorted(merged.candidates) == sorted(["Alice", "Bob", *OTHERS]) and merged.chance == pytest.approx(1 / 5)

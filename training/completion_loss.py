@@ -19,54 +19,18 @@ gradient accumulation equal one big batch. What it does not do: label smoothing,
 from __future__ import annotations
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
+from inference.completion_nll import token_nll
 from training.budget import LOSS_CHUNK_TOKENS
-
-
-def _unwrap(model):
-    """The CausalLM inside a PEFT / accelerate wrapper."""
-    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-               scale: float, softcap: float | None) -> torch.Tensor:
-    """Summed NLL of targets `y` (C,) under logits h @ W.T (C, V), in fp32."""
-    z = (h @ weight.t()).float()
-    if bias is not None:
-        z = z + bias.float()
-    if scale != 1.0:
-        z = z * scale
-    if softcap:
-        z = torch.tanh(z / softcap) * softcap
-    return (torch.logsumexp(z, dim=-1) - z.gather(1, y[:, None]).squeeze(1)).sum()
 
 
 def completion_nll(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                    chunk_tokens: int = LOSS_CHUNK_TOKENS, **backbone_kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed NLL over completion tokens, their count) for a causal LM (PEFT-wrapped or not)."""
-    causal = _unwrap(model)
-    backbone = getattr(causal, causal.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                      **backbone_kwargs).last_hidden_state  # (B, T, H)
-    targets = labels[:, 1:]
-    mask = targets != -100
-    h = hidden[:, :-1][mask]  # (N, H)
-    y = targets[mask]  # (N,)
-    head = causal.get_output_embeddings()
-    config = causal.config.get_text_config() if hasattr(causal.config, "get_text_config") else causal.config
-    softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None) or 1.0
-    total = hidden.sum() * 0.0  # a differentiable zero: a micro-batch without completion tokens still backprops
-    for start in range(0, h.shape[0], chunk_tokens):
-        part = (h[start : start + chunk_tokens], head.weight, head.bias, y[start : start + chunk_tokens], scale, softcap)
-        if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_nll, *part, use_reentrant=False)
-        else:
-            total = total + _chunk_nll(*part)
-    return total, mask.sum()
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, 1:] = labels[:, 1:] != -100  # labels are input_ids with prompt and padding at -100
+    nll, _, zero = token_nll(model, input_ids, attention_mask, mask, chunk_tokens, targets=labels, **backbone_kwargs)
+    return zero + nll.sum(), mask.sum()
 
 
 def completion_loss(model, inputs: dict, num_items_in_batch=None, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:

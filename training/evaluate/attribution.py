@@ -45,9 +45,12 @@ def reply_text(reply: Reply) -> str:
     return "\n".join(m for m in reply if m.strip())
 
 
-def log_replies(log_path: Path, exclude: set[str]) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
-    """Replies per speaker id in a canonical message log (consecutive messages of one speaker in a chat), the
-    speakers in `exclude` left out; and each speaker's display name."""
+def log_replies(log_path: Path, exclude: set[str], person_of: dict[str, str] | None = None,
+                ) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
+    """Replies per person in a canonical message log (consecutive messages of one speaker in a chat), the
+    speaker ids in `exclude` left out; and each person's display name. `person_of` maps a speaker id to its
+    person (the dataset's tags: the owner's Telegram id and WhatsApp name are one person, one candidate)."""
+    person_of = person_of or {}
     by: dict[str, list[list[str]]] = {}
     names: dict[str, str] = {}
     last: tuple[str, str] | None = None
@@ -66,6 +69,7 @@ def log_replies(log_path: Path, exclude: set[str]) -> tuple[dict[str, list[list[
         if sid in exclude:
             last = None
             continue
+        sid = person_of.get(sid, sid)
         names.setdefault(sid, str(name))
         if last == (chat, sid):
             by[sid][-1].append(text)
@@ -142,16 +146,20 @@ def fit_attributor(candidates: list[str], pool: list[list[Reply]], seed: int = 0
 
 def build_attributor(
     log_path: Path | None, persona_id: str, persona_name: str, persona_replies: Sequence[Reply],
-    seed: int = 0, max_candidates: int = MAX_CANDIDATES,
+    seed: int = 0, max_candidates: int = MAX_CANDIDATES, person_of: dict[str, str] | None = None,
 ) -> Attributor | str:
     """The attributor for a persona from the message log at `log_path`, or a one-line reason it cannot be built
     (no log recorded, too few candidates). `persona_id`'s lines in the log are ignored: the persona is represented
-    by `persona_replies` (the training split), so held-out replies never reach the classifier."""
+    by `persona_replies` (the training split), so held-out replies never reach the classifier. `person_of`
+    (speaker id -> person, e.g. the dataset's tags) makes the several ids of one person one candidate."""
     if log_path is None:
         return "no message log (the dataset's meta.json records none; give --attribution-log LOG)"
     if not Path(log_path).is_file():
         return f"message log {log_path} not found (give --attribution-log LOG)"
-    others, names = log_replies(Path(log_path), {persona_id})
+    person_of = person_of or {}
+    persona = person_of.get(persona_id, persona_id)
+    exclude = {persona_id} | {sid for sid, who in person_of.items() if who == persona}
+    others, names = log_replies(Path(log_path), exclude, person_of)
     got = candidate_pool(persona_replies, persona_name, others, names, max_candidates)
     if isinstance(got, str):
         return f"{got} in {log_path}"

@@ -344,7 +344,8 @@ def attribution_setup(cfg: EvalConfig, meta: dict, own: list, real: list) -> tup
     log = cfg.attribution_log or meta.get("source")
     persona = meta["persona"]
     got = A.build_attributor(Path(log) if log else None, persona.get("speaker_id") or persona["tag"],
-                             persona.get("name") or persona["tag"], own, seed=cfg.seed)
+                             persona.get("name") or persona["tag"], own, seed=cfg.seed,
+                             person_of=meta.get("tags") or None)
     if isinstance(got, str):
         return None, {"skipped": got, "log": None if log is None else str(log)}
     hits = A.per_prompt_hits(got, [[r] for r in real])
