@@ -28,8 +28,7 @@ import json
 import os
 import shlex
 import sys
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -574,17 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         results = fresh
     contacts_log = work / "contacts.jsonl"
     write_contacts(data, contacts, contacts_log, args.contact_bursts)
-    last = [time.monotonic()]
-
-    def save() -> None:
-        now = time.monotonic()
-        results["wall_s"] = results.get("wall_s", 0.0) + now - last[0]
-        last[0] = now
-        results["finished"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, results_path)
+    save = Q.results_saver(results, results_path)
 
     from training.evaluate.retrieval import Embedder
 

@@ -835,6 +835,26 @@ def merge_results(paths: list[Path]) -> dict:
     return merged
 
 
+def results_saver(results: dict, results_path: Path, after=None):
+    """A `save()` that adds the wall time since the last save, writes the results file atomically (temp file,
+    then rename) and then calls `after` (e.g. rewrite the doc): a run killed mid-way keeps what it finished."""
+    last = [time.monotonic()]
+
+    def save() -> None:
+        now = time.monotonic()
+        results["wall_s"] = results.get("wall_s", 0.0) + now - last[0]
+        last[0] = now
+        results["finished"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        results_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = results_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, ensure_ascii=False), encoding="utf-8")
+        os.replace(tmp, results_path)
+        if after is not None:
+            after()
+
+    return save
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run (or resume) the study, or rebuild the doc (see the module docstring)."""
     args = parse_args(argv)
@@ -876,18 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     results = load_results(results_path, args, command.strip())
     results["not_run"] = method_availability()
     results["results_path"] = str(results_path)
-    last = [time.monotonic()]
-
-    def save() -> None:
-        now = time.monotonic()
-        results["wall_s"] = results.get("wall_s", 0.0) + now - last[0]
-        last[0] = now
-        results["finished"] = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-        results_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = results_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(results, ensure_ascii=False), encoding="utf-8")
-        os.replace(tmp, results_path)
-        write_doc(args.doc, results)
+    save = results_saver(results, results_path, lambda: write_doc(args.doc, results))
 
     from training.evaluate.retrieval import Embedder
 

@@ -134,3 +134,21 @@ def postgres_url() -> str:
     finally:
         engine.dispose()
     return POSTGRES_URL
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path):
+    """A FeedbackStore (tests of the feedback store and its stats) on SQLite (WAL) or PostgreSQL, with tables under a prefix unique to this test."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path}/fb/feedback.db"
+    else:
+        url = request.getfixturevalue("postgres_url")
+    import uuid
+
+    from training.feedback.store import FeedbackStore
+
+    s = FeedbackStore(url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
+    s.create()
+    yield s
+    s.drop()
+    s.close()

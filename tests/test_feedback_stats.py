@@ -3,31 +3,17 @@
 from __future__ import annotations
 
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from inference.protocol import FeedbackEvent, HistoryMessage
 from training.feedback.stats import acceptance, edit_similarity, feedback_stats
-from training.feedback.store import FeedbackStore
 
 T0 = datetime(2026, 11, 2, 12, tzinfo=UTC)  # a Monday (ISO week 45)
 DRAFT = ["omg yes 🙌", "be there soon"]
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    """A FeedbackStore on SQLite (WAL) or PostgreSQL, with tables under a prefix unique to this test."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/fb/feedback.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    s = FeedbackStore(url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
-    s.create()
-    yield s
-    s.drop()
-    s.close()
 
 
 def ev(kind, draft, version, minutes=0, persona="jordan", **kw) -> FeedbackEvent:

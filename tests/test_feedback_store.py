@@ -18,18 +18,6 @@ from training.feedback.store import FeedbackStore, RetrainRun
 pytestmark = pytest.mark.redis
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def store(request, tmp_path):
-    """A FeedbackStore on SQLite (WAL) or PostgreSQL, with tables under a prefix unique to this test."""
-    if request.param == "sqlite":
-        url = f"sqlite:///{tmp_path}/fb/feedback.db"
-    else:
-        url = request.getfixturevalue("postgres_url")
-    s = FeedbackStore(url, table_prefix=f"t{uuid.uuid4().hex[:10]}_")
-    s.create()
-    yield s
-    s.drop()
-    s.close()
 
 
 @pytest.fixture
