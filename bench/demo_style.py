@@ -56,7 +56,7 @@ def _read_generations(path: Path) -> list[dict]:
 
 def style_figures(eval_dir: Path) -> StyleFigures:
     """The marker table and attribution of the evaluation in `eval_dir` (see the module docstring)."""
-    from training.evaluate.markers import MARKERS, marker_error, marker_rates
+    from training.evaluate.markers import MARKERS, common_markers, marker_error, marker_rates
 
     metrics = json.loads((eval_dir / "metrics.json").read_text(encoding="utf-8"))
     methods, real_col = metrics["methods"], metrics.get("real", {})
@@ -82,7 +82,7 @@ def style_figures(eval_dir: Path) -> StyleFigures:
     rows = _read_generations(eval_dir / "generations.jsonl")
     real = marker_rates(r["real"] for r in rows)
     rates = {m: marker_rates(reply for r in rows for reply in r["replies"].get(m, [])) for m in methods}
-    return StyleFigures(MARKERS, real, rates, {m: marker_error(real, v) for m, v in rates.items()}, {},
+    return StyleFigures(MARKERS, real, rates, {m: marker_error(real, v, common_markers(real, rates.values())) for m, v in rates.items()}, {},
                         **common, source="computed from generations.jsonl")
 
 

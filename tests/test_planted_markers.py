@@ -86,3 +86,18 @@ def test_marker_counts_known_answers():
     assert marker_error(r, r) == 0.0
     opposite = {k: 1.0 - v for k, v in r.items()}
     assert marker_error(r, opposite) == pytest.approx(sum(abs(1 - 2 * v) for v in r.values()) / len(MARKERS))
+
+
+def test_marker_errors_compare_methods_over_one_set_of_markers():
+    """A method with no you-word at all must not drop short_forms from its error while another pays for it."""
+    from training.evaluate.markers import common_markers, marker_error, marker_rates
+
+    real = marker_rates([["idk u coming"], ["ur late lol"]])
+    silent = marker_rates([["ok"], ["sure thing"]])  # no you-word: short_forms undefined
+    formal = marker_rates([["are you coming"], ["you are late"]])  # you-words, never shortened
+    assert silent["short_forms"] is None and formal["short_forms"] == 0.0 and real["short_forms"] == 1.0
+    both = common_markers(real, [silent, formal])
+    assert "short_forms" not in both and set(both) <= set(real)
+    alone = marker_error(real, formal)
+    assert marker_error(real, formal, both) < alone  # short_forms (an error of 1.0) no longer counts for one only
+    assert marker_error(real, silent, both) == marker_error(real, silent)

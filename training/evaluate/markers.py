@@ -120,9 +120,13 @@ def marker_differences(real: dict, generated: dict) -> dict[str, float | None]:
     }
 
 
-def marker_error(real: dict, generated: dict) -> float | None:
-    """Mean absolute difference of the rates over markers defined on both sides; None when none is."""
-    diffs = [d for d in marker_differences(real, generated).values() if d is not None]
+def marker_error(real: dict, generated: dict, only: Iterable[str] | None = None) -> float | None:
+    """Mean absolute difference of the rates over markers defined on both sides (and in `only`, when given);
+    None when none is. Methods are compared over one set (`common_markers`): a method that never writes a
+    you-word must not drop `short_forms` from its error while another is charged for it."""
+    keep = None if only is None else set(only)
+    diffs = [d for k, d in marker_differences(real, generated).items()
+             if d is not None and (keep is None or k in keep)]
     return sum(diffs) / len(diffs) if diffs else None
 
 
@@ -140,3 +144,10 @@ def marker_reference(real: Sequence[Reply], pool: Sequence[Reply], n: int, draws
         e = marker_error(ref, marker_rates(rng.sample(list(pool), min(n, len(pool)))))
         total += (e or 0.0) / draws
     return total
+
+
+def common_markers(real: dict, methods: Iterable[dict]) -> list[str]:
+    """The markers defined for the real replies and for every method's replies: the set marker errors that are
+    compared with each other are computed over."""
+    rates = list(methods)
+    return [k for k in MARKERS if real.get(k) is not None and all(r.get(k) is not None for r in rates)]

@@ -288,8 +288,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
                                        method, drawn, lambda k, method=method: advance(f"{method}: sampling", k))
         replies[method] = cands
         res.update(score_replies(real, cands, training_messages, embedder, cfg.seed))
-        res["markers"] = K.marker_rates(r for per in cands for r in per)
-        res["marker_error"] = K.marker_error(real_markers, res["markers"])
+        res["markers"] = K.marker_rates(r for per in cands for r in per)  # marker_error: below, over one set
         if attributor is not None:
             attribution_hits[method] = A.per_prompt_hits(attributor, cands)
             res["attribution"] = A.accuracy(attribution_hits[method])
@@ -297,10 +296,15 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
             res["candidates"] = drawn.summary()
         res["style_calibrated"] = M.calibrated_style(res["style"], style_ref)
         res["intervals"] = intervals(real, cands, nll_pairs.get(method), training_messages, embedder, cfg, style_ref)
-        res["intervals"].update(marker_intervals(real, cands, attribution_hits.get(method), cfg))
         res["seconds"] = round(time.perf_counter() - t0, 2)
         results[method] = res
 
+    # Marker errors over one set of markers for every method, so they compare like with like.
+    marker_set = K.common_markers(real_markers, [r["markers"] for r in results.values()])
+    for method, res in results.items():
+        res["marker_error"] = K.marker_error(real_markers, res["markers"], marker_set)
+        res["intervals"].update(marker_intervals(real, replies[method], attribution_hits.get(method), cfg,
+                                                 marker_set))
     comparisons = [
         {
             "index": i,
@@ -329,6 +333,7 @@ def run_eval(cfg: EvalConfig, engine=None, progress=None) -> EvalResult:
             "style_reference": style_ref,
             "markers": real_markers,
             "marker_reference": marker_ref,
+            "marker_set": marker_set,  # the markers every method's marker error is computed over
         },
         "attribution": {k: v for k, v in attribution.items() if k != "hits"},
         "methods": results,
@@ -358,7 +363,7 @@ def attribution_setup(cfg: EvalConfig, meta: dict, own: list, real: list) -> tup
 
 
 def marker_intervals(real: list, cands: list[list[list[str]]], hits: list[list[int]] | None,
-                     cfg: EvalConfig) -> dict[str, list[float] | None]:
+                     cfg: EvalConfig, only: list[str] | None = None) -> dict[str, list[float] | None]:
     """Bootstrap 95% intervals over prompts of the marker error and, when measured, the attribution."""
     n, b, seed = len(real), cfg.bootstrap_resamples, cfg.seed
     if b <= 0 or n < 2:
@@ -368,7 +373,7 @@ def marker_intervals(real: list, cands: list[list[list[str]]], hits: list[list[i
 
     def err(idx):
         return K.marker_error(K.rates_from_counts(K.add_counts(real_counts[i] for i in idx)),
-                              K.rates_from_counts(K.add_counts(gen_counts[i] for i in idx)))
+                              K.rates_from_counts(K.add_counts(gen_counts[i] for i in idx)), only)
 
     def ci(fn) -> list[float] | None:
         r = M.bootstrap_interval(n, fn, b, seed)
