@@ -18,7 +18,7 @@ from inference.protocol import (
     entry_payload,
 )
 from tests.test_feedback_export import meta
-from tests.test_feedback_store import client, consumer, keys, store  # noqa: F401
+from tests.test_feedback_store import client, consumer, keys  # noqa: F401  (store: conftest)
 from training.feedback.export import SpeakerMap, build_rows
 from training.feedback.store import json_ts
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from errors import ProtocolError
 from inference.protocol import FEEDBACK_GROUP, MAX_HISTORY, MAX_TEXT_CHARS, FeedbackEvent, Keys, entry_payload
-from tests.test_feedback_store import client, consumer, event, keys, store  # noqa: F401
+from tests.test_feedback_store import client, consumer, event, keys  # noqa: F401  (store: conftest)
 from training.feedback.consumer import FeedbackConsumer, entry_fault
 from training.feedback.store import FeedbackStore
 
