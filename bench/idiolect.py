@@ -48,6 +48,28 @@ RESUME_KEYS = ("base", "max_prompts", "n", "max_new_tokens", "budget", "seed", "
 
 # ---------------------------------------------------------------- data
 
+NATURAL = "natural"  # not a planted style: the speaker's chitchat messages as written (the same speaker, unplanted)
+
+
+class Unplanted:
+    """`--styles natural`: the speaker as written, so one base is studied on the same speakers natural and
+    planted. No designed rates, so no marker targets; attribution then tells natural speakers apart."""
+
+    name = NATURAL
+    description = "no style planted, the speaker's chitchat messages as written"
+    rates: dict[str, float] = {}
+
+    def rewrite(self, burst, seed: int = 0) -> list[str]:
+        return list(burst)
+
+
+def style_of(name: str):
+    """A planted style (training.evaluate.planted) or `natural`."""
+    from training.evaluate.planted import get_style
+
+    return Unplanted() if name == NATURAL else get_style(name)
+
+
 
 def study_speakers(data, args) -> tuple[list[tuple[Q.Speaker, str]], list[str]]:
     """[(speaker, style)] (speaker i gets style i) and the contacts: the next most active chitchat speakers."""
@@ -93,9 +115,8 @@ def run_style(sp: Q.Speaker, style_name: str, data, args, work: Path, contacts_l
     from training.evaluate import attribution as A
     from training.evaluate import metrics as M
     from training.evaluate.data import read_samples, sessions
-    from training.evaluate.planted import get_style
 
-    style = get_style(style_name)
+    style = style_of(style_name)
     d = work / sp.key
     run = results["runs"].setdefault(sp.key, {"key": sp.key, "label": sp.label, "speaker": sp.persona_id,
                                               "style": style_name, "methods": {}})
@@ -177,7 +198,16 @@ def with_refs(run: dict) -> dict:
                                    for r, a in zip(run["real"], real_att, strict=True)]}
     methods["(natural)"] = {"units": [{"replies": [r], "attribution": a, "nll": None, "semantic": None}
                                       for r, a in zip(natural, nat_att, strict=True)]}
-    return {**run, "methods": methods}
+    return {**run, "methods": methods, "marker_set": marker_set({**run, "methods": methods})}
+
+
+def marker_set(run: dict) -> list[str]:
+    """The markers every method's marker error is computed over: those defined for the real replies and for
+    every method's and reference row's replies (training.evaluate.markers.common_markers, as `convo eval` does),
+    so a method that never writes a you-word is not let off `short_forms` while another is charged for it."""
+    from training.evaluate import markers as K
+
+    return K.common_markers(K.marker_rates(run["real"]), (marker_rates(run, m) for m in run["methods"]))
 
 
 def columns(run: dict, method: str, seed: int) -> dict:
@@ -191,7 +221,7 @@ def columns(run: dict, method: str, seed: int) -> dict:
 
     def marker_error(idx):
         return K.marker_error(K.rates_from_counts(K.add_counts(real_counts[i] for i in idx)),
-                              K.rates_from_counts(K.add_counts(gen_counts[i] for i in idx)))
+                              K.rates_from_counts(K.add_counts(gen_counts[i] for i in idx)), only=run["marker_set"])
 
     def attribution(idx):
         pts = [units[i]["attribution"] for i in idx if units[i].get("attribution")]
@@ -231,7 +261,7 @@ def marker_rates(run: dict, method: str) -> dict:
 def targets(a: dict, key: str) -> list[tuple[str, bool, str]]:
     """The issue's targets on one style: (target, met, the figures)."""
     st = a["stats"][key]
-    if DEFAULT not in st:
+    if DEFAULT not in st or a["runs"][key]["style"] == NATURAL:  # the targets are on the planted styles
         return []
     out = []
     me = {m: st[m]["marker_error"]["value"] for m in st}
@@ -283,14 +313,18 @@ def compare_bases(parts: list[tuple[str, dict, dict]]) -> list[str]:
                                      for k, d in zip(common, per, strict=True))
                          + ")" + (f": better on {name_a if v > 0 else name_b}" if v else ": not distinguishable") + ".")
     basis = [DEFAULT] if DEFAULT in methods else methods
-    votes = [verdicts[(m, c)] for m in basis for c in ("marker_error", "attribution")]
+    cols = ("marker_error", "attribution")
+    votes = [verdicts[(m, c)] for m in basis for c in cols]
     win = name_a if max(votes) > 0 and min(votes) >= 0 else name_b if min(votes) < 0 and max(votes) <= 0 else None
     on = ", ".join(f"`{m}`" for m in basis)
-    lines.append(f"- **Better base on generated text: {win}** ({on} better on marker error or attribution with the "
-                 "pooled paired interval excluding 0, worse on neither)." if win else
-                 f"- **Better base on generated text: neither** on this evidence ({on}: the pooled paired "
-                 "differences on marker error and attribution do not favour one base with intervals excluding 0 "
-                 "without another favouring the other).")
+    label = dict((c, lab) for c, lab, _, _ in COLUMNS)
+    deciding = ", ".join(f"`{m}` {label[c]}" for m in basis for c in cols if verdicts[(m, c)])
+    lines.append(f"- **Better base on generated text: {win}**: better on {deciding} (pooled paired interval "
+                 f"excluding 0), worse on none of marker error and attribution for {on}." if win else
+                 f"- **Better base on generated text: neither** on this evidence (for {on}, the pooled paired "
+                 "differences on marker error and attribution do not favour one base with the interval excluding 0 "
+                 "without another favouring the other"
+                 + (f"; differing with the interval excluding 0: {deciding}" if deciding else "") + ").")
     if DEFAULT not in methods:
         lines.append(f"- The default adapter (`{DEFAULT}`) did not run on both bases, so this verdict is about "
                      f"{on} only, not about the adapters.")
@@ -319,10 +353,9 @@ def stop_text(ad: dict) -> str:
 def style_section(results: dict, a: dict, key: str) -> list[str]:
     """One style on one base: the adapter's training, the table, marker rates, paired differences, targets."""
     from training.evaluate.markers import MARKERS
-    from training.evaluate.planted import get_style
 
     run, st = a["runs"][key], a["stats"][key]
-    style = get_style(run["style"])
+    style = style_of(run["style"])
     ad, pref = run.get("adapter"), run.get("preference")
     att = run.get("attribution") or {}
     curve = ", ".join(f"{v:.3f}@{s}" for s, v in (ad or {}).get("eval_curve", []))
@@ -330,7 +363,8 @@ def style_section(results: dict, a: dict, key: str) -> list[str]:
              f"Style `{style.name}`: {style.description}. {run['conversations']} conversations, {run['messages']} "
              f"messages; dataset {run['counts'].get('train')} train / {run['counts'].get('val')} val samples; "
              f"{run.get('natural_found', 0)} of {len(run['real'])} held-out replies matched to their unplanted "
-             "original."
+             "original. Marker error over: " + ", ".join(run["marker_set"]) + " (the markers defined for the real replies "
+             "and every row's)."
              + (f" SFT adapter: {ad['steps']} steps in {ad['seconds']:.0f} s, stopped by {stop_text(ad)} "
                 f"(val loss at steps: {curve or '-'})." if ad else "")
              + (f" Preference step: {pref['summary']}." if pref else "")
@@ -416,6 +450,8 @@ def planted_sections(parts: list[dict]) -> list[str]:
              "better/worse with the interval excluding 0. The default adapter is `adapter+preference`.", "",
              "| style | designed rates |", "|---|---|"]
     lines += [f"| `{s.name}` | {', '.join(f'{k} {v:g}' for k, v in s.rates.items())} |" for s in STYLES.values()]
+    if any(r.get("style") == NATURAL for res in parts for r in res["runs"].values()):
+        lines.append(f"| `{NATURAL}` | none: {Unplanted.description} (`--styles {NATURAL}`; no marker targets) |")
     for name, res, a in analysed:
         args = res["args"]
         runs_of = res.get("parts") or [res]
@@ -432,7 +468,8 @@ def planted_sections(parts: list[dict]) -> list[str]:
                   f"r={args['lora_r']}, lr {args['lr']}, batch {args['batch_size']}, max length {args['max_length']}, "
                   f"{Q.budget_text(args)}; preference step {args['pref_pairs']} pairs, {args['pref_steps']} steps; "
                   f"{args['contacts']} other chitchat speakers as attribution candidates.", ""]
-        tg = {k: targets(a, k) for k in a["runs"]}
+        planted = [k for k in a["runs"] if a["runs"][k]["style"] != NATURAL]
+        tg = {k: targets(a, k) for k in planted}
         met = [k for k, t in tg.items() if t and all(ok for _, ok, _ in t)]
         ran = {m for r in a["runs"].values() for m in r["methods"] if m not in REFS}
         asked = [m for m in METHODS if m in (args["methods"].split(",") if args.get("methods") else ran)]
@@ -440,7 +477,7 @@ def planted_sections(parts: list[dict]) -> list[str]:
             lines.append(f"Targets: not evaluated on this base: the default adapter (`{DEFAULT}`) was not run "
                          f"(methods run: {', '.join(f'`{m}`' for m in asked)}).")
         else:
-            lines.append(f"Targets met on every count: {len(met)} of {len(a['runs'])} styles"
+            lines.append(f"Targets met on every count: {len(met)} of {len(planted)} planted styles"
                          + (f" ({', '.join(a['runs'][k]['style'] for k in met)})" if met else "") + "; per target: "
                          + "; ".join(f"{t}: {sum(1 for k in tg if any(x == t and ok for x, ok, _ in tg[k]))} of "
                                      f"{sum(1 for k in tg if any(x == t for x, _, _ in tg[k]))}"
@@ -473,7 +510,8 @@ def parse_args(argv):
     p.add_argument("--natural-doc", type=Path, help="with --doc-only: keep the natural study's text from this doc "
                    "(written by bench/quality.py from the --natural results) instead of re-analysing them")
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming the results file")
-    p.add_argument("--styles", default="lowkey,sunny,proper", help="planted styles, one per speaker")
+    p.add_argument("--styles", default="lowkey,sunny,proper", help="planted styles, one per speaker "
+                   f"(`{NATURAL}`: the speaker as written, no style planted; with --only, the first speaker)")
     p.add_argument("--speakers", help="comma-separated chitchat sender ids (default: the most active)")
     p.add_argument("--only", help="run only this style's speaker (runs side by side, one per style)")
     p.add_argument("--methods", default=",".join(METHODS), help="methods to run (without adapter methods no adapter "
@@ -485,7 +523,7 @@ def parse_args(argv):
     p.add_argument("--base", help="base model dir")
     p.add_argument("--base-note", default="", help="what the base is, written into the doc")
     p.add_argument("--base-label", default="", help="short name of the base in the doc (default: the dir name)")
-    p.add_argument("--decode-path", default="the engine of this checkout", help="written into the doc")
+    p.add_argument("--decode-path", default=Q.DECODE_PATH, help="written into the doc")
     p.add_argument("--max-steps", type=int, default=400, help="step budget; early stopping should end training first")
     p.add_argument("--eval-steps", type=int, default=10)
     p.add_argument("--patience", type=int, default=2)

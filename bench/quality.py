@@ -675,6 +675,9 @@ def write_doc(path: Path, results: dict, extra: list[str] | None = None) -> None
         *budgets_line(results, runs_of),
         "",
         f"- Base: `{results['base']}` ({results['base_note']}).",
+        "- Generation: " + (results.get("decode_path") or "HF `generate` (`Engine.sample_batch`): these results "
+                            "were recorded before the study generated through the worker's decode loop and have not "
+                            "been rerun; the planted-style study below does use the decode loop") + ".",
         f"- Speakers: the demo pair (Jordan's replies to Sam, `examples/`) and the most active chitchat-dataset "
         "speakers; each speaker's conversations become one message log; `convo dataset --mode friend`, "
         f"{args['context']} messages of history per sample.",
@@ -798,10 +801,14 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+DECODE_PATH = "the worker's decode loop and candidate step (inference.engine.Engine over DecodeBackend)"
+
+
 def load_results(path: Path, args, command: str) -> dict:
     """The results to resume (same settings) or a fresh record."""
     fresh = {"command": command, "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-             "base": args.base, "base_note": args.base_note or "given with --base", "runs": {}, "wall_s": 0.0}
+             "base": args.base, "base_note": args.base_note or "given with --base", "runs": {}, "wall_s": 0.0,
+             "decode_path": DECODE_PATH}
     if args.fresh or not path.is_file():
         return fresh
     old = json.loads(path.read_text(encoding="utf-8"))
@@ -976,7 +983,7 @@ def train_preference(d: Path, args, console) -> dict:
     t0 = time.monotonic()
     res = refine(d / "adapter", d / "data", d / "adapter-preference", RefineOptions.from_settings(
         RefineSettings(), base=args.base, max_pairs=args.pref_pairs, max_steps=args.pref_steps, seed=args.seed,
-        force=True), console=console)
+        max_length=args.max_length, max_new_tokens=args.max_new_tokens, force=True), console=console)
     seconds = round(time.monotonic() - t0, 1)
     return {"pairs": res.pairs, "steps": res.steps, "seconds": seconds, "accuracy_after": _r(res.accuracy_after),
             "margin_after": _r(res.margin_after),

@@ -77,3 +77,21 @@ def test_base_comparison_is_computed():
     assert "**Better base on generated text: A**" in lines
     tg = dict((t, ok) for t, ok, _ in idiolect.targets(good, "lowkey-x"))
     assert tg["attribution ≥ 0.8× the real replies'"] and tg["attribution above in-context's, interval excluding 0"]
+
+
+def test_natural_runs_have_no_marker_targets_and_one_marker_set():
+    """`--styles natural` (the speaker unplanted) is studied like a style but carries no marker targets, and every
+    row's marker error is computed over the one set of markers defined for all of them."""
+    import idiolect
+
+    real = [[f"ok u {i}"] for i in range(6)]
+    units = [{"replies": [[f"Fine {i}."]], "attribution": [0, 1], "nll": None, "semantic": None} for i in range(6)]
+    run = {"key": "natural-x", "label": "x", "style": "natural", "real": real, "conversations": 1, "messages": 1,
+           "counts": {}, "methods": {"adapter+preference": {"seconds": 1, "units": units},
+                                     "incontext": {"seconds": 1, "units": units}}}
+    a = idiolect.analyse({"args": {"bootstrap": 50, "seed": 0}, "runs": {"natural-x": run}})
+    assert idiolect.targets(a, "natural-x") == []
+    # the generated replies never use a you-word, so short_forms is undefined for them: left out for every row
+    assert "short_forms" not in a["runs"]["natural-x"]["marker_set"]
+    assert "lowercase" in a["runs"]["natural-x"]["marker_set"]
+    assert idiolect.Unplanted().rewrite(["Hi there.", "Bye"]) == ["Hi there.", "Bye"]

@@ -260,9 +260,12 @@ def test_cli_train_then_simulate(tmp_path, data, tiny_base, capsys):
     out = tmp_path / "cli"
     code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(out), "--max-steps", "4",
                 "--eval-steps", "2", "--batch-size", "8", "--grad-accum", "1", "--sample-prompts", "1",
-                "--prefer-pairs", "6", "--prefer-steps", "2", "--json"])
+                "--max-length", "96", "--prefer-pairs", "6", "--prefer-steps", "2", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
+    # --max-length bounds the preference pairs too (refine.max_length, 256, would let them grow past it)
+    refine_args = json.loads((out / "convo_adapter.json").read_text())["training_args"]["refine"]
+    assert refine_args["max_length"] == 96
     assert summary["steps"] == 4 and Path(summary["paths"]["meta"]).is_file()
     # The preference step ran by default: the refined adapter is --out, the SFT run's files moved to --out/sft/.
     assert summary["prefer"]["status"] == "refined" and summary["prefer"]["steps"] == 2

@@ -169,7 +169,10 @@ def _prefer_step(ctx, opts, out_console: Console, pairs: int | None, steps: int 
         return {"status": "skipped", "reason": "off (--no-prefer or train.prefer = false)"}
     from training.prefer import RefineOptions, prefer_after_sft
 
-    ropts = RefineOptions.from_settings(_state(ctx).settings, max_pairs=pairs, max_steps=steps, base=opts.base)
+    settings = _state(ctx).settings
+    # a pair (prompt + reply) is cut to no more tokens than an SFT sample was (--max-length)
+    ropts = RefineOptions.from_settings(settings, max_pairs=pairs, max_steps=steps, base=opts.base,
+                                        max_length=min(settings.refine.max_length, opts.max_length))
     outcome = prefer_after_sft(opts.out_dir, opts.data_dir, ropts, console=out_console)
     if outcome.result is None:
         return {"status": outcome.status, "reason": outcome.reason}
