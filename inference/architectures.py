@@ -55,6 +55,16 @@ def rope_types(config) -> dict[str | None, dict]:
     return {None: params}
 
 
+def position_limit(config) -> int | None:
+    """Positions a model with learned absolute position embeddings has (GPT-2's n_positions: the decode loop cuts
+    prompts to fit them); None for rope models, whose positions have no hard end."""
+    config = text_config(config)
+    if rope_types(config):
+        return None
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(limit) if limit else None
+
+
 def servable_reason(config) -> str | None:
     """Why the decode loop cannot serve a model with this config (one line), or None when it can."""
     config = text_config(config)

@@ -222,6 +222,7 @@ class DecodeBackend:
         arch.install_per_row_rope(model)
         self._switch = arch.longrope_switch(model.config)  # a row fed this position recomputes its keys/values
         self.cap_windows = True  # sliding-window layers keep window - 1 keys (False: all; bench/sliding_window.py)
+        self._positions = arch.position_limit(model.config)  # GPT-2: prompt + new tokens must fit n_positions
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -432,6 +433,8 @@ class DecodeBackend:
         """Run a job's prompt (after any cached prefix) and merge its `samples` rows into the batch; their logits."""
         item = job.item
         ids = encode(self.tokenizer, item.prompt)
+        if self._positions is not None:  # learned positions end: the oldest context goes first, as in training
+            ids = ids[-max(1, self._positions - item.request.max_new_tokens):]
         job.ids, job.rows_left = ids, item.samples
         if item.seed is not None and item.request.temperature > 0:
             job.generator = torch.Generator(device=self.device).manual_seed(item.seed)
@@ -546,7 +549,8 @@ class DecodeBackend:
                 _record_ngrams(row.ngrams, row.history, self.no_repeat_ngram_size, start=len(row.history) - 1,
                                free=self._free)
             finished = row.stop.feed(row.ids)
-            row.done = finished or len(row.ids) >= request.max_new_tokens
+            row.done = (finished or len(row.ids) >= request.max_new_tokens
+                        or (self._positions is not None and len(job.ids) + len(row.ids) >= self._positions))
             if row.text is not None:
                 row.text.add(row.ids)
                 if not row.done and now - row.last_partial_s >= self.partial_interval_s:

@@ -214,6 +214,36 @@ def test_gpt2_adapters_are_conv1d_fan_in_fan_out(fam):
         assert modules and all("language_model" in m for m in modules)
 
 
+def test_prompts_past_learned_positions_are_cut(fam):
+    """GPT-2's learned positions end at n_positions: a longer prompt is cut from the oldest end so prompt and new
+    tokens fit (as `generate` on the cut prompt gives), instead of an index error mid-batch. Rope families have no
+    such end: their long prompts are served whole (the test above with LONG * 2)."""
+    import torch
+
+    from inference import architectures as arch
+    from inference.engine import encode
+
+    limit = arch.position_limit(fam.backend.model.config)
+    if fam.name != "gpt2":
+        assert limit is None
+        return
+    assert limit == 512
+    history = [{"speaker": ("RIYA", "Alice")[i % 2],
+                "text": f"message {i} about the plans for tonight and the rest of this long week"} for i in range(60)]
+    item = fam.item("alice", history, new=8)
+    full = encode(fam.backend.tokenizer, item.prompt)
+    assert len(full) > limit
+    ids = torch.tensor([full[-(limit - 8):]])
+    with torch.no_grad():
+        ref = fam.model("alice").generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                          max_new_tokens=8, min_new_tokens=0, eos_token_id=None,
+                                          pad_token_id=fam.backend.tokenizer.pad_token_id)
+    got = fam.run([item, fam.item("bob", SHORT, new=8)])
+    assert got[0] == ref[0, ids.shape[1]:].tolist()  # a long row beside a short one of another adapter
+    # the most new tokens the protocol allows: the prompt keeps limit - 256 tokens, the row runs to the last position
+    assert len(fam.run([fam.item("alice", history, new=256)])[0]) == 256
+
+
 def test_unsupported_rope_type_refused_at_load_and_before_training(tiny_base, tmp_path):
     import json
     import shutil
