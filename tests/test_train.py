@@ -196,6 +196,12 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, data, tiny_base, capsys):
     assert code == 2 and "effective batch 64" in capsys.readouterr().err
     assert run(["train", "--data", str(tmp_path / "nodata"), "--base", str(tiny_base), "--out", str(tmp_path / "z")]) == 2
     assert "meta.json" in capsys.readouterr().err
+    # LoRA on a layer the worker cannot serve (an embedding) is refused before any training, not after
+    code = run(["train", "--data", str(data), "--base", str(tiny_base), "--out", str(tmp_path / "e"),
+                "--target-modules", "q_proj,embed_tokens", "--max-steps", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and "embed_tokens" in err and "Embedding" in err and "Traceback" not in err
+    assert not (tmp_path / "e" / "adapter_config.json").exists()
 
 
 def test_effective_batch_over_32_is_refused(tmp_path, data, tiny_base):

@@ -192,10 +192,24 @@ def lora_targets(value: str, model=None) -> str | list[str]:
     if model is not None:
         from inference.architectures import language_model_targets
 
+        if names != ["all-linear"]:
+            refuse_unserved_targets(model, names)
         limited = language_model_targets(model, None if names == ["all-linear"] else names)
         if limited is not None:
             return limited
     return "all-linear" if names == ["all-linear"] else names
+
+
+def refuse_unserved_targets(model, names: list[str]) -> None:
+    """ConfigError (one line) when a listed LoRA target names a layer the worker cannot serve LoRA on (anything
+    but a linear or GPT-2 Conv1D layer, e.g. embed_tokens): refused before training, not after it."""
+    from inference.lora_batch import layer_features
+
+    for module_name, module in model.named_modules():
+        hit = next((n for n in names if module_name == n or module_name.endswith("." + n)), None)
+        if hit is not None and layer_features(module) is None:
+            raise ConfigError(f"train.lora_target_modules: {hit} ({module_name}) is a {type(module).__name__} layer; "
+                              "the worker serves LoRA on linear layers only (e.g. q_proj,v_proj or all-linear)")
 
 
 def check_servable_base(base: str) -> None:
